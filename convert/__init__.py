@@ -1,0 +1,1 @@
+"""Checkpoint converters (installed as `lminf_jax.convert`)."""

@@ -1,0 +1,128 @@
+"""GGUF files (llama.cpp) -> config, JAX params and a Hugging Face tokenizer.
+
+Reading and dequantisation use the `gguf` package. llama.cpp stores q/k projection rows
+permuted for its interleaved RoPE; we undo that to get back the Hugging Face half-split layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lminf_jax.convert.hf import assemble_params
+from lminf_jax.errors import UserError
+from lminf_jax.models.config import LlamaConfig
+
+_GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_TO_HF = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def open_gguf(path: Path):
+  import gguf
+
+  if not path.is_file():
+    raise UserError(f"no such file: {path}")
+  try:
+    return gguf.GGUFReader(str(path))
+  except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
+    raise UserError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from None
+
+
+def _field(reader, key: str, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def gguf_config(reader, path: Path) -> LlamaConfig:
+  arch = _field(reader, "general.architecture")
+  if arch not in ("llama", "mistral", "qwen2"):
+    raise UserError(f"unsupported model_type {arch!r} in {path} (supported: llama, mistral, qwen2)")
+  get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
+  names = {t.name for t in reader.tensors}
+  num_heads = get("attention.head_count")
+  hidden = get("embedding_length")
+  eos = _field(reader, "tokenizer.ggml.eos_token_id")
+  hf = {
+      "model_type": arch,
+      "vocab_size": get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
+      "hidden_size": hidden,
+      "intermediate_size": get("feed_forward_length"),
+      "num_hidden_layers": get("block_count"),
+      "num_attention_heads": num_heads,
+      "num_key_value_heads": get("attention.head_count_kv", num_heads),
+      "head_dim": get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads,
+      "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+      "rope_theta": get("rope.freq_base", 10000.0),
+      "max_position_embeddings": get("context_length", 2048),
+      "tie_word_embeddings": "output.weight" not in names,
+      "attention_bias": "blk.0.attn_q.bias" in names and arch != "qwen2",
+      "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+      "eos_token_id": eos,
+  }
+  if (kind := get("rope.scaling.type")) not in (None, "none"):
+    hf["rope_scaling"] = {"rope_type": kind, "factor": get("rope.scaling.factor", 1.0)}
+  missing = [k for k, v in hf.items() if v is None and k not in ("bos_token_id", "eos_token_id")]
+  if missing:
+    raise UserError(f"{path} lacks metadata for {', '.join(missing)}")
+  return LlamaConfig.from_hf(hf)
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation: per head, interleaved pairs -> two halves."""
+  rows = w.shape[0]
+  return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf_tensors(reader, config: LlamaConfig, path: Path) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, float32 array in HF layout) for every tensor, dequantised one at a time."""
+  from gguf.quants import dequantize
+
+  for tensor in reader.tensors:
+    if match := _LAYER.fullmatch(tensor.name):
+      layer, kind, suffix = match.groups()
+      if kind not in _GGUF_LAYER_TO_HF:
+        raise UserError(f"unknown tensor {tensor.name} in {path}")
+      name = f"model.layers.{layer}.{_GGUF_LAYER_TO_HF[kind]}.{suffix}"
+    elif tensor.name in _GGUF_TO_HF:
+      name, kind = _GGUF_TO_HF[tensor.name], None
+    else:
+      continue  # e.g. rope_freqs, which we recompute from the config
+    try:
+      array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    except Exception as e:
+      raise UserError(f"{path}: cannot read tensor {tensor.name}: {e}") from None
+    expected_rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else None
+    if expected_rows is not None and array.shape[0] != expected_rows:
+      raise UserError(f"{path}: tensor {tensor.name} is truncated or corrupt")
+    if config.model_type != "qwen2" and kind in ("attn_q", "attn_k"):
+      array = _unpermute(array, config.num_heads if kind == "attn_q" else config.num_kv_heads)
+    yield name, array
+
+
+def load_gguf(path: Path, param_dtype: str = "float32") -> tuple[LlamaConfig, dict]:
+  """GGUF file -> (config, params as numpy arrays)."""
+  reader = open_gguf(path)
+  config = gguf_config(reader, path).replace(param_dtype=param_dtype)
+  return config, assemble_params(config, iter_gguf_tensors(reader, config, path))
+
+
+def gguf_tokenizer(path: Path):
+  """The GGUF's tokenizer as a transformers fast tokenizer (transformers converts the vocab)."""
+  from transformers import AutoTokenizer
+
+  try:
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  except Exception as e:
+    raise UserError(f"cannot read the tokenizer of {path}: {type(e).__name__}: {e}") from None

@@ -1,0 +1,186 @@
+"""Hugging Face checkpoints (safetensors, sharded safetensors, PyTorch .bin) -> JAX params.
+
+Conversion is tensor by tensor into preallocated stacked arrays, so peak memory is the final
+params plus one source tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lminf_jax.errors import UserError
+from lminf_jax.models.config import LlamaConfig
+from lminf_jax.models.llama import Llama
+
+# HF name -> (params path, layout). Layouts turn an HF [out, in] matrix into our einsum axes.
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_LAYER_TENSORS = {
+    "self_attn.q_proj.weight": (("attn", "wq_dnh"), "in_nh"),
+    "self_attn.k_proj.weight": (("attn", "wk_dkh"), "in_nh"),
+    "self_attn.v_proj.weight": (("attn", "wv_dkh"), "in_nh"),
+    "self_attn.o_proj.weight": (("attn", "wo_nhd"), "nh_out"),
+    "self_attn.q_proj.bias": (("attn", "bq_nh"), "nh"),
+    "self_attn.k_proj.bias": (("attn", "bk_kh"), "nh"),
+    "self_attn.v_proj.bias": (("attn", "bv_kh"), "nh"),
+    "self_attn.o_proj.bias": (("attn", "bo_d"), "same"),
+    "mlp.gate_proj.weight": (("mlp", "w_gate_df"), "transpose"),
+    "mlp.up_proj.weight": (("mlp", "w_up_df"), "transpose"),
+    "mlp.down_proj.weight": (("mlp", "w_down_fd"), "transpose"),
+    "input_layernorm.weight": (("attn_norm", "scale_d"), "same"),
+    "post_attention_layernorm.weight": (("mlp_norm", "scale_d"), "same"),
+}
+_GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": (("embed_vd",), "same"),
+    "model.norm.weight": (("final_norm", "scale_d"), "same"),
+    "lm_head.weight": (("w_unembed_dv",), "transpose"),
+}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def param_shapes(config: LlamaConfig) -> dict:
+  """The params tree of `config` as ShapeDtypeStructs (no memory allocated)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)["params"]
+
+
+def _to_layout(w: np.ndarray, layout: str, target_shape: tuple[int, ...]) -> np.ndarray:
+  """in_nh: [N*H, D] -> [D, N, H]; nh_out: [D, N*H] -> [N, H, D]; nh: [N*H] -> [N, H]."""
+  return (w.T if layout in ("in_nh", "nh_out", "transpose") else w).reshape(target_shape)
+
+
+def _expected_source_shape(layout: str, target_shape: tuple[int, ...]) -> tuple[int, ...]:
+  if layout == "in_nh":
+    d, n, h = target_shape
+    return (n * h, d)
+  if layout == "nh_out":
+    n, h, d = target_shape
+    return (d, n * h)
+  if layout == "nh":
+    return (int(np.prod(target_shape)),)
+  if layout == "transpose":
+    return tuple(reversed(target_shape))
+  return tuple(target_shape)
+
+
+def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]]) -> dict:
+  """Fills a params tree from (HF name, array) pairs, one tensor at a time.
+
+  Raises UserError naming the tensor on a shape mismatch, and naming the first missing one.
+  """
+  shapes = param_shapes(config)
+  dtype = jnp.dtype(config.param_dtype)
+  params = jax.tree.map(lambda s: np.empty(s.shape, dtype), shapes)
+  filled: set[tuple] = set()
+  for name, array in tensors:
+    if _IGNORED.match(name):
+      continue
+    layer, (path, layout) = None, _GLOBAL_TENSORS.get(name, (None, None))
+    if match := _LAYER.fullmatch(name):
+      layer = int(match.group(1))
+      path, layout = _LAYER_TENSORS.get(match.group(2), (None, None))
+      path = ("layers",) + path if path else None
+      if path and layer >= config.num_layers:
+        raise UserError(f"tensor {name}: layer {layer} but the config has {config.num_layers} layers")
+    if path is None or (path == ("w_unembed_dv",) and config.tie_word_embeddings):
+      continue  # e.g. a tied lm_head copy, or tensors of heads we do not model
+    try:
+      node = params
+      for key in path[:-1]:
+        node = node[key]
+      target = node[path[-1]]
+    except KeyError:
+      raise UserError(f"tensor {name} is not used by this config "
+                      f"(e.g. a bias with attention_bias=False)") from None
+    target_shape = target.shape[1:] if layer is not None else target.shape
+    expected = _expected_source_shape(layout, target_shape)
+    if tuple(array.shape) != expected:
+      raise UserError(f"tensor {name} has shape {tuple(array.shape)}, "
+                      f"expected {expected} from the model config")
+    converted = _to_layout(np.asarray(array), layout, target_shape).astype(dtype)
+    if layer is None:
+      target[...] = converted
+    else:
+      target[layer] = converted
+    filled.add(path + ((layer,) if layer is not None else ()))
+  _check_complete(config, shapes, filled)
+  return params
+
+
+def _check_complete(config: LlamaConfig, shapes: dict, filled: set[tuple]) -> None:
+  for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    keys = tuple(k.key for k in path)
+    needed = [keys + (i,) for i in range(config.num_layers)] if keys[0] == "layers" else [keys]
+    missing = [k for k in needed if k not in filled]
+    if missing:
+      raise UserError(f"checkpoint is missing a tensor for parameter {'/'.join(map(str, missing[0]))}")
+
+
+def read_hf_config(model_dir: Path) -> dict:
+  path = model_dir / "config.json"
+  if not path.is_file():
+    raise UserError(f"{model_dir} is not a model dir: no config.json")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+  index = model_dir / "model.safetensors.index.json"
+  if index.is_file():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise UserError(f"{index} is not a valid safetensors index: {e}") from None
+    files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+  else:
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+  if not files:
+    raise UserError(f"{model_dir} has no weights (*.safetensors or pytorch_model*.bin)")
+  for f in files:
+    if not f.is_file():
+      raise UserError(f"missing weight file {f}")
+  return files
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    with safe_open(str(path), framework="flax") as f:
+      for name in f.keys():
+        yield name, np.asarray(f.get_tensor(name))
+  except (SafetensorError, OSError) as e:
+    raise UserError(f"{path} is truncated or corrupt: {e}") from None
+
+
+def _iter_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+  import pickle
+
+  import torch
+
+  try:
+    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+  except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+    raise UserError(f"{path} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+  for name in list(state):
+    yield name, state.pop(name).float().numpy()
+
+
+def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+  for path in _weight_files(model_dir):
+    reader = _iter_safetensors if path.suffix == ".safetensors" else _iter_torch_bin
+    yield from reader(path)
+
+
+def load_hf(model_dir: Path, param_dtype: str = "float32") -> tuple[LlamaConfig, dict]:
+  """HF model dir -> (config, params as numpy arrays)."""
+  config = LlamaConfig.from_hf(read_hf_config(model_dir)).replace(param_dtype=param_dtype)
+  return config, assemble_params(config, iter_hf_tensors(model_dir))

@@ -1,0 +1,56 @@
+"""One entry point for models: checkpoint dirs, Hugging Face dirs and .gguf files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lminf_jax.convert.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from lminf_jax.convert.gguf_file import gguf_tokenizer, load_gguf
+from lminf_jax.convert.hf import load_hf
+from lminf_jax.errors import UserError
+from lminf_jax.models.config import LlamaConfig
+
+
+def _hf_tokenizer(model_dir: Path):
+  if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    return None
+  from transformers import AutoTokenizer
+
+  return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict, object]:
+  """HF dir or .gguf -> (config, numpy params, tokenizer or None), in memory."""
+  src = Path(src)
+  if not src.exists():
+    raise UserError(f"no such file or directory: {src}")
+  if src.is_file():
+    if src.suffix != ".gguf":
+      raise UserError(f"{src} is not a .gguf file or a model dir")
+    config, params = load_gguf(src, dtype)
+    return config, params, gguf_tokenizer(src)
+  config, params = load_hf(src, dtype)
+  return config, params, _hf_tokenizer(src)
+
+
+def convert(src: Path, out: Path, dtype: str = "float32") -> Path:
+  """Converts an HF dir or .gguf file into a checkpoint dir at `out` (atomically)."""
+  if Path(out).exists():
+    raise UserError(f"output {out} already exists")
+  config, params, tokenizer = convert_source(src, dtype)
+  return save_checkpoint(out, config, params, tokenizer)
+
+
+def load(path: Path, dtype: str | None = None, sharding=None) -> tuple[LlamaConfig, dict, object]:
+  """Loads (config, params, tokenizer) from a checkpoint dir, an HF dir or a .gguf file."""
+  import jax
+
+  path = Path(path)
+  if path.is_dir() and is_checkpoint(path):
+    config, params = load_checkpoint(path, dtype, sharding)
+    from transformers import AutoTokenizer
+
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    return config, params, AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
+  config, params, tokenizer = convert_source(path, dtype or "float32")
+  return config, jax.device_put(params, sharding), tokenizer

@@ -1,0 +1,45 @@
+"""Half-split ("rotate_half") rotary position embedding, the Hugging Face layout.
+
+Angles are always computed from small integer offsets (a position minus a reference
+position), so RoPE stays exact for streams of 10^8 tokens: float32 loses the angle of
+absolute positions past about 10^6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling) -> np.ndarray:
+  """Inverse frequencies [H/2], float32, for RoPE scaling kinds default / linear / llama3."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+  if scaling.kind == "linear":
+    inv_freq = inv_freq / scaling.factor
+  elif scaling.kind == "llama3":
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_bsnh: jnp.ndarray, offset_bs: jnp.ndarray, inv_freq_h: jnp.ndarray) -> jnp.ndarray:
+  """Rotates x [B, S, N, H] by integer position offsets [B, S] (small: relative to a reference).
+
+  Computed in float32 and cast back to x's dtype.
+  """
+  angle_bsh = offset_bs.astype(jnp.float32)[..., None] * inv_freq_h
+  cos = jnp.cos(angle_bsh)[:, :, None, :]
+  sin = jnp.sin(angle_bsh)[:, :, None, :]
+  x1, x2 = jnp.split(x_bsnh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_bsnh.dtype)

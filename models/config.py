@@ -1,0 +1,127 @@
+"""Model configuration: a frozen dataclass built from a Hugging Face config dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lminf_jax.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling (Hugging Face `rope_type` names)."""
+
+  kind: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0  # llama3 only
+  high_freq_factor: float = 4.0  # llama3 only
+  original_max_position_embeddings: int = 8192  # llama3 only
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """A Llama-family decoder (Llama, Mistral, Qwen2).
+
+  `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
+  activations; softmax and RMSNorm statistics are always float32.
+  """
+
+  vocab_size: int
+  hidden_size: int  # D
+  intermediate_size: int  # F
+  num_layers: int
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  model_type: str = "llama"
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise UserError(f"num_attention_heads {self.num_heads} is not a multiple of "
+                      f"num_key_value_heads {self.num_kv_heads}")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise UserError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+
+  @property
+  def heads_per_kv(self) -> int:  # G
+    return self.num_heads // self.num_kv_heads
+
+  def replace(self, **changes: Any) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+    d = dict(d)
+    d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
+    d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+    return cls(**d)
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
+    """Builds the config from a Hugging Face `config.json` dict (transformers 4.x or 5.x)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise UserError(f"unsupported model_type {model_type!r} "
+                      f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise UserError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
+    if hf.get("mlp_bias"):
+      raise UserError("unsupported mlp_bias=True")
+    num_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    # transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in `rope_theta` / `rope_scaling`.
+    rope = dict(hf.get("rope_scaling") or {})
+    rope.update(hf.get("rope_parameters") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+      raise UserError(f"unsupported rope scaling {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    scaling = RopeScaling(
+        kind=kind,
+        factor=float(rope.get("factor", 1.0)),
+        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+    )
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    attention_bias = bool(hf.get("attention_bias", False))
+    return cls(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=model_type == "llama" and attention_bias,
+        model_type=model_type,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )

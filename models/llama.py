@@ -1,0 +1,131 @@
+"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral and Qwen2 checkpoints.
+
+Axis letters (used in parameter and variable names): B batch, T query length, S key length,
+D model width, N query heads, K kv heads, G query heads per kv head, H head dim, V vocab,
+F MLP width, L layers.
+
+Modules only hold parameters; the attention method is a frozen spec passed at call time:
+
+    logits = Llama(config).apply({'params': params}, tokens_bt, positions_bt, attention=Dense())
+
+The L decoder layers are one `nn.scan`, so every layer parameter has a leading L axis.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lminf_jax.attention import Dense, attend, resolve
+from lminf_jax.models.config import LlamaConfig
+from lminf_jax.rope import inv_frequencies
+
+_init = nn.initializers.normal(0.02)
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x_btd: jnp.ndarray) -> jnp.ndarray:
+    scale_d = self.param("scale_d", nn.initializers.ones, (x_btd.shape[-1],), _dtype(self.param_dtype))
+    x32 = x_btd.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale_d.astype(x_btd.dtype) * normed.astype(x_btd.dtype)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  attention: object
+
+  @nn.compact
+  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray) -> jnp.ndarray:
+    cfg = self.config
+    d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
+    wq_dnh = self.param("wq_dnh", _init, (d, n, h), pdt)
+    wk_dkh = self.param("wk_dkh", _init, (d, kv, h), pdt)
+    wv_dkh = self.param("wv_dkh", _init, (d, kv, h), pdt)
+    wo_nhd = self.param("wo_nhd", _init, (n, h, d), pdt)
+    q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, wq_dnh.astype(dt))
+    k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wk_dkh.astype(dt))
+    v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wv_dkh.astype(dt))
+    if cfg.qkv_bias:
+      q_btnh += self.param("bq_nh", nn.initializers.zeros, (n, h), pdt).astype(dt)
+      k_btkh += self.param("bk_kh", nn.initializers.zeros, (kv, h), pdt).astype(dt)
+      v_btkh += self.param("bv_kh", nn.initializers.zeros, (kv, h), pdt).astype(dt)
+    inv_freq_h = jnp.asarray(inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling))
+    o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer)
+    out_btd = jnp.einsum("btnh,nhd->btd", o_btnh, wo_nhd.astype(dt))
+    if cfg.o_bias:
+      out_btd += self.param("bo_d", nn.initializers.zeros, (d,), pdt).astype(dt)
+    return out_btd
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_btd: jnp.ndarray) -> jnp.ndarray:
+    cfg = self.config
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
+    w_gate_df = self.param("w_gate_df", _init, (d, f), pdt).astype(dt)
+    w_up_df = self.param("w_up_df", _init, (d, f), pdt).astype(dt)
+    w_down_fd = self.param("w_down_fd", _init, (f, d), pdt).astype(dt)
+    gate_btf = jax.nn.silu(x_btd @ w_gate_df)
+    return (gate_btf * (x_btd @ w_up_df)) @ w_down_fd
+
+
+class DecoderLayer(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, attention):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
+    x_btd = x_btd + Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer)
+    x_btd = x_btd + MLP(cfg, name="mlp")(norm("mlp_norm")(x_btd))
+    return x_btd, None
+
+
+class Llama(nn.Module):
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    pdt = _dtype(cfg.param_dtype)
+    self.embed_vd = self.param("embed_vd", _init, (cfg.vocab_size, cfg.hidden_size), pdt)
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
+    # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged.
+    self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_layers)(cfg)
+    if not cfg.tie_word_embeddings:
+      self.w_unembed_dv = self.param("w_unembed_dv", _init, (cfg.hidden_size, cfg.vocab_size), pdt)
+
+  def hidden(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None,
+             attention=Dense()) -> jnp.ndarray:
+    """Final-normed hidden states [B, T, D] (compute dtype)."""
+    cfg = self.config
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+    attention = resolve(attention, cfg.max_position_embeddings)
+    x_btd = jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(cfg.dtype))
+    x_btd, _ = self.layers(x_btd, positions_bt.astype(jnp.int32), jnp.arange(cfg.num_layers), attention)
+    return self.final_norm(x_btd)
+
+  def unembed(self, x_btd: jnp.ndarray) -> jnp.ndarray:
+    """Logits [B, T, V] in float32."""
+    w_dv = self.embed_vd.T if self.config.tie_word_embeddings else self.w_unembed_dv
+    return jnp.einsum("btd,dv->btv", x_btd, w_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None,
+               attention=Dense()) -> jnp.ndarray:
+    """Logits [B, T, V], float32."""
+    return self.unembed(self.hidden(tokens_bt, positions_bt, attention))
