@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -13,7 +14,6 @@ import numpy as np
 from lminf_jax.errors import UserError
 from lminf_jax.texts import builtin_text
 
-ATTENTION_CHOICES = ("dense",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,27 +22,49 @@ class _Parser(argparse.ArgumentParser):
     sys.exit(2)
 
 
-def positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-  return value
+def _int_at_least(minimum: int, what: str):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
+
+  return parse
 
 
-def add_attention_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--attention", default="dense", help=f"attention method: {' | '.join(ATTENTION_CHOICES)}")
+positive_int = _int_at_least(1, "positive")
+non_negative_int = _int_at_least(0, ">= 0")
+
+
+def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+  p.add_argument("--attention", default="dense",
+                 help="attention method" + ("s, comma-separated" if several else "") + ": dense | lambda | streaming")
   p.add_argument("--chunk", type=positive_int, default=512, help="query chunk length of the blockwise attention")
+  p.add_argument("--n-global", type=non_negative_int, default=10, help="lambda: starting tokens")
+  p.add_argument("--n-local", type=positive_int, help="lambda: window (default: the model's training length)")
+  p.add_argument("--limit", type=positive_int, help="lambda: distance limit (default: n_local)")
+  p.add_argument("--top-k", type=positive_int, help="lambda: top-k middle tokens for the last query (off by default)")
+  p.add_argument("--no-mask", action="store_true", help="lambda ablation: distance limit without the mask")
+  p.add_argument("--no-distance-limit", action="store_true", help="lambda ablation: mask without the limit")
+  p.add_argument("--n-sink", type=non_negative_int, default=4, help="streaming: attention sinks")
+  p.add_argument("--n-recent", type=positive_int, help="streaming: recent window (default: training length - n_sink)")
 
 
 def attention_from_args(args: argparse.Namespace, name: str):
-  from lminf_jax.attention import ATTENTION_METHODS
+  """The attention spec named `name`, with the method's options from the command line."""
+  from lminf_jax.attention import Dense, Lambda, Streaming
 
-  if name not in ATTENTION_METHODS:
-    raise UserError(f"unknown attention method {name!r} (choose from {', '.join(ATTENTION_METHODS)})")
-  return ATTENTION_METHODS[name](chunk=args.chunk)
+  if name == "dense":
+    return Dense(chunk=args.chunk)
+  if name == "lambda":
+    return Lambda(n_global=args.n_global, n_local=args.n_local, limit=args.limit, top_k=args.top_k,
+                  mask=not args.no_mask, distance_limit=not args.no_distance_limit, chunk=args.chunk)
+  if name == "streaming":
+    return Streaming(n_sink=args.n_sink, n_recent=args.n_recent, chunk=args.chunk)
+  raise UserError(f"unknown attention method {name!r} (choose from dense, lambda, streaming)")
 
 
 def _existing_file(path: str) -> Path:
@@ -81,13 +103,21 @@ def read_token_ids(args: argparse.Namespace, tokenizer, vocab_size: int) -> np.n
   return ids.astype(np.int32)
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
-  """np.save through a temporary file: no half-written output on failure."""
+@contextlib.contextmanager
+def atomic_output(path: Path):
+  """Yields a temporary sibling path; renames it onto `path` only if the block succeeds."""
   if not path.parent.is_dir():
     raise UserError(f"output directory {path.parent} does not exist")
-  tmp = path.with_name(path.name + ".partial.npy")
-  np.save(tmp, array)
-  os.replace(tmp, path)
+  tmp = path.with_name(f".{path.name}.partial{path.suffix}")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def parse_lengths(text: str) -> list[int]:
+  return [positive_int(x) for x in text.split(",")]
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -121,10 +151,64 @@ def cmd_nll(args: argparse.Namespace) -> None:
   start = time.perf_counter()
   nll = np.asarray(token_nll(params, config, jnp.asarray(ids)[None], attention=attention))[0]
   seconds = time.perf_counter() - start
-  save_npy(out, nll.astype(np.float32))
+  with atomic_output(out) as tmp:
+    np.save(tmp, nll.astype(np.float32))
   mean = float(nll.mean())
   print(f"{ids.size} tokens  mean NLL {mean:.4f}  perplexity {np.exp(mean):.3f}  "
         f"({ids.size / seconds:.0f} tokens/s, {args.attention})")
+
+
+def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: int, bucket: int,
+            json_out: Path | None, plot_out: Path | None, title: str) -> None:
+  from lminf_jax import evaluate
+  from lminf_jax.loading import load
+
+  for out in (json_out, plot_out):
+    if out is not None and not out.parent.is_dir():
+      raise UserError(f"output directory {out.parent} does not exist")
+  config, params, tokenizer = load(ckpt)
+  if tokenizer is None:
+    raise UserError(f"{ckpt} has no tokenizer")
+  ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+  results = evaluate.perplexity_vs_length(params, config, ids, lengths, methods, offset, bucket)
+  print(evaluate.format_table(results, bucket))
+  if json_out is not None:
+    with atomic_output(json_out) as tmp:
+      evaluate.write_json(tmp, results, bucket, dict(checkpoint=str(ckpt), offset=offset,
+                                                     methods={k: repr(v) for k, v in methods.items()}))
+    print(f"wrote {json_out}")
+  if plot_out is not None:
+    with atomic_output(plot_out) as tmp:
+      evaluate.plot(tmp, results, bucket, title)
+    print(f"wrote {plot_out}")
+
+
+def methods_from_args(args: argparse.Namespace) -> dict:
+  names = [n.strip() for n in args.attention.split(",") if n.strip()]
+  if not names:
+    raise UserError("--attention names no method")
+  return {name: attention_from_args(args, name) for name in names}
+
+
+def cmd_ppl(args: argparse.Namespace) -> None:
+  methods = methods_from_args(args)
+  text = read_text(args.text_file) if args.text_file else builtin_text()
+  title = f"{Path(args.ckpt).name}: {Path(args.text_file).name if args.text_file else 'built-in text'}"
+  run_ppl(Path(args.ckpt), text, args.lengths, methods, args.offset, args.bucket,
+          Path(args.json) if args.json else None, Path(args.plot) if args.plot else None, title)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+  """The main job: SmolLM2, dense against lambda, past the 8192-token training length."""
+  from lminf_jax.attention import Dense, Lambda
+  from lminf_jax.fetch import fetch_smollm2
+
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  ckpt = fetch_smollm2()
+  methods = {"dense": Dense(), "lambda": Lambda(n_global=10, n_local=8192)}
+  run_ppl(ckpt, builtin_text(), [args.length], methods, 0, 1024, out / "ppl.json", out / "ppl.png",
+          f"SmolLM2-135M on Python's help topics ({args.length} tokens)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-tokens", type=positive_int)
   add_attention_args(p)
   p.set_defaults(func=cmd_nll)
+
+  p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--text-file", help="UTF-8 text (default: the built-in text)")
+  p.add_argument("--lengths", type=parse_lengths, default=[4096, 8192, 16384], help="comma-separated slice lengths")
+  p.add_argument("--offset", type=non_negative_int, default=0, help="token offset of the slices in the text")
+  p.add_argument("--bucket", type=positive_int, default=1024, help="positions per bucket")
+  p.add_argument("--json", help="write the results as JSON")
+  p.add_argument("--plot", help="write a PNG of NLL against position")
+  add_attention_args(p, several=True)
+  p.set_defaults(func=cmd_ppl, attention="lambda,dense")
+
+  p = sub.add_parser("demo", help="the main job: SmolLM2 perplexity past its training length, dense vs lambda")
+  p.add_argument("--length", type=positive_int, default=16384, help="tokens (default 16384, twice the training length)")
+  p.add_argument("--out", default="lminf-demo", help="directory for ppl.json and ppl.png")
+  p.set_defaults(func=cmd_demo)
   return parser
 
 

@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from lminf_jax.attention.dense import dense_attention
-from lminf_jax.attention.specs import ATTENTION_METHODS, Dense, resolve
+from lminf_jax.attention.methods import METHOD_FUNCTIONS
+from lminf_jax.attention.specs import ATTENTION_METHODS, Dense, Lambda, Streaming, resolve
 
-__all__ = ["ATTENTION_METHODS", "Dense", "attend", "resolve"]
-
-_FUNCTIONS = {Dense: dense_attention}
+__all__ = ["ATTENTION_METHODS", "Dense", "Lambda", "Streaming", "attend", "resolve"]
 
 
 def attend(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
            inv_freq_h: jnp.ndarray, spec, layer: jnp.ndarray | int = 0) -> jnp.ndarray:
-  """Attention of method `spec` (already resolved). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
+  """Attention of method `spec` (resolved: no None lengths). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
 
-  q, k are projections before RoPE; `positions` [B, T] are RoPE positions, negative for
-  left padding; `layer` is the layer index (a traced scalar inside the layer scan).
+  q, k are projections before RoPE; `positions` [B, T] are RoPE positions, negative for left
+  padding; `layer` is the layer index (a traced scalar inside the layer scan).
   """
-  del layer  # Only methods with per-layer behaviour use it.
-  return _FUNCTIONS[type(spec)](q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec)
+  return METHOD_FUNCTIONS[type(spec)](q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, layer)

@@ -1,5 +1,9 @@
-"""Ordinary causal attention, flash-style: scan over query chunks, online softmax over the
-causal key blocks (future blocks are skipped with `lax.cond`)."""
+"""Causal attention over every earlier key block: ordinary dense attention, and LM-Infinite's
+"distance limit without the mask" ablation (all far keys attended at distance `limit`).
+
+Flash-style: scan over query chunks, online softmax over key blocks; blocks in a chunk's
+future are skipped with `lax.cond`. O(T^2) time, O(T*C) memory.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +11,43 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import blockwise as bw
-from lminf_jax.attention.specs import Dense
 from lminf_jax.rope import apply_rope
 
 
-def dense_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray,
-                    positions_bt: jnp.ndarray, inv_freq_h: jnp.ndarray, spec: Dense) -> jnp.ndarray:
-  """Causal softmax attention. q [B,T,N,H], k/v [B,T,K,H] before RoPE -> [B,T,N,H].
+def causal_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
+                     inv_freq_h: jnp.ndarray, chunk: int, far: tuple[int, int] | None = None):
+  """Causal attention; q [B,T,N,H], k/v [B,T,K,H] before RoPE -> (out [B,T,N,H], lse [B,T,N]).
 
-  Key j is allowed for query i iff j <= i and positions[j] >= 0 (negative = left padding).
-  RoPE is applied at offsets relative to each query chunk's last position.
+  Keys at true relative distance, except with `far=(window, limit)`: keys with i-j >= window
+  are seen at distance `limit` (query rotated at `limit`, key unrotated).
   """
-  b, t, n, h = q_btnh.shape
-  kv = k_btkh.shape[2]
-  chunk = min(spec.chunk, t)
-  positions_bt = bw.extend_positions(positions_bt, chunk)
-  q_btnh, k_btkh, v_btkh = (bw.pad_to_multiple(x, chunk) for x in (q_btnh, k_btkh, v_btkh))
-  num_chunks = positions_bt.shape[1] // chunk
-  offsets_c = jnp.arange(chunk)
+  p = bw.pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, chunk)
+  c, h, kv = p.chunk, q_btnh.shape[-1], k_btkh.shape[2]
+  scale = h**-0.5
 
   def chunk_step(_, xs):
-    c, q_bcnh, pos_bc = xs
+    ci, q_bcnh, pos_bc, idx_bc = xs
     ref_b1 = pos_bc[:, -1:]
-    q_bckgh = (apply_rope(q_bcnh, pos_bc - ref_b1, inv_freq_h) * h**-0.5).reshape(b, chunk, kv, n // kv, h)
-    i_c = c * chunk + offsets_c
+    q_near = bw.group_heads(apply_rope(q_bcnh, pos_bc - ref_b1, inv_freq_h) * scale, kv)
+    if far is not None:
+      q_far = bw.group_heads(apply_rope(q_bcnh, jnp.full_like(pos_bc, far[1]), inv_freq_h) * scale, kv)
+
+    def fold(state, kb):
+      k_bskh, pos_bs, idx_bs = (bw.block(x, kb * c, c) for x in (p.k_btkh, p.positions_bt, p.idx_bt))
+      s_bkgcs = bw.scores(q_near, apply_rope(k_bskh, pos_bs - ref_b1, inv_freq_h))
+      dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
+      if far is not None:
+        s_bkgcs = jnp.where((dist_bcs < far[0])[:, None, None], s_bkgcs, bw.scores(q_far, k_bskh))
+      mask_bcs = (dist_bcs >= 0) & (idx_bs >= 0)[:, None, :]
+      return bw.update(state, s_bkgcs, bw.block(p.v_btkh, kb * c, c), mask_bcs)
 
     def key_step(state, kb):
-      def fold(state):
-        pos_bs = bw.block(positions_bt, kb * chunk, chunk)
-        k_bskh = apply_rope(bw.block(k_btkh, kb * chunk, chunk), pos_bs - ref_b1, inv_freq_h)
-        j_s = kb * chunk + offsets_c
-        mask_bcs = (j_s[None, None, :] <= i_c[None, :, None]) & (pos_bs >= 0)[:, None, :]
-        return bw.update(state, q_bckgh, k_bskh, bw.block(v_btkh, kb * chunk, chunk), mask_bcs)
+      return jax.lax.cond(kb <= ci, fold, lambda s, _: s, state, kb), None
 
-      return jax.lax.cond(kb <= c, fold, lambda s: s, state), None
-
-    state, _ = jax.lax.scan(key_step, bw.init_state(b, kv, n // kv, chunk, h), jnp.arange(num_chunks))
+    state, _ = jax.lax.scan(key_step, bw.init_state(q_bcnh.shape[0], kv, q_bcnh.shape[2] // kv, c, h),
+                            jnp.arange(p.num_chunks))
     return None, bw.finish(state, q_btnh.dtype)
 
-  xs = (jnp.arange(num_chunks), bw.split_chunks(q_btnh, chunk), bw.split_chunks(positions_bt, chunk))
-  _, o_nbckgh = jax.lax.scan(chunk_step, None, xs)
-  return jnp.moveaxis(o_nbckgh, 0, 1).reshape(b, -1, n, h)[:, :t]
+  xs = (jnp.arange(p.num_chunks),) + tuple(bw.split_chunks(x, c) for x in (p.q_btnh, p.positions_bt, p.idx_bt))
+  _, (o_nbcnh, lse_nbcn) = jax.lax.scan(jax.checkpoint(chunk_step), None, xs)
+  return bw.unsplit_chunks(o_nbcnh, p.length), bw.unsplit_chunks(lse_nbcn, p.length)

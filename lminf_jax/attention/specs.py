@@ -1,7 +1,8 @@
-"""Attention method specs: frozen, hashable dataclasses passed as plain arguments.
+"""Attention method specs: frozen, hashable dataclasses passed as plain (static) arguments.
 
-Every spec has `chunk`, the query-chunk length C of the blockwise computation (a memory and
-speed knob for dense / lambda / streaming; it never changes their result).
+Every spec has `chunk`, the query-chunk length C of the blockwise computation: a memory and
+speed knob for dense / lambda / streaming that never changes their result.
+`n_local=None` / `n_recent=None` mean the model's training length (max_position_embeddings).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import jax
 from lminf_jax.errors import UserError
 
 
-def _check_positive(spec, *names: str) -> None:
-  for name in names:
+def _check(spec, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+  for name in positive + non_negative:
     value = getattr(spec, name)
-    if value is not None and value <= 0:
-      raise UserError(f"{type(spec).__name__}.{name} must be positive, got {value}")
+    bad = value is not None and (value <= 0 if name in positive else value < 0)
+    if bad:
+      raise UserError(f"{type(spec).__name__}.{name} must be {'positive' if name in positive else '>= 0'}, "
+                      f"got {value}")
 
 
 @jax.tree_util.register_static
@@ -28,17 +31,65 @@ class Dense:
   chunk: int = 512
 
   def __post_init__(self):
-    _check_positive(self, "chunk")
+    _check(self, positive=("chunk",))
 
   def resolve(self, max_position_embeddings: int) -> "Dense":
     return self
 
 
-ATTENTION_METHODS = {"dense": Dense}
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Lambda:
+  """LM-Infinite: n_global starting tokens seen at distance `limit` + an n_local window.
+
+  Ablations of the paper's diagnosis: `mask=False` attends every far key (i-j >= n_local) at
+  distance `limit` (O(T^2)); `distance_limit=False` keeps the mask but sees the starting
+  tokens at their true distance. `top_k` adds, for layers >= top_k_from_layer and the last
+  query of a forward, the top_k middle keys at distance top_k_insert_at.
+  """
+
+  n_global: int = 10
+  n_local: int | None = None
+  limit: int | None = None
+  top_k: int | None = None
+  top_k_from_layer: int = 4
+  top_k_insert_at: int = 2048
+  mask: bool = True
+  distance_limit: bool = True
+  chunk: int = 512
+
+  def __post_init__(self):
+    _check(self, positive=("n_local", "limit", "chunk", "top_k"),
+           non_negative=("n_global", "top_k_from_layer", "top_k_insert_at"))
+    if self.top_k is not None and not self.mask:
+      raise UserError("Lambda.top_k needs mask=True (without the mask every far key is attended already)")
+
+  def resolve(self, max_position_embeddings: int) -> "Lambda":
+    n_local = self.n_local or max_position_embeddings
+    return dataclasses.replace(self, n_local=n_local, limit=self.limit or n_local)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Streaming:
+  """StreamingLLM: n_sink attention sinks + the n_recent latest keys, positions inside the cache."""
+
+  n_sink: int = 4
+  n_recent: int | None = None
+  chunk: int = 512
+
+  def __post_init__(self):
+    _check(self, positive=("n_recent", "chunk"), non_negative=("n_sink",))
+
+  def resolve(self, max_position_embeddings: int) -> "Streaming":
+    return dataclasses.replace(self, n_recent=self.n_recent or max(1, max_position_embeddings - self.n_sink))
+
+
+ATTENTION_METHODS = {"dense": Dense, "lambda": Lambda, "streaming": Streaming}
 
 
 def resolve(spec, max_position_embeddings: int):
-  """Fills model-dependent defaults (e.g. n_local=None -> the training length)."""
+  """Fills model-dependent defaults (n_local=None -> the training length)."""
   if type(spec) not in ATTENTION_METHODS.values():
     raise UserError(f"unknown attention method {spec!r}")
   return spec.resolve(max_position_embeddings)
