@@ -43,6 +43,7 @@ def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> Non
   p.add_argument("--attention", default="dense",
                  help="attention method" + ("s, comma-separated" if several else "") + ": dense | lambda | streaming")
   p.add_argument("--chunk", type=positive_int, default=512, help="query chunk length of the blockwise attention")
+  p.add_argument("--key-block", type=positive_int, default=512, help="key block length of the blockwise attention")
   p.add_argument("--n-global", type=non_negative_int, default=10, help="lambda: starting tokens")
   p.add_argument("--n-local", type=positive_int, help="lambda: window (default: the model's training length)")
   p.add_argument("--limit", type=positive_int, help="lambda: distance limit (default: n_local)")
@@ -58,12 +59,12 @@ def attention_from_args(args: argparse.Namespace, name: str):
   from lminf_jax.attention import Dense, Lambda, Streaming
 
   if name == "dense":
-    return Dense(chunk=args.chunk)
+    return Dense(chunk=args.chunk, key_block=args.key_block)
   if name == "lambda":
     return Lambda(n_global=args.n_global, n_local=args.n_local, limit=args.limit, top_k=args.top_k,
-                  mask=not args.no_mask, distance_limit=not args.no_distance_limit, chunk=args.chunk)
+                  mask=not args.no_mask, distance_limit=not args.no_distance_limit, chunk=args.chunk, key_block=args.key_block)
   if name == "streaming":
-    return Streaming(n_sink=args.n_sink, n_recent=args.n_recent, chunk=args.chunk)
+    return Streaming(n_sink=args.n_sink, n_recent=args.n_recent, chunk=args.chunk, key_block=args.key_block)
   raise UserError(f"unknown attention method {name!r} (choose from dense, lambda, streaming)")
 
 

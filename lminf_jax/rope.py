@@ -32,14 +32,10 @@ def inv_frequencies(head_dim: int, theta: float, scaling) -> np.ndarray:
   return inv_freq.astype(np.float32)
 
 
-def apply_rope(x_bsnh: jnp.ndarray, offset_bs: jnp.ndarray, inv_freq_h: jnp.ndarray) -> jnp.ndarray:
-  """Rotates x [B, S, N, H] by integer position offsets [B, S] (small: relative to a reference).
-
-  Computed in float32 and cast back to x's dtype.
-  """
-  angle_bsh = offset_bs.astype(jnp.float32)[..., None] * inv_freq_h
-  cos = jnp.cos(angle_bsh)[:, :, None, :]
-  sin = jnp.sin(angle_bsh)[:, :, None, :]
-  x1, x2 = jnp.split(x_bsnh.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_bsnh.dtype)
+def apply_rope(x: jnp.ndarray, offsets: jnp.ndarray, inv_freq_h: jnp.ndarray) -> jnp.ndarray:
+  """Rotates x [..., H] by integer position offsets broadcastable to x.shape[:-1] (small:
+  relative to a reference position). Computed in float32, cast back to x's dtype."""
+  angle = offsets.astype(jnp.float32)[..., None] * inv_freq_h
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -14,17 +14,17 @@ from lminf_jax.attention import Dense, Lambda, Streaming, attend, resolve
 
 # method name -> (our spec from the drawn sizes, naive method + params)
 METHODS = {
-    "dense": lambda g, w, c: (Dense(chunk=c), ("dense", {})),
-    "lambda": lambda g, w, c: (Lambda(n_global=g, n_local=w, limit=w, chunk=c),
-                               ("lambda", dict(n_global=g, n_local=w, limit=w))),
-    "lambda_limit": lambda g, w, c: (Lambda(n_global=g, n_local=w, limit=w + 7, chunk=c),
-                                     ("lambda", dict(n_global=g, n_local=w, limit=w + 7))),
-    "lambda_no_mask": lambda g, w, c: (Lambda(n_global=g, n_local=w, mask=False, chunk=c),
-                                       ("lambda", dict(n_global=g, n_local=w, mask=False))),
-    "lambda_no_limit": lambda g, w, c: (Lambda(n_global=g, n_local=w, distance_limit=False, chunk=c),
-                                        ("lambda", dict(n_global=g, n_local=w, use_limit=False))),
-    "streaming": lambda g, w, c: (Streaming(n_sink=g, n_recent=w, chunk=c),
-                                  ("streaming", dict(n_sink=g, n_recent=w))),
+    "dense": lambda g, w, c, s: (Dense(chunk=c, key_block=s), ("dense", {})),
+    "lambda": lambda g, w, c, s: (Lambda(n_global=g, n_local=w, limit=w, chunk=c, key_block=s),
+                                  ("lambda", dict(n_global=g, n_local=w, limit=w))),
+    "lambda_limit": lambda g, w, c, s: (Lambda(n_global=g, n_local=w, limit=w + 7, chunk=c, key_block=s),
+                                        ("lambda", dict(n_global=g, n_local=w, limit=w + 7))),
+    "lambda_no_mask": lambda g, w, c, s: (Lambda(n_global=g, n_local=w, mask=False, chunk=c, key_block=s),
+                                          ("lambda", dict(n_global=g, n_local=w, mask=False))),
+    "lambda_no_limit": lambda g, w, c, s: (Lambda(n_global=g, n_local=w, distance_limit=False, chunk=c, key_block=s),
+                                           ("lambda", dict(n_global=g, n_local=w, use_limit=False))),
+    "streaming": lambda g, w, c, s: (Streaming(n_sink=g, n_recent=w, chunk=c, key_block=s),
+                                     ("streaming", dict(n_sink=g, n_recent=w))),
 }
 
 
@@ -45,13 +45,13 @@ def _ours(q, k, v, positions, inv_freq, spec, layer=0):
 
 @settings(max_examples=60, deadline=None)
 @given(method=st.sampled_from(sorted(METHODS)), t=st.integers(1, 70), n_start=st.integers(0, 12),
-       window=st.integers(1, 80), chunk=st.integers(1, 40), kv=st.integers(1, 3), groups=st.sampled_from([1, 2, 3]),
+       window=st.integers(1, 80), chunk=st.integers(1, 40), key_block=st.integers(1, 50), kv=st.integers(1, 3), groups=st.sampled_from([1, 2, 3]),
        h=st.sampled_from([2, 8, 16]), offset=st.integers(0, 1000), seed=st.integers(0, 2**16))
-def test_method_matches_naive(method, t, n_start, window, chunk, kv, groups, h, offset, seed):
+def test_method_matches_naive(method, t, n_start, window, chunk, key_block, kv, groups, h, offset, seed):
   q, k, v = _inputs(seed, t, kv, groups, h)
   inv_freq = default_inv_freq(h)
   positions = np.arange(t) + offset
-  spec, (naive_method, params) = METHODS[method](n_start, window, chunk)
+  spec, (naive_method, params) = METHODS[method](n_start, window, chunk, key_block)
   expected, _ = naive_attention(q, k, v, positions, inv_freq, naive_method, **params)
   np.testing.assert_allclose(_ours(q, k, v, positions, inv_freq, spec), expected, atol=1e-5)
 
@@ -62,7 +62,7 @@ def test_lambda_top_k_middle_tokens_match_naive(layer, t, top_k):
   """Last query gains the top_k middle keys at distance insert_at, from layer top_k_from_layer on."""
   q, k, v = _inputs(t + layer, t, 2, 2, 16)
   inv_freq = default_inv_freq(16)
-  spec = Lambda(n_global=4, n_local=16, top_k=top_k, top_k_from_layer=4, top_k_insert_at=24, chunk=7)
+  spec = Lambda(n_global=4, n_local=16, top_k=top_k, top_k_from_layer=4, top_k_insert_at=24, chunk=7, key_block=9)
   expected, _ = naive_attention(q, k, v, np.arange(t), inv_freq, "lambda", n_global=4, n_local=16, top_k=top_k,
                                 top_k_from_layer=4, insert_at=24, layer=layer)
   np.testing.assert_allclose(_ours(q, k, v, np.arange(t), inv_freq, spec, layer), expected, atol=1e-5)
@@ -73,7 +73,7 @@ def test_left_padding_equals_unpadded(method):
   t, pad = 45, 6
   q, k, v = _inputs(1, t, 2, 2, 8)
   inv_freq = default_inv_freq(8)
-  spec, (naive_method, params) = METHODS[method](3, 10, 8)
+  spec, (naive_method, params) = METHODS[method](3, 10, 8, 5)
   positions = np.concatenate([np.full(pad, -1), np.arange(t - pad)])
   out = _ours(q, k, v, positions, inv_freq, spec)
   expected, _ = naive_attention(q[pad:], k[pad:], v[pad:], np.arange(t - pad), inv_freq, naive_method, **params)
@@ -100,7 +100,7 @@ def test_gradients_match_naive(method):
   q, k, v = _inputs(2, t, 2, 2, 8)
   inv_freq = default_inv_freq(8)
   cotangent = np.random.default_rng(3).standard_normal((t, 4, 8)).astype(np.float32)
-  spec, (naive_method, params) = METHODS[method](3, 9, 5)
+  spec, (naive_method, params) = METHODS[method](3, 9, 5, 4)
   spec = resolve(spec, max_position_embeddings=1)
   positions = np.arange(t)
   allowed, dist = _mask_and_distance(q.astype(np.float64), k.astype(np.float64), inv_freq, positions, naive_method,
@@ -126,7 +126,7 @@ def test_offset_1e8_gives_the_same_output(method):
   t = 300
   q, k, v = _inputs(4, t, 1, 3, 64)
   inv_freq = default_inv_freq(64, 100000.0)
-  spec, _ = METHODS[method](10, 64, 48)
+  spec, _ = METHODS[method](10, 64, 48, 40)
   at_zero = _ours(q, k, v, np.arange(t), inv_freq, spec)
   at_1e8 = _ours(q, k, v, np.arange(t) + 10**8, inv_freq, spec)
   np.testing.assert_allclose(at_1e8, at_zero, atol=1e-5)
@@ -139,7 +139,7 @@ def test_naive_rope_is_the_model_rope():
   x = np.random.default_rng(5).standard_normal((1, 7, 3, 16)).astype(np.float32)
   pos = np.arange(7)[None] * 13 - 20
   inv_freq = default_inv_freq(16)
-  ours = apply_rope(jnp.asarray(x), jnp.asarray(pos), jnp.asarray(inv_freq, jnp.float32))
+  ours = apply_rope(jnp.asarray(x), jnp.asarray(pos)[..., None], jnp.asarray(inv_freq, jnp.float32))
   np.testing.assert_allclose(ours, rope(x, pos[..., None], inv_freq), atol=2e-6)
 
 

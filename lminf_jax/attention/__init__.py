@@ -20,4 +20,6 @@ def attend(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positi
   q, k are projections before RoPE; `positions` [B, T] are RoPE positions, negative for left
   padding; `layer` is the layer index (a traced scalar inside the layer scan).
   """
+  if spec.resolve(0) != spec:  # resolving is a no-op exactly when every length is set
+    raise ValueError(f"unresolved attention spec {spec}: call resolve(spec, max_position_embeddings) first")
   return METHOD_FUNCTIONS[type(spec)](q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, layer)

@@ -1,7 +1,8 @@
 """Flash-style building blocks shared by every attention method.
 
 Axis letters: B batch, T length, C query-chunk length, S key-block length, K kv heads,
-G query heads per kv head, H head dim, N = K*G query heads.
+G query heads per kv head, H head dim, N = K*G query heads, M = G*C rows of one kv head's
+query tile (row m = g*C + c), so each score tile is one batched matmul [M, H] x [H, S].
 
 A query chunk's attention is accumulated over key blocks with an online softmax (float32
 running max `m`, normaliser `l` and weighted sum `acc`), so no [T, T] score matrix exists.
@@ -16,59 +17,70 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Finite stand-in for -inf: fully masked rows stay NaN-free.
-MASKED = -1e30
+from lminf_jax.rope import apply_rope
+
+# Index given to padding keys past the end: in every real query's future.
+FUTURE = 2**30
 
 
 class SoftmaxState(NamedTuple):
-  m_bkgc: jnp.ndarray
-  l_bkgc: jnp.ndarray
-  acc_bkgch: jnp.ndarray
+  m_bkm: jnp.ndarray
+  l_bkm: jnp.ndarray
+  acc_bkmh: jnp.ndarray
 
 
-def init_state(batch: int, kv_heads: int, groups: int, chunk: int, head_dim: int) -> SoftmaxState:
-  shape = (batch, kv_heads, groups, chunk)
-  return SoftmaxState(
-      jnp.full(shape, MASKED, jnp.float32),
-      jnp.zeros(shape, jnp.float32),
-      jnp.zeros(shape + (head_dim,), jnp.float32),
-  )
+def init_state(batch: int, kv_heads: int, rows: int, head_dim: int) -> SoftmaxState:
+  shape = (batch, kv_heads, rows)
+  return SoftmaxState(jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+                      jnp.zeros(shape + (head_dim,), jnp.float32))
 
 
-def scores(q_bckgh: jnp.ndarray, k_bskh: jnp.ndarray) -> jnp.ndarray:
-  """Float32 logits [B, K, G, C, S] of rotated, pre-scaled queries against rotated keys."""
-  return jnp.einsum("bckgh,bskh->bkgcs", q_bckgh, k_bskh, preferred_element_type=jnp.float32)
+def query_tile(q_bcnh: jnp.ndarray, offsets_bc: jnp.ndarray, inv_freq_h: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+  """Rotates queries by `offsets` and scales by 1/sqrt(H): [B, C, N, H] -> [B, K, G*C, H]."""
+  b, c, n, h = q_bcnh.shape
+  q_bcnh = apply_rope(q_bcnh, offsets_bc[:, :, None], inv_freq_h) * h**-0.5
+  return q_bcnh.reshape(b, c, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, h)
 
 
-def update(state: SoftmaxState, s_bkgcs: jnp.ndarray, v_bskh: jnp.ndarray, mask_bcs: jnp.ndarray) -> SoftmaxState:
-  """Folds one key block (its logits, values and [B, C, S] mask) into the running softmax."""
-  mask_b11cs = mask_bcs[:, None, None]
-  s_bkgcs = jnp.where(mask_b11cs, s_bkgcs, MASKED)
-  m_new = jnp.maximum(state.m_bkgc, s_bkgcs.max(-1))
-  p_bkgcs = jnp.where(mask_b11cs, jnp.exp(s_bkgcs - m_new[..., None]), 0.0)
-  correction = jnp.exp(state.m_bkgc - m_new)
-  l_new = state.l_bkgc * correction + p_bkgcs.sum(-1)
-  pv_bkgch = jnp.einsum("bkgcs,bskh->bkgch", p_bkgcs.astype(v_bskh.dtype), v_bskh,
-                        preferred_element_type=jnp.float32)
-  return SoftmaxState(m_new, l_new, state.acc_bkgch * correction[..., None] + pv_bkgch)
+def scores(q_bkmh: jnp.ndarray, k_bksh: jnp.ndarray) -> jnp.ndarray:
+  """Float32 logits [B, K, M, S]."""
+  return jnp.einsum("bkmh,bksh->bkms", q_bkmh, k_bksh, preferred_element_type=jnp.float32)
 
 
-def finish(state: SoftmaxState, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+def update(state: SoftmaxState, s_bkms: jnp.ndarray, v_bksh: jnp.ndarray, mask_bcs: jnp.ndarray) -> SoftmaxState:
+  """Folds one key block (logits, values, [B, C, S] mask shared by the G heads) into the softmax."""
+  b, k, m, s = s_bkms.shape
+  c = mask_bcs.shape[1]
+  s_bkgcs = jnp.where(mask_bcs[:, None, None], s_bkms.reshape(b, k, m // c, c, s), -jnp.inf)
+  s_bkms = s_bkgcs.reshape(b, k, m, s)
+  # The result does not depend on the shift m, so it needs no gradient (and -inf - -inf never happens).
+  m_new = jax.lax.stop_gradient(jnp.maximum(state.m_bkm, s_bkms.max(-1)))
+  m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+  p_bkms = jnp.exp(s_bkms - m_safe[..., None])
+  correction = jnp.exp(state.m_bkm - m_safe)
+  pv_bkmh = jnp.einsum("bkms,bksh->bkmh", p_bkms.astype(v_bksh.dtype), v_bksh, preferred_element_type=jnp.float32)
+  return SoftmaxState(m_new, state.l_bkm * correction + p_bkms.sum(-1),
+                      state.acc_bkmh * correction[..., None] + pv_bkmh)
+
+
+def finish(state: SoftmaxState, chunk: int, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
   """(output [B, C, N, H], log-sum-exp [B, C, N]); a query with no allowed key gives 0."""
-  b, kv, g, c = state.l_bkgc.shape
-  l_bkgc = jnp.where(state.l_bkgc > 0, state.l_bkgc, 1.0)
-  o_bkgch = state.acc_bkgch / l_bkgc[..., None]
-  lse_bkgc = jnp.where(state.l_bkgc > 0, state.m_bkgc + jnp.log(l_bkgc), MASKED)
-  o_bcnh = jnp.transpose(o_bkgch, (0, 3, 1, 2, 4)).reshape(b, c, kv * g, -1).astype(dtype)
-  return o_bcnh, jnp.transpose(lse_bkgc, (0, 3, 1, 2)).reshape(b, c, kv * g)
+  b, k, m, h = state.acc_bkmh.shape
+  seen = state.l_bkm > 0
+  l_bkm = jnp.where(seen, state.l_bkm, 1.0)
+  o_bkmh = state.acc_bkmh / l_bkm[..., None]
+  lse_bkm = jnp.where(seen, state.m_bkm + jnp.log(l_bkm), -jnp.inf)
+  o_bcnh = o_bkmh.reshape(b, k, m // chunk, chunk, h).transpose(0, 3, 1, 2, 4).reshape(b, chunk, -1, h)
+  lse_bcn = lse_bkm.reshape(b, k, m // chunk, chunk).transpose(0, 3, 1, 2).reshape(b, chunk, -1)
+  return o_bcnh.astype(dtype), lse_bcn
 
 
 class Padded(NamedTuple):
-  """Inputs padded at the end to a multiple of the chunk length."""
+  """Queries padded at the end to a multiple of C; keys/values in [B, K, T, H] layout."""
 
   q_btnh: jnp.ndarray
-  k_btkh: jnp.ndarray
-  v_btkh: jnp.ndarray
+  k_bkth: jnp.ndarray
+  v_bkth: jnp.ndarray
   positions_bt: jnp.ndarray
   idx_bt: jnp.ndarray  # sequence index: 0 at each row's first real token, negative for left padding
   length: int  # T before padding
@@ -78,6 +90,12 @@ class Padded(NamedTuple):
   def num_chunks(self) -> int:
     return self.positions_bt.shape[1] // self.chunk
 
+  def query_chunks(self):
+    """Scan inputs: chunk index, q [n, B, C, N, H], positions and idx [n, B, C]."""
+    c = self.chunk
+    return (jnp.arange(self.num_chunks),) + tuple(split_chunks(x, c) for x in (self.q_btnh, self.positions_bt,
+                                                                                  self.idx_bt))
+
 
 def pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, chunk: int) -> Padded:
   """Pads T up to a multiple of C = min(chunk, T). Padded tail queries are discarded later;
@@ -86,12 +104,18 @@ def pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, chunk: int) -> Padded:
   chunk = min(chunk, t)
   pad = -t % chunk
   positions_bt = positions_bt.astype(jnp.int32)
-  tail_bp = positions_bt[:, -1:] + 1 + jnp.arange(pad, dtype=jnp.int32)
-  positions_bt = jnp.concatenate([positions_bt, tail_bp], axis=1)
+  positions_bt = jnp.concatenate([positions_bt, positions_bt[:, -1:] + 1 + jnp.arange(pad, dtype=jnp.int32)], 1)
   first_b = jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)
   idx_bt = jnp.arange(t + pad, dtype=jnp.int32)[None] - first_b[:, None]
-  q_btnh, k_btkh, v_btkh = (pad_to_multiple(x, chunk) for x in (q_btnh, k_btkh, v_btkh))
-  return Padded(q_btnh, k_btkh, v_btkh, positions_bt, idx_bt, t, chunk)
+  k_bkth, v_bkth = (jnp.swapaxes(pad_axis(x, 1, 0, pad), 1, 2) for x in (k_btkh, v_btkh))
+  return Padded(pad_axis(q_btnh, 1, 0, pad), k_bkth, v_bkth, positions_bt, idx_bt, t, chunk)
+
+
+def key_block(k_bkth, v_bkth, positions_bt, idx_bt, start, size: int, ref_b1, inv_freq_h):
+  """Slices keys [start, start+size): (rotated keys [B,K,S,H] relative to ref, raw keys, values, idx [B,S])."""
+  k_bksh, v_bksh = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=2) for x in (k_bkth, v_bkth))
+  pos_bs, idx_bs = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (positions_bt, idx_bt))
+  return apply_rope(k_bksh, (pos_bs - ref_b1)[:, None], inv_freq_h), k_bksh, v_bksh, idx_bs
 
 
 def unsplit_chunks(x_nbc: jnp.ndarray, length: int) -> jnp.ndarray:
@@ -106,19 +130,12 @@ def split_chunks(x_bt: jnp.ndarray, chunk: int) -> jnp.ndarray:
   return jnp.moveaxis(x_bt.reshape((b, t // chunk, chunk) + x_bt.shape[2:]), 1, 0)
 
 
+def pad_axis(x: jnp.ndarray, axis: int, before: int, after: int, value=0) -> jnp.ndarray:
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (before, after)
+  return jnp.pad(x, widths, constant_values=value)
+
+
 def pad_to_multiple(x_bt: jnp.ndarray, multiple: int, value=0) -> jnp.ndarray:
   """Pads axis 1 at the end up to a multiple of `multiple`."""
-  pad = -x_bt.shape[1] % multiple
-  widths = [(0, 0)] * x_bt.ndim
-  widths[1] = (0, pad)
-  return jnp.pad(x_bt, widths, constant_values=value)
-
-
-def block(x_bt: jnp.ndarray, start, size: int) -> jnp.ndarray:
-  return jax.lax.dynamic_slice_in_dim(x_bt, start, size, axis=1)
-
-
-def group_heads(x_bcnh: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
-  """[B, C, N, H] -> [B, C, K, G, H]."""
-  b, c, n, h = x_bcnh.shape
-  return x_bcnh.reshape(b, c, kv_heads, n // kv_heads, h)
+  return pad_axis(x_bt, 1, 0, -x_bt.shape[1] % multiple, value)

@@ -14,23 +14,22 @@ from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.banded import sink_and_band
 from lminf_jax.attention.dense import causal_attention
 from lminf_jax.attention.specs import Dense, Lambda, Streaming
-from lminf_jax.rope import apply_rope
 
 
 def dense_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Dense, layer) -> jnp.ndarray:
-  return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk)[0]
+  return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block)[0]
 
 
 def lambda_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Lambda, layer) -> jnp.ndarray:
   if not spec.mask:  # ablation: distance limit without the mask, O(T^2)
     far = (spec.n_local, spec.limit) if spec.distance_limit else None
-    return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, far)[0]
+    return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block, far)[0]
   if spec.distance_limit:
     rotation = (lambda pos, idx, ref: jnp.full_like(pos, spec.limit), lambda pos, idx, ref: jnp.zeros_like(pos))
   else:  # ablation: mask without the limit, starting tokens at their true distance
     rotation = (lambda pos, idx, ref: pos - ref, lambda pos, idx, ref: pos - ref)
-  o_btnh, lse_btn = sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.n_global,
-                                  spec.n_local, rotation)
+  o_btnh, lse_btn = sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block,
+                                  spec.n_global, spec.n_local, rotation)
   if spec.top_k:
     o_last = _add_top_k_middle(o_btnh[:, -1], lse_btn[:, -1], q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h,
                                spec)
@@ -44,20 +43,18 @@ def _add_top_k_middle(o_bnh, lse_bn, q_btnh, k_btkh, v_btkh, positions_bt, inv_f
   b, t, n, h = q_btnh.shape
   kv = k_btkh.shape[2]
   idx_bt = jnp.arange(t, dtype=jnp.int32)[None] - jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)[:, None]
-  q_ins = apply_rope(q_btnh[:, -1:], jnp.full((b, 1), spec.top_k_insert_at, jnp.int32), inv_freq_h) * h**-0.5
-  s_bkgt = bw.scores(bw.group_heads(q_ins, kv), k_btkh)[:, :, :, 0]
+  q_bkgh = bw.query_tile(q_btnh[:, -1:], jnp.full((b, 1), spec.top_k_insert_at), inv_freq_h, kv)
+  s_bkgt = bw.scores(q_bkgh, jnp.swapaxes(k_btkh, 1, 2))
   middle_bt = (idx_bt >= spec.n_global) & (idx_bt <= idx_bt[:, -1:] - spec.n_local)
-  s_bkgt = jnp.where(middle_bt[:, None, None], s_bkgt, bw.MASKED)
+  s_bkgt = jnp.where(middle_bt[:, None, None], s_bkgt, -jnp.inf)
   top_s_bkgk, top_j_bkgk = jax.lax.top_k(s_bkgt, min(spec.top_k, t))
-  chosen_bkgk = top_s_bkgk > bw.MASKED / 2
-  v_bkth = jnp.moveaxis(v_btkh, 1, 2)
-  v_sel = jax.vmap(lambda v_th, j_gk: v_th[j_gk], in_axes=(0, 0))  # per (b, k): gather [G, k, H]
-  v_bkgkh = jax.vmap(v_sel)(v_bkth, top_j_bkgk)
-  # Merge with the existing softmax of this query: weights relative to m = max(lse, top scores).
+  v_bkth = jnp.swapaxes(v_btkh, 1, 2)
+  v_bkgkh = jax.vmap(jax.vmap(lambda v_th, j_gk: v_th[j_gk]))(v_bkth, top_j_bkgk)
+  # Merge with this query's softmax over its other keys (log-sum-exp lse): a shift m keeps exp finite.
   lse_bkg = lse_bn.reshape(b, kv, n // kv)
-  m_bkg = jnp.maximum(lse_bkg, top_s_bkgk.max(-1))
+  m_bkg = jax.lax.stop_gradient(jnp.maximum(lse_bkg, top_s_bkgk.max(-1)))
   w_old = jnp.exp(lse_bkg - m_bkg)
-  w_sel = jnp.where(chosen_bkgk, jnp.exp(top_s_bkgk - m_bkg[..., None]), 0.0)
+  w_sel = jnp.exp(top_s_bkgk - m_bkg[..., None])  # 0 for non-middle keys (score -inf)
   acc_bkgh = o_bnh.reshape(b, kv, n // kv, h).astype(jnp.float32) * w_old[..., None]
   acc_bkgh += jnp.einsum("bkgs,bkgsh->bkgh", w_sel, v_bkgkh.astype(jnp.float32))
   o_bkgh = acc_bkgh / (w_old + w_sel.sum(-1))[..., None]
@@ -67,8 +64,8 @@ def _add_top_k_middle(o_bnh, lse_bn, q_btnh, k_btkh, v_btkh, positions_bt, inv_f
 def streaming_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Streaming, layer) -> jnp.ndarray:
   cap = spec.n_sink + spec.n_recent - 1  # a query's position inside the cache: min(i, n_sink + n_recent - 1)
   rotation = (lambda pos, idx, ref: jnp.minimum(idx, cap), lambda pos, idx, ref: idx)
-  return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.n_sink, spec.n_recent,
-                       rotation)[0]
+  return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block, spec.n_sink,
+                       spec.n_recent, rotation)[0]
 
 
 METHOD_FUNCTIONS = {Dense: dense_attention, Lambda: lambda_attention, Streaming: streaming_attention}

@@ -1,7 +1,7 @@
 """Attention method specs: frozen, hashable dataclasses passed as plain (static) arguments.
 
-Every spec has `chunk`, the query-chunk length C of the blockwise computation: a memory and
-speed knob for dense / lambda / streaming that never changes their result.
+Every spec has `chunk` and `key_block`, the query-chunk length C and key-block length S of the
+blockwise computation: memory and speed knobs that never change the result.
 `n_local=None` / `n_recent=None` mean the model's training length (max_position_embeddings).
 """
 
@@ -29,9 +29,10 @@ class Dense:
   """Ordinary causal attention (flash-style blockwise, O(T^2) time, O(T*C) memory)."""
 
   chunk: int = 512
+  key_block: int = 512
 
   def __post_init__(self):
-    _check(self, positive=("chunk",))
+    _check(self, positive=("chunk", "key_block"))
 
   def resolve(self, max_position_embeddings: int) -> "Dense":
     return self
@@ -57,9 +58,10 @@ class Lambda:
   mask: bool = True
   distance_limit: bool = True
   chunk: int = 512
+  key_block: int = 512
 
   def __post_init__(self):
-    _check(self, positive=("n_local", "limit", "chunk", "top_k"),
+    _check(self, positive=("n_local", "limit", "chunk", "key_block", "top_k"),
            non_negative=("n_global", "top_k_from_layer", "top_k_insert_at"))
     if self.top_k is not None and not self.mask:
       raise UserError("Lambda.top_k needs mask=True (without the mask every far key is attended already)")
@@ -77,9 +79,10 @@ class Streaming:
   n_sink: int = 4
   n_recent: int | None = None
   chunk: int = 512
+  key_block: int = 512
 
   def __post_init__(self):
-    _check(self, positive=("n_recent", "chunk"), non_negative=("n_sink",))
+    _check(self, positive=("n_recent", "chunk", "key_block"), non_negative=("n_sink",))
 
   def resolve(self, max_position_embeddings: int) -> "Streaming":
     return dataclasses.replace(self, n_recent=self.n_recent or max(1, max_position_embeddings - self.n_sink))
