@@ -71,7 +71,9 @@ def main() -> None:
       print(f"{name:<7} {t:>6} {seconds:>9.3f} {flops / seconds / 1e9:>8.1f} {peak / 2**20:>14.1f}", flush=True)
   for name in specs:
     if (name, 32768) in times and (name, 8192) in times:
-      print(f"{name}: time ratio 32K/8K = {times[name, 32768] / times[name, 8192]:.2f}")
+      pairs = attended_pairs(name, 32768, 10, 8192) / attended_pairs(name, 8192, 10, 8192)
+      print(f"{name}: time ratio 32K/8K = {times[name, 32768] / times[name, 8192]:.2f} "
+            f"(attended-pair ratio {pairs:.2f})")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 
 Query i attends (a) the band of keys with 0 <= i-j < window at true relative distance and
 (b) the first `n_start` tokens that are not in its band, rotated as the method says.
-Each query chunk touches only the n_start starting keys and the key blocks of its band:
+Each query chunk touches only the starting keys and the key blocks of its band:
 O(T * (n_start + window + C)) time, O(C * (n_start + window + C)) memory per head.
+
+`band_attention` is the core; its keys may begin with a context that precedes the queries
+(a neighbouring shard's keys under sequence parallelism, or a cache), and its starting keys
+are passed in, so the same code serves one device, many devices and caches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,55 +26,93 @@ from lminf_jax.rope import apply_rope
 StartRotation = tuple[Callable, Callable]
 
 
-def sink_and_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-                  inv_freq_h: jnp.ndarray, chunk: int, key_block: int, n_start: int, window: int,
-                  start_rotation: StartRotation):
-  """q [B,T,N,H], k/v [B,T,K,H] before RoPE -> (out [B,T,N,H], lse [B,T,N])."""
-  p = bw.pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, chunk)
-  c, kv = p.chunk, k_btkh.shape[2]
-  n_start = min(n_start, p.length)
-  # Chunk ci's band: the band_len keys before its end, [ci*C + C - band_len, ci*C + C), in blocks of S.
-  s = min(key_block, window - 1 + c)
-  band_len = -(-(window - 1 + c) // s) * s
-  lead = band_len - c  # invalid slots put before the sequence, so band starts are never negative
+class Keys(NamedTuple):
+  """Keys and values [B, K, L, H] (before RoPE) with RoPE positions and sequence indices [B, L]
+  (idx < 0: not a key). Along L, idx never decreases."""
 
-  # Starting keys: each row's first n_start real tokens (rows are left-padded).
+  k_bklh: jnp.ndarray
+  v_bklh: jnp.ndarray
+  pos_bl: jnp.ndarray
+  idx_bl: jnp.ndarray
+
+  def pad(self, before: int, after: int) -> "Keys":
+    """Adds invalid slots: idx -1 before, FUTURE after (in every query's future)."""
+    return Keys(bw.pad_axis(self.k_bklh, 2, before, after), bw.pad_axis(self.v_bklh, 2, before, after),
+                bw.pad_axis(self.pos_bl, 1, before, after),
+                bw.pad_axis(bw.pad_axis(self.idx_bl, 1, before, 0, -1), 1, 0, after, bw.FUTURE))
+
+
+def starting_keys(p: bw.Padded, n_start: int) -> Keys:
+  """Each row's first n_start real tokens (rows are left-padded); idx -1 where a row is shorter."""
   first_b = -p.idx_bt[:, 0]
   start_idx_bg = jnp.broadcast_to(jnp.arange(n_start, dtype=jnp.int32), (p.idx_bt.shape[0], n_start))
   gather_bg = jnp.minimum(first_b[:, None] + start_idx_bg, p.length - 1)
-  k_start, v_start = (jnp.take_along_axis(x, gather_bg[:, None, :, None], axis=2) for x in (p.k_bkth, p.v_bkth))
-  pos_start_bg = jnp.take_along_axis(p.positions_bt, gather_bg, axis=1)
-  start_exists_bg = first_b[:, None] + start_idx_bg < p.length
+  k_bkgh, v_bkgh = (jnp.take_along_axis(x, gather_bg[:, None, :, None], axis=2) for x in (p.k_bkth, p.v_bkth))
+  exists_bg = first_b[:, None] + start_idx_bg < p.length
+  return Keys(k_bkgh, v_bkgh, jnp.take_along_axis(p.positions_bt, gather_bg, axis=1),
+              jnp.where(exists_bg, start_idx_bg, -1))
 
-  k_band, v_band = (bw.pad_axis(x, 2, lead, 0) for x in (p.k_bkth, p.v_bkth))
-  pos_band = bw.pad_axis(p.positions_bt, 1, lead, 0)
-  idx_band = bw.pad_axis(p.idx_bt, 1, lead, 0, -1)
+
+def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray, keys: Keys, starts: Keys,
+                   inv_freq_h: jnp.ndarray, chunk: int, key_block: int, window: int, start_rotation: StartRotation):
+  """Queries q [B,T,N,H] (positions, idx [B,T]) over `keys` = a context of L-T keys followed by the
+  queries' own T keys, plus `starts`. Returns (out [B,T,N,H], lse [B,T,N])."""
+  b, t, _, _ = q_btnh.shape
+  kv = keys.k_bklh.shape[1]
+  lead = keys.idx_bl.shape[1] - t
+  c = min(chunk, t)
+  pad = -t % c
+  q_btnh = bw.pad_axis(q_btnh, 1, 0, pad)
+  pos_bt = jnp.concatenate([pos_bt, pos_bt[:, -1:] + 1 + jnp.arange(pad, dtype=pos_bt.dtype)], axis=1)
+  idx_bt = jnp.concatenate([idx_bt, idx_bt[:, -1:] + 1 + jnp.arange(pad, dtype=idx_bt.dtype)], axis=1)
+  # Chunk ci's band: the band_len keys before its end, in blocks of S; enough slots before the
+  # first chunk that band starts are never negative.
+  s = min(key_block, window - 1 + c)
+  band_len = -(-(window - 1 + c) // s) * s
+  extra = max(0, band_len - c - lead)
+  keys = keys.pad(extra, pad)
+  first_band = lead + extra + c - band_len
 
   def chunk_step(_, xs):
     ci, q_bcnh, pos_bc, idx_bc = xs
-    b = q_bcnh.shape[0]
     ref_b1 = pos_bc[:, -1:]
     q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
     state = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
-    if n_start:
+    if starts.idx_bl.shape[1]:
       q_offsets, k_offsets = start_rotation
       q_far = bw.query_tile(q_bcnh, q_offsets(pos_bc, idx_bc, ref_b1), inv_freq_h, kv)
-      k_far = apply_rope(k_start, k_offsets(pos_start_bg, start_idx_bg, ref_b1)[:, None], inv_freq_h)
-      mask_bcg = (idx_bc[:, :, None] - start_idx_bg[:, None, :] >= window) & start_exists_bg[:, None, :]
-      state = bw.update(state, bw.scores(q_far, k_far), v_start, mask_bcg)
+      k_far = apply_rope(starts.k_bklh, k_offsets(starts.pos_bl, starts.idx_bl, ref_b1)[:, None], inv_freq_h)
+      mask_bcg = (idx_bc[:, :, None] - starts.idx_bl[:, None, :] >= window) & (starts.idx_bl >= 0)[:, None, :]
+      state = bw.update(state, bw.scores(q_far, k_far), starts.v_bklh, mask_bcg)
 
-    def fold(state, kb):
-      k_rot, _, v_bksh, idx_bs = bw.key_block(k_band, v_band, pos_band, idx_band, ci * c + kb * s, s, ref_b1,
+    def fold(state, start):
+      k_rot, _, v_bksh, idx_bs = bw.key_block(keys.k_bklh, keys.v_bklh, keys.pos_bl, keys.idx_bl, start, s, ref_b1,
                                               inv_freq_h)
       dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
       mask_bcs = (dist_bcs >= 0) & (dist_bcs < window) & (idx_bs >= 0)[:, None, :]
       return bw.update(state, bw.scores(q_near, k_rot), v_bksh, mask_bcs)
 
-    def key_step(state, kb):  # blocks wholly before the sequence start are skipped
-      return jax.lax.cond(ci * c + (kb + 1) * s > lead, fold, lambda st, _: st, state, kb), None
+    def key_step(state, kb):  # blocks holding no key at all (before the sequence start) are skipped
+      start = first_band + ci * c + kb * s
+      any_key = jnp.any(jax.lax.dynamic_index_in_dim(keys.idx_bl, start + s - 1, axis=1, keepdims=False) >= 0)
+      return jax.lax.cond(any_key, fold, lambda st, _: st, state, start), None
 
     state, _ = jax.lax.scan(key_step, state, jnp.arange(band_len // s))
     return None, bw.finish(state, c, q_btnh.dtype)
 
-  _, (o_nbcnh, lse_nbcn) = jax.lax.scan(jax.checkpoint(chunk_step), None, p.query_chunks())
-  return bw.unsplit_chunks(o_nbcnh, p.length), bw.unsplit_chunks(lse_nbcn, p.length)
+  num_chunks = (t + pad) // c
+  xs = (jnp.arange(num_chunks),) + tuple(bw.split_chunks(x, c) for x in (q_btnh, pos_bt, idx_bt))
+  _, (o_nbcnh, lse_nbcn) = jax.lax.scan(jax.checkpoint(chunk_step), None, xs)
+  return bw.unsplit_chunks(o_nbcnh, t), bw.unsplit_chunks(lse_nbcn, t)
+
+
+def sink_and_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
+                  inv_freq_h: jnp.ndarray, chunk: int, key_block: int, n_start: int, window: int,
+                  start_rotation: StartRotation):
+  """One device, no context: q [B,T,N,H], k/v [B,T,K,H] before RoPE -> (out [B,T,N,H], lse [B,T,N])."""
+  t = q_btnh.shape[1]
+  p = bw.pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, 1)
+  keys = Keys(p.k_bkth, p.v_bkth, p.positions_bt, p.idx_bt)
+  starts = starting_keys(p, min(n_start, t))
+  return band_attention(q_btnh, p.positions_bt, p.idx_bt, keys, starts, inv_freq_h, chunk, key_block, window,
+                        start_rotation)
