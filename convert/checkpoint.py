@@ -58,9 +58,10 @@ def read_config(path: Path) -> LlamaConfig:
     raise UserError(f"{path / CONFIG_FILE} is not an lminf_jax checkpoint config: {e}") from None
 
 
-def load_checkpoint(path: Path, dtype: str | None = None,
-                    sharding: jax.sharding.Sharding | None = None) -> tuple[LlamaConfig, dict]:
-  """Restores (config, params). `dtype` casts the params; `sharding` places every array."""
+def load_checkpoint(path: Path, dtype: str | None = None, sharding=None) -> tuple[LlamaConfig, dict]:
+  """Restores (config, params). `dtype` casts the params. `sharding` is one Sharding for every
+  array or a tree of them (e.g. `lminf_jax.sharding.param_shardings`): each host then reads
+  only its shards, the full params never exist on one device."""
   import orbax.checkpoint as ocp
 
   path = Path(path).absolute()
@@ -69,9 +70,12 @@ def load_checkpoint(path: Path, dtype: str | None = None,
   config = read_config(path)
   if dtype is not None:
     config = config.replace(param_dtype=dtype)
+  shapes = param_shapes(config)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(config.param_dtype), sharding=sharding),
-                        param_shapes(config))
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, shapes)
+  target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(config.param_dtype), sharding=sh),
+                        shapes, sharding)
   try:
     params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
   except Exception as e:

@@ -46,8 +46,10 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 def param_shapes(config: LlamaConfig) -> dict:
   """The params tree of `config` as ShapeDtypeStructs (no memory allocated)."""
+  import flax.linen as nn
+
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)["params"]
+  return nn.meta.unbox(jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)["params"])
 
 
 def _to_layout(w: np.ndarray, layout: str, target_shape: tuple[int, ...]) -> np.ndarray:

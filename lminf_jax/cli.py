@@ -54,6 +54,30 @@ def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> Non
   p.add_argument("--n-recent", type=positive_int, help="streaming: recent window (default: training length - n_sink)")
 
 
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--mesh", help="device mesh AXIS=SIZE[,AXIS=SIZE...] over data, fsdp, tensor, sequence "
+                                "(-1: the rest of the devices), e.g. sequence=8 or data=2,sequence=4")
+  p.add_argument("--distributed", action="store_true",
+                 help="multi-host: call jax.distributed.initialize() (settings from the environment or below)")
+  p.add_argument("--coordinator", help="multi-host: coordinator address host:port")
+  p.add_argument("--num-processes", type=positive_int, help="multi-host: number of processes")
+  p.add_argument("--process-id", type=non_negative_int, help="multi-host: this process's id")
+
+
+def mesh_from_args(args: argparse.Namespace):
+  """Starts the multi-host runtime if asked; returns the --mesh mesh, or None without --mesh."""
+  if args.distributed or args.coordinator or args.num_processes:
+    import jax
+
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  if not args.mesh:
+    return None
+  from lminf_jax.sharding import make_mesh, parse_mesh
+
+  return make_mesh(parse_mesh(args.mesh))
+
+
 def attention_from_args(args: argparse.Namespace, name: str):
   """The attention spec named `name`, with the method's options from the command line."""
   from lminf_jax.attention import Dense, Lambda, Streaming
@@ -145,12 +169,15 @@ def cmd_nll(args: argparse.Namespace) -> None:
   out = Path(args.out)
   if not out.parent.is_dir():
     raise UserError(f"output directory {out.parent} does not exist")
-  config, params, tokenizer = load(Path(args.ckpt))
+  mesh = mesh_from_args(args)
+  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
   ids = read_token_ids(args, tokenizer, config.vocab_size)
   if ids.size < 2:
     raise UserError(f"need at least 2 tokens, got {ids.size}")
   start = time.perf_counter()
-  nll = np.asarray(token_nll(params, config, jnp.asarray(ids)[None], attention=attention))[0]
+  with mesh_context(mesh):
+    tokens = place_tokens(jnp.asarray(ids)[None], mesh)
+    nll = np.asarray(token_nll(params, config, tokens, attention=attention))[0]
   seconds = time.perf_counter() - start
   with atomic_output(out) as tmp:
     np.save(tmp, nll.astype(np.float32))
@@ -159,19 +186,37 @@ def cmd_nll(args: argparse.Namespace) -> None:
         f"({ids.size / seconds:.0f} tokens/s, {args.attention})")
 
 
+def mesh_context(mesh):
+  import jax
+
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def place_tokens(tokens_bt, mesh):
+  if mesh is None:
+    return tokens_bt
+  import jax
+
+  from lminf_jax.sharding import data_sharding
+
+  return jax.device_put(tokens_bt, data_sharding(mesh, tokens_bt.shape))
+
+
 def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: int, bucket: int,
-            json_out: Path | None, plot_out: Path | None, title: str) -> None:
+            json_out: Path | None, plot_out: Path | None, title: str, mesh=None) -> None:
   from lminf_jax import evaluate
   from lminf_jax.loading import load
 
   for out in (json_out, plot_out):
     if out is not None and not out.parent.is_dir():
       raise UserError(f"output directory {out.parent} does not exist")
-  config, params, tokenizer = load(ckpt)
+  config, params, tokenizer = load(ckpt, mesh=mesh)
   if tokenizer is None:
     raise UserError(f"{ckpt} has no tokenizer")
   ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
-  results = evaluate.perplexity_vs_length(params, config, ids, lengths, methods, offset, bucket)
+  with mesh_context(mesh):
+    results = evaluate.perplexity_vs_length(params, config, ids, lengths, methods, offset, bucket,
+                                            place=lambda tokens: place_tokens(tokens, mesh))
   print(evaluate.format_table(results, bucket))
   if json_out is not None:
     with atomic_output(json_out) as tmp:
@@ -196,7 +241,7 @@ def cmd_ppl(args: argparse.Namespace) -> None:
   text = read_text(args.text_file) if args.text_file else builtin_text()
   title = f"{Path(args.ckpt).name}: {Path(args.text_file).name if args.text_file else 'built-in text'}"
   run_ppl(Path(args.ckpt), text, args.lengths, methods, args.offset, args.bucket,
-          Path(args.json) if args.json else None, Path(args.plot) if args.plot else None, title)
+          Path(args.json) if args.json else None, Path(args.plot) if args.plot else None, title, mesh_from_args(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -235,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output .npy of float32 NLLs, length T-1")
   p.add_argument("--max-tokens", type=positive_int)
   add_attention_args(p)
+  add_mesh_args(p)
   p.set_defaults(func=cmd_nll)
 
   p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")
@@ -246,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", help="write the results as JSON")
   p.add_argument("--plot", help="write a PNG of NLL against position")
   add_attention_args(p, several=True)
+  add_mesh_args(p)
   p.set_defaults(func=cmd_ppl, attention="lambda,dense")
 
   p = sub.add_parser("demo", help="the main job: SmolLM2 perplexity past its training length, dense vs lambda")

@@ -28,8 +28,10 @@ def bucket_means(nll: np.ndarray, bucket: int) -> list[float]:
 
 
 def perplexity_vs_length(params, config, token_ids: np.ndarray, lengths: list[int], methods: dict[str, object],
-                         offset: int = 0, bucket: int = 1024, progress: bool = True) -> list[PplResult]:
-  """NLL per position bucket of tokens [offset, offset+L) for every length L and method."""
+                         offset: int = 0, bucket: int = 1024, progress: bool = True,
+                         place=lambda tokens: tokens) -> list[PplResult]:
+  """NLL per position bucket of tokens [offset, offset+L) for every length L and method.
+  `place` puts each [1, L] token array on devices (e.g. sharded over a mesh)."""
   from tqdm import tqdm
 
   from lminf_jax.forward import token_nll
@@ -43,7 +45,7 @@ def perplexity_vs_length(params, config, token_ids: np.ndarray, lengths: list[in
     for name, spec in methods.items():
       for length in lengths:
         bar.set_postfix(method=name, length=length)
-        tokens = jnp.asarray(token_ids[offset:offset + length], jnp.int32)[None]
+        tokens = place(jnp.asarray(token_ids[offset:offset + length], jnp.int32)[None])
         start = time.perf_counter()
         nll = np.asarray(token_nll(params, config, tokens, attention=spec))[0]
         results.append(PplResult(name, length, bucket_means(nll, bucket), float(nll.mean()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lminf_jax.convert.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from lminf_jax.convert.checkpoint import is_checkpoint, load_checkpoint, read_config, save_checkpoint
 from lminf_jax.convert.gguf_file import gguf_tokenizer, load_gguf
 from lminf_jax.convert.hf import load_hf
 from lminf_jax.errors import UserError
@@ -41,16 +41,22 @@ def convert(src: Path, out: Path, dtype: str = "float32") -> Path:
   return save_checkpoint(out, config, params, tokenizer)
 
 
-def load(path: Path, dtype: str | None = None, sharding=None) -> tuple[LlamaConfig, dict, object]:
-  """Loads (config, params, tokenizer) from a checkpoint dir, an HF dir or a .gguf file."""
+def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, dict, object]:
+  """Loads (config, params, tokenizer) from a checkpoint dir, an HF dir or a .gguf file.
+
+  `dtype` casts the params; with a `mesh` they are placed by `lminf_jax.sharding.param_shardings`
+  (a checkpoint is restored straight into that sharding)."""
   import jax
+
+  from lminf_jax.sharding import param_shardings
 
   path = Path(path)
   if path.is_dir() and is_checkpoint(path):
-    config, params = load_checkpoint(path, dtype, sharding)
+    config = read_config(path).replace(**({"param_dtype": dtype} if dtype else {}))
+    config, params = load_checkpoint(path, dtype, param_shardings(config, mesh) if mesh else None)
     from transformers import AutoTokenizer
 
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     return config, params, AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
   config, params, tokenizer = convert_source(path, dtype or "float32")
-  return config, jax.device_put(params, sharding), tokenizer
+  return config, jax.device_put(params, param_shardings(config, mesh) if mesh else None), tokenizer

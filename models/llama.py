@@ -20,8 +20,16 @@ import jax.numpy as jnp
 from lminf_jax.attention import Dense, attend, resolve
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.rope import inv_frequencies
+from lminf_jax.sharding import constrain, mesh_axis_size
 
-_init = nn.initializers.normal(0.02)
+
+def _init(*logical_axes: str):
+  """Normal(0.02) init carrying logical axis names (lminf_jax.sharding maps them to the mesh)."""
+  return nn.with_logical_partitioning(nn.initializers.normal(0.02), logical_axes)
+
+
+def _const(init, *logical_axes: str):
+  return nn.with_logical_partitioning(init, logical_axes)
 
 
 def _dtype(name: str):
@@ -34,7 +42,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd: jnp.ndarray) -> jnp.ndarray:
-    scale_d = self.param("scale_d", nn.initializers.ones, (x_btd.shape[-1],), _dtype(self.param_dtype))
+    scale_d = self.param("scale_d", _const(nn.initializers.ones, "embed"), (x_btd.shape[-1],),
+                         _dtype(self.param_dtype))
     x32 = x_btd.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale_d.astype(x_btd.dtype) * normed.astype(x_btd.dtype)
@@ -49,22 +58,23 @@ class Attention(nn.Module):
     cfg = self.config
     d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
-    wq_dnh = self.param("wq_dnh", _init, (d, n, h), pdt)
-    wk_dkh = self.param("wk_dkh", _init, (d, kv, h), pdt)
-    wv_dkh = self.param("wv_dkh", _init, (d, kv, h), pdt)
-    wo_nhd = self.param("wo_nhd", _init, (n, h, d), pdt)
+    wq_dnh = self.param("wq_dnh", _init("embed", "heads", "head_dim"), (d, n, h), pdt)
+    wk_dkh = self.param("wk_dkh", _init("embed", "kv_heads", "head_dim"), (d, kv, h), pdt)
+    wv_dkh = self.param("wv_dkh", _init("embed", "kv_heads", "head_dim"), (d, kv, h), pdt)
+    wo_nhd = self.param("wo_nhd", _init("heads", "head_dim", "embed"), (n, h, d), pdt)
     q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, wq_dnh.astype(dt))
     k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wk_dkh.astype(dt))
     v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, wv_dkh.astype(dt))
     if cfg.qkv_bias:
-      q_btnh += self.param("bq_nh", nn.initializers.zeros, (n, h), pdt).astype(dt)
-      k_btkh += self.param("bk_kh", nn.initializers.zeros, (kv, h), pdt).astype(dt)
-      v_btkh += self.param("bv_kh", nn.initializers.zeros, (kv, h), pdt).astype(dt)
+      zeros = nn.initializers.zeros
+      q_btnh += self.param("bq_nh", _const(zeros, "heads", "head_dim"), (n, h), pdt).astype(dt)
+      k_btkh += self.param("bk_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
+      v_btkh += self.param("bv_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
     inv_freq_h = jnp.asarray(inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling))
     o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer)
     out_btd = jnp.einsum("btnh,nhd->btd", o_btnh, wo_nhd.astype(dt))
     if cfg.o_bias:
-      out_btd += self.param("bo_d", nn.initializers.zeros, (d,), pdt).astype(dt)
+      out_btd += self.param("bo_d", _const(nn.initializers.zeros, "embed"), (d,), pdt).astype(dt)
     return out_btd
 
 
@@ -76,9 +86,9 @@ class MLP(nn.Module):
     cfg = self.config
     d, f = cfg.hidden_size, cfg.intermediate_size
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
-    w_gate_df = self.param("w_gate_df", _init, (d, f), pdt).astype(dt)
-    w_up_df = self.param("w_up_df", _init, (d, f), pdt).astype(dt)
-    w_down_fd = self.param("w_down_fd", _init, (f, d), pdt).astype(dt)
+    w_gate_df = self.param("w_gate_df", _init("embed", "mlp"), (d, f), pdt).astype(dt)
+    w_up_df = self.param("w_up_df", _init("embed", "mlp"), (d, f), pdt).astype(dt)
+    w_down_fd = self.param("w_down_fd", _init("mlp", "embed"), (f, d), pdt).astype(dt)
     gate_btf = jax.nn.silu(x_btd @ w_gate_df)
     return (gate_btf * (x_btd @ w_up_df)) @ w_down_fd
 
@@ -92,7 +102,7 @@ class DecoderLayer(nn.Module):
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
     x_btd = x_btd + Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer)
     x_btd = x_btd + MLP(cfg, name="mlp")(norm("mlp_norm")(x_btd))
-    return x_btd, None
+    return constrain(x_btd, "batch", "length", "embed"), None
 
 
 class Llama(nn.Module):
@@ -101,24 +111,35 @@ class Llama(nn.Module):
   def setup(self):
     cfg = self.config
     pdt = _dtype(cfg.param_dtype)
-    self.embed_vd = self.param("embed_vd", _init, (cfg.vocab_size, cfg.hidden_size), pdt)
+    self.embed_vd = self.param("embed_vd", _init("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size), pdt)
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
     # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged.
     self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_layers)(cfg)
+                          in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     if not cfg.tie_word_embeddings:
-      self.w_unembed_dv = self.param("w_unembed_dv", _init, (cfg.hidden_size, cfg.vocab_size), pdt)
+      self.w_unembed_dv = self.param("w_unembed_dv", _init("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size), pdt)
 
   def hidden(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None,
              attention=Dense()) -> jnp.ndarray:
-    """Final-normed hidden states [B, T, D] (compute dtype)."""
+    """Final-normed hidden states [B, T, D] (compute dtype).
+
+    Under a mesh with a `sequence` axis, T is padded at the end to a multiple of it (padded
+    tokens lie in every real token's future, so they change nothing) and cut back after.
+    """
     cfg = self.config
+    t = tokens_bt.shape[1]
     if positions_bt is None:
-      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_bt.shape)
+    positions_bt = positions_bt.astype(jnp.int32)
+    pad = -t % mesh_axis_size("sequence")
+    if pad:
+      tokens_bt = jnp.pad(tokens_bt, ((0, 0), (0, pad)))
+      positions_bt = jnp.concatenate([positions_bt, positions_bt[:, -1:] + 1 + jnp.arange(pad, dtype=jnp.int32)], 1)
     attention = resolve(attention, cfg.max_position_embeddings)
-    x_btd = jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(cfg.dtype))
-    x_btd, _ = self.layers(x_btd, positions_bt.astype(jnp.int32), jnp.arange(cfg.num_layers), attention)
-    return self.final_norm(x_btd)
+    x_btd = constrain(jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(cfg.dtype)), "batch", "length", "embed")
+    x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention)
+    return self.final_norm(x_btd)[:, :t]
 
   def unembed(self, x_btd: jnp.ndarray) -> jnp.ndarray:
     """Logits [B, T, V] in float32."""

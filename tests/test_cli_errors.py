@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_hf_model
+from helpers import run_cli, tiny_hf_model
 
 
 def _assert_one_line_error(result, *needles: str):

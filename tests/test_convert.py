@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_hf_model
+from helpers import run_cli, tiny_hf_model
 
 from lminf_jax.convert.checkpoint import load_checkpoint, save_checkpoint
 from lminf_jax.convert.hf import load_hf

@@ -7,7 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_hf_model
+from helpers import run_cli, tiny_hf_model
 
 from lminf_jax.attention import Dense, Lambda, Streaming
 from lminf_jax.forward import forward

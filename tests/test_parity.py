@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_KINDS, run_cli, torch_logits
+from helpers import TINY_KINDS, run_cli, torch_logits
 
 from lminf_jax.forward import forward, token_nll
 from lminf_jax.loading import load

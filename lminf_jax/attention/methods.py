@@ -13,10 +13,23 @@ import jax.numpy as jnp
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.banded import sink_and_band
 from lminf_jax.attention.dense import causal_attention
+from lminf_jax.attention.sequence_parallel import sequence_parallel_band
 from lminf_jax.attention.specs import Dense, Lambda, Streaming
+from lminf_jax.sharding import mesh_axis_size, warn_dense_all_gather
+
+
+def _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, n_start: int, window: int, rotation):
+  """(out, lse): on one device, or split over the mesh's `sequence` axis (then lse is None)."""
+  if mesh_axis_size("sequence") > 1:
+    return sequence_parallel_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block,
+                                  n_start, window, rotation), None
+  return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block, n_start, window,
+                       rotation)
 
 
 def dense_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Dense, layer) -> jnp.ndarray:
+  if mesh_axis_size("sequence") > 1:
+    warn_dense_all_gather()
   return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block)[0]
 
 
@@ -28,9 +41,11 @@ def lambda_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Lam
     rotation = (lambda pos, idx, ref: jnp.full_like(pos, spec.limit), lambda pos, idx, ref: jnp.zeros_like(pos))
   else:  # ablation: mask without the limit, starting tokens at their true distance
     rotation = (lambda pos, idx, ref: pos - ref, lambda pos, idx, ref: pos - ref)
-  o_btnh, lse_btn = sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block,
-                                  spec.n_global, spec.n_local, rotation)
+  o_btnh, lse_btn = _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, spec.n_global, spec.n_local,
+                          rotation)
   if spec.top_k:
+    if lse_btn is None:
+      raise ValueError("Lambda.top_k needs every key of the last query: not supported with sequence parallelism")
     o_last = _add_top_k_middle(o_btnh[:, -1], lse_btn[:, -1], q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h,
                                spec)
     o_btnh = o_btnh.at[:, -1].set(jnp.where(layer >= spec.top_k_from_layer, o_last, o_btnh[:, -1]))
@@ -64,8 +79,7 @@ def _add_top_k_middle(o_bnh, lse_bn, q_btnh, k_btkh, v_btkh, positions_bt, inv_f
 def streaming_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Streaming, layer) -> jnp.ndarray:
   cap = spec.n_sink + spec.n_recent - 1  # a query's position inside the cache: min(i, n_sink + n_recent - 1)
   rotation = (lambda pos, idx, ref: jnp.minimum(idx, cap), lambda pos, idx, ref: idx)
-  return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block, spec.n_sink,
-                       spec.n_recent, rotation)[0]
+  return _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, spec.n_sink, spec.n_recent, rotation)[0]
 
 
 METHOD_FUNCTIONS = {Dense: dense_attention, Lambda: lambda_attention, Streaming: streaming_attention}

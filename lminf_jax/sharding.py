@@ -1,0 +1,127 @@
+"""Meshes, logical axis rules and sequence-parallel band attention, on JAX's own runtime.
+
+One table maps the model's logical axes onto the mesh axes `data`, `fsdp`, `tensor` and
+`sequence`. A dimension whose size a mesh axis does not divide is replicated over that axis
+(SmolLM2's 9 heads over tensor=2, say) instead of failing.
+
+Use: `mesh = make_mesh({"sequence": 8})`, then run the jitted forward under
+`jax.set_mesh(mesh)` with params placed by `param_shardings(config, mesh)`.
+Multi-host: call `jax.distributed.initialize()` first (on TPU pods it reads its settings from
+the environment); every host then sees the global mesh.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lminf_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": ("sequence",),
+    "layers": (),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`sequence=8` or `data=2,sequence=4` (-1: the rest of the devices) -> {axis: size}."""
+  sizes = {}
+  for item in text.split(","):
+    name, _, value = item.partition("=")
+    name = name.strip()
+    if name not in MESH_AXES:
+      raise UserError(f"unknown mesh axis {name!r} in --mesh {text!r} (axes: {', '.join(MESH_AXES)})")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise UserError(f"mesh axis {name} needs an integer size, got {value!r}") from None
+    if sizes[name] == 0 or sizes[name] < -1:
+      raise UserError(f"mesh axis {name} has size {sizes[name]}: use a positive size or -1")
+  return sizes
+
+
+def make_mesh(sizes: dict[str, int] | None = None, devices=None) -> jax.sharding.Mesh:
+  """A mesh over all four axes; axes left out have size 1, one axis may be -1 (the rest)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = {axis: (sizes or {}).get(axis, 1) for axis in MESH_AXES}
+  rest = [axis for axis, size in sizes.items() if size == -1]
+  if len(rest) > 1:
+    raise UserError(f"only one mesh axis may be -1, got {', '.join(rest)}")
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if rest:
+    if len(devices) % known:
+      raise UserError(f"{len(devices)} devices do not split into mesh axes of product {known} times a rest")
+    sizes[rest[0]] = len(devices) // known
+  if math.prod(sizes.values()) != len(devices):
+    raise UserError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are {len(devices)}")
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def mesh_axis_size(axis: str) -> int:
+  """Size of a mesh axis in the current `jax.set_mesh` context (1 outside any mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return dict(mesh.shape).get(axis, 1) if not mesh.empty else 1
+
+
+def logical_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
+  """PartitionSpec for an array with these logical axes; non-dividing mesh axes are dropped."""
+  mesh_shape = dict(mesh.shape)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(logical_axes, shape):
+    axes = [a for a in LOGICAL_AXIS_RULES.get(name, ()) if mesh_shape.get(a, 1) > 1 and a not in used]
+    while axes and dim % math.prod(mesh_shape[a] for a in axes):
+      axes.pop()
+    used.update(axes)
+    spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return PartitionSpec(*spec)
+
+
+def constrain(x: jnp.ndarray, *logical_axes: str | None) -> jnp.ndarray:
+  """Sharding constraint by logical axes under the current mesh; a no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, x.shape, mesh))
+
+
+def param_logical_axes(config) -> dict:
+  """The logical axes of every parameter (from the model's `nn.with_logical_partitioning`)."""
+  from lminf_jax.models.llama import Llama
+
+  boxed = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def param_shardings(config, mesh) -> dict:
+  """NamedSharding for every parameter of `config` on `mesh`."""
+  from lminf_jax.convert.hf import param_shapes
+
+  return jax.tree.map(lambda names, shape: NamedSharding(mesh, logical_spec(names, shape.shape, mesh)),
+                      param_logical_axes(config), param_shapes(config),
+                      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
+
+
+def data_sharding(mesh, shape: tuple[int, ...]) -> NamedSharding:
+  """Sharding of a [B, T] token or position array."""
+  return NamedSharding(mesh, logical_spec(("batch", "length"), shape, mesh))
+
+
+def warn_dense_all_gather() -> None:
+  warnings.warn("dense attention under sequence parallelism all-gathers the full keys and values "
+                "(O(T) communication per layer); lambda and streaming exchange only O(n_local + n_global)",
+                stacklevel=3)
