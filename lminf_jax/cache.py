@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention.banded import Keys, band_attention
-from lminf_jax.attention.methods import band_rotation
+from lminf_jax.attention.methods import band_rotation, band_shape
 from lminf_jax.attention.specs import Dense, Lambda, Streaming
 
 
@@ -34,15 +34,15 @@ class Cache(NamedTuple):
   next_idx: jnp.ndarray  # [B] sequence index of the next real token
 
 
-def cache_shape(spec) -> tuple[int, int]:
-  """(starting slots, ring length) of a resolved spec."""
-  if isinstance(spec, Lambda):
-    if spec.top_k or not spec.mask:
-      raise ValueError("cached lambda supports neither top_k nor the no-mask ablation (both need every key)")
-    return spec.n_global, spec.n_local
-  if isinstance(spec, Streaming):
-    return spec.n_sink, spec.n_recent
-  raise ValueError(f"no fixed-size cache for {spec}: use dense_cache_spec(max_len) for dense attention")
+def cache_shape(spec, max_len: int | None = None) -> tuple[int, int]:
+  """(starting slots, ring length) for a resolved spec; dense needs `max_len`."""
+  if isinstance(spec, Dense):
+    if not max_len:
+      raise ValueError("a dense cache needs max_len")
+    return 0, max_len
+  if isinstance(spec, Lambda) and (spec.top_k or not spec.mask):
+    raise ValueError("cached lambda supports neither top_k nor the no-mask ablation (both need every key)")
+  return band_shape(spec)
 
 
 def _empty_keys(batch: int, kv_heads: int, length: int, head_dim: int, dtype) -> Keys:
@@ -50,9 +50,9 @@ def _empty_keys(batch: int, kv_heads: int, length: int, head_dim: int, dtype) ->
               jnp.zeros((batch, length), jnp.int32), jnp.full((batch, length), -1, jnp.int32))
 
 
-def init_cache(config, spec, batch: int) -> Cache:
-  """An empty cache for `batch` rows under the resolved attention `spec`."""
-  n_slots, ring = cache_shape(spec)
+def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
+  """An empty cache for `batch` rows under the resolved attention `spec` (dense: `max_len` tokens)."""
+  n_slots, ring = cache_shape(spec, max_len)
   dtype = jnp.dtype(config.dtype)
   layer = LayerCache(_empty_keys(batch, config.num_kv_heads, n_slots, config.head_dim, dtype),
                      _empty_keys(batch, config.num_kv_heads, ring, config.head_dim, dtype))
@@ -70,20 +70,22 @@ def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> tuple[j
 def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, idx_bc, next_idx_b, layer: LayerCache, inv_freq_h, spec):
   """Attention of a chunk through one layer's cache: (out [B,C,N,H], updated LayerCache)."""
   n_slots, ring_len = layer.slots.idx_bl.shape[1], layer.ring.idx_bl.shape[1]
-  window = ring_len if isinstance(spec, Dense) else cache_shape(spec)[1]
+  window = ring_len if isinstance(spec, Dense) else band_shape(spec)[1]
   # The ring oldest first: slot (next_idx + w) % W holds the w-th oldest token.
   order_bw = (next_idx_b[:, None] + jnp.arange(ring_len, dtype=jnp.int32)) % ring_len
   ctx = _take(layer.ring, order_bw)
   new = Keys(jnp.swapaxes(k_bckh, 1, 2), jnp.swapaxes(v_bckh, 1, 2), positions_bc, idx_bc)
   keys = Keys(*(jnp.concatenate([a, b], axis=2 if a.ndim == 4 else 1) for a, b in zip(ctx, new)))
-  out, _ = band_attention(q_bcnh, positions_bc, idx_bc, keys, layer.slots, inv_freq_h, spec.chunk, spec.key_block,
-                          window, band_rotation(spec))
-  # New tokens go to slot idx (if idx < n_slots) and to ring slot idx % W (only the last W of the
-  # chunk: no two writes may hit the same slot). Other writes are dropped as out of bounds.
+  # New tokens go to slot idx (if idx < n_slots) before attending (later queries of this chunk
+  # may see them as starting tokens), and to ring slot idx % W after (only the last W of the
+  # chunk: no two writes may hit one slot). Writes to out-of-range slots are dropped.
+  slot_at = jnp.where((idx_bc >= 0) & (idx_bc < n_slots), idx_bc, n_slots)
+  slots = _put(layer.slots, slot_at, new)
+  out, _ = band_attention(q_bcnh, positions_bc, idx_bc, keys, slots, inv_freq_h, spec.chunk, spec.key_block, window,
+                          band_rotation(spec))
   last_b = jnp.max(idx_bc, axis=1, keepdims=True)
   ring_at = jnp.where((idx_bc >= 0) & (idx_bc > last_b - ring_len), idx_bc % ring_len, ring_len)
-  slot_at = jnp.where((idx_bc >= 0) & (idx_bc < n_slots), idx_bc, n_slots)
-  return out, LayerCache(_put(layer.slots, slot_at, new), _put(layer.ring, ring_at, new))
+  return out, LayerCache(slots, _put(layer.ring, ring_at, new))
 
 
 def _take(keys: Keys, at_bw: jnp.ndarray) -> Keys:

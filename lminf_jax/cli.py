@@ -162,10 +162,12 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 def cmd_nll(args: argparse.Namespace) -> None:
   import jax.numpy as jnp
 
-  from lminf_jax.forward import token_nll
+  from lminf_jax.forward import cached_token_nll, token_nll
   from lminf_jax.loading import load
 
   attention = attention_from_args(args, args.attention)
+  if args.cached and args.mesh:
+    raise UserError("--cached runs on one device; drop --mesh")
   out = Path(args.out)
   if not out.parent.is_dir():
     raise UserError(f"output directory {out.parent} does not exist")
@@ -177,7 +179,10 @@ def cmd_nll(args: argparse.Namespace) -> None:
   start = time.perf_counter()
   with mesh_context(mesh):
     tokens = place_tokens(jnp.asarray(ids)[None], mesh)
-    nll = np.asarray(token_nll(params, config, tokens, attention=attention))[0]
+    if args.cached:
+      nll = np.asarray(cached_token_nll(params, config, tokens, attention=attention, chunk=args.chunk))[0]
+    else:
+      nll = np.asarray(token_nll(params, config, tokens, attention=attention))[0]
   seconds = time.perf_counter() - start
   with atomic_output(out) as tmp:
     np.save(tmp, nll.astype(np.float32))
@@ -279,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
   source.add_argument("--tokens-file", help="1-D integer .npy of token ids")
   p.add_argument("--out", required=True, help="output .npy of float32 NLLs, length T-1")
   p.add_argument("--max-tokens", type=positive_int)
+  p.add_argument("--cached", action="store_true",
+                 help="feed the text through a fixed-size cache, --chunk tokens at a time (same result)")
   add_attention_args(p)
   add_mesh_args(p)
   p.set_defaults(func=cmd_nll)

@@ -7,8 +7,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.attention import Dense
+from lminf_jax.attention import Dense, resolve
 from lminf_jax.attention.blockwise import pad_to_multiple, split_chunks
+from lminf_jax.cache import Cache, init_cache
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.llama import Llama
 
@@ -23,12 +24,42 @@ def forward(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, positions
 @functools.partial(jax.jit, static_argnames=("config", "attention", "logits_chunk"))
 def token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None,
               attention=Dense(), logits_chunk: int = 1024) -> jnp.ndarray:
-  """NLL [B, T-1] (float32) of token t+1 given tokens 0..t.
+  """NLL [B, T-1] (float32) of token t+1 given tokens 0..t, in one forward pass.
 
   Logits are computed `logits_chunk` positions at a time, so [T, V] never exists at once.
   """
   model = Llama(config)
-  x_btd = model.apply({"params": params}, tokens_bt, positions_bt, attention, method=Llama.hidden)[:, :-1]
+  x_btd = model.apply({"params": params}, tokens_bt, positions_bt, attention, method=Llama.hidden)
+  return _nll_from_hidden(model, params, x_btd, tokens_bt, logits_chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "chunk", "logits_chunk"))
+def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, attention=Dense(), chunk: int = 512,
+                     logits_chunk: int = 1024) -> jnp.ndarray:
+  """`token_nll` computed by feeding the tokens through a fixed-size cache, `chunk` at a time
+  (a `lax.scan`); dense gets a cache of length T. Equal to the one-shot result."""
+  model = Llama(config)
+  spec = resolve(attention, config.max_position_embeddings)
+  b, t = tokens_bt.shape
+  chunk = min(chunk, t)
+  cache = init_cache(config, spec, b, max_len=t)
+  positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  # Padding at the end carries position -1: the cache skips it.
+  xs = (split_chunks(pad_to_multiple(tokens_bt, chunk), chunk), split_chunks(pad_to_multiple(positions_bt, chunk, -1), chunk))
+
+  def step(cache, xs):
+    tokens_bc, positions_bc = xs
+    x_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, spec, cache, method=Llama.hidden)
+    return cache, x_bcd
+
+  _, x_nbcd = jax.lax.scan(step, cache, xs)
+  x_btd = jnp.moveaxis(x_nbcd, 0, 1).reshape(b, -1, x_nbcd.shape[-1])[:, :t]
+  return _nll_from_hidden(model, params, x_btd, tokens_bt, logits_chunk)
+
+
+def _nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: jnp.ndarray,
+                     logits_chunk: int) -> jnp.ndarray:
+  x_btd = x_btd[:, :-1]
   targets_bt = tokens_bt[:, 1:]
   t = targets_bt.shape[1]
   chunk = min(logits_chunk, t)
@@ -42,3 +73,10 @@ def token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, positio
   xs = (split_chunks(pad_to_multiple(x_btd, chunk), chunk), split_chunks(pad_to_multiple(targets_bt, chunk), chunk))
   _, nll_nbc = jax.lax.scan(step, None, xs)
   return jnp.moveaxis(nll_nbc, 0, 1).reshape(tokens_bt.shape[0], -1)[:, :t]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("cache",))
+def forward_cached(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray,
+                   attention) -> tuple[jnp.ndarray, Cache]:
+  """Feeds a chunk through the cache: (logits [B, T, V], updated cache). Negative positions: padding."""
+  return Llama(config).apply({"params": params}, tokens_bt, positions_bt, attention, cache)

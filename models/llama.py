@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import Dense, attend, resolve
+from lminf_jax.cache import Cache, attend_cached, chunk_indices
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.rope import inv_frequencies
 from lminf_jax.sharding import constrain, mesh_axis_size
@@ -54,7 +55,8 @@ class Attention(nn.Module):
   attention: object
 
   @nn.compact
-  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, cache=None):
+    """Output [B, T, D] and, with `cache` = (LayerCache, idx [B,T], next idx [B]), the updated LayerCache."""
     cfg = self.config
     d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
@@ -71,11 +73,16 @@ class Attention(nn.Module):
       k_btkh += self.param("bk_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
       v_btkh += self.param("bv_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
     inv_freq_h = jnp.asarray(inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling))
-    o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer)
+    if cache is None:
+      o_btnh, new_cache = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer), None
+    else:
+      layer_cache, idx_bt, next_idx_b = cache
+      o_btnh, new_cache = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, idx_bt, next_idx_b, layer_cache,
+                                        inv_freq_h, self.attention)
     out_btd = jnp.einsum("btnh,nhd->btd", o_btnh, wo_nhd.astype(dt))
     if cfg.o_bias:
       out_btd += self.param("bo_d", _const(nn.initializers.zeros, "embed"), (d,), pdt).astype(dt)
-    return out_btd
+    return out_btd, new_cache
 
 
 class MLP(nn.Module):
@@ -97,12 +104,15 @@ class DecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, attention):
+  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, attention,
+               layer_cache=None, cache_indices=None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
-    x_btd = x_btd + Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer)
+    cache = None if layer_cache is None else (layer_cache,) + cache_indices
+    attn_btd, layer_cache = Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer, cache)
+    x_btd = x_btd + attn_btd
     x_btd = x_btd + MLP(cfg, name="mlp")(norm("mlp_norm")(x_btd))
-    return constrain(x_btd, "batch", "length", "embed"), None
+    return constrain(x_btd, "batch", "length", "embed"), layer_cache
 
 
 class Llama(nn.Module):
@@ -113,40 +123,47 @@ class Llama(nn.Module):
     pdt = _dtype(cfg.param_dtype)
     self.embed_vd = self.param("embed_vd", _init("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size), pdt)
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
-    # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged.
+    # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged;
+    # a cache's per-layer leaves are scanned along their leading L axis.
     self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+                          in_axes=(nn.broadcast, 0, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     if not cfg.tie_word_embeddings:
       self.w_unembed_dv = self.param("w_unembed_dv", _init("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size), pdt)
 
-  def hidden(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None,
-             attention=Dense()) -> jnp.ndarray:
-    """Final-normed hidden states [B, T, D] (compute dtype).
+  def hidden(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None, attention=Dense(),
+             cache: Cache | None = None):
+    """Final-normed hidden states [B, T, D] (compute dtype); with a `cache`, also the updated cache.
 
-    Under a mesh with a `sequence` axis, T is padded at the end to a multiple of it (padded
-    tokens lie in every real token's future, so they change nothing) and cut back after.
+    Without a cache, under a mesh with a `sequence` axis, T is padded at the end to a multiple
+    of it (padded tokens lie in every real token's future, so they change nothing) and cut back.
     """
     cfg = self.config
     t = tokens_bt.shape[1]
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_bt.shape)
     positions_bt = positions_bt.astype(jnp.int32)
-    pad = -t % mesh_axis_size("sequence")
+    pad = -t % mesh_axis_size("sequence") if cache is None else 0
     if pad:
       tokens_bt = jnp.pad(tokens_bt, ((0, 0), (0, pad)))
       positions_bt = jnp.concatenate([positions_bt, positions_bt[:, -1:] + 1 + jnp.arange(pad, dtype=jnp.int32)], 1)
     attention = resolve(attention, cfg.max_position_embeddings)
     x_btd = constrain(jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(cfg.dtype)), "batch", "length", "embed")
-    x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention)
-    return self.final_norm(x_btd)[:, :t]
+    layers, indices = (None, None) if cache is None else (cache.layers, chunk_indices(cache.next_idx, positions_bt))
+    x_btd, new_layers = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, layers,
+                                    None if indices is None else (indices[0], cache.next_idx))
+    x_btd = self.final_norm(x_btd)[:, :t]
+    return x_btd if cache is None else (x_btd, Cache(new_layers, indices[1]))
 
   def unembed(self, x_btd: jnp.ndarray) -> jnp.ndarray:
     """Logits [B, T, V] in float32."""
     w_dv = self.embed_vd.T if self.config.tie_word_embeddings else self.w_unembed_dv
     return jnp.einsum("btd,dv->btv", x_btd, w_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None,
-               attention=Dense()) -> jnp.ndarray:
-    """Logits [B, T, V], float32."""
-    return self.unembed(self.hidden(tokens_bt, positions_bt, attention))
+  def __call__(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None, attention=Dense(),
+               cache: Cache | None = None):
+    """Logits [B, T, V] (float32); with a `cache` (lminf_jax.cache), (logits, updated cache)."""
+    if cache is None:
+      return self.unembed(self.hidden(tokens_bt, positions_bt, attention))
+    x_btd, cache = self.hidden(tokens_bt, positions_bt, attention, cache)
+    return self.unembed(x_btd), cache

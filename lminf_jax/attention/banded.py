@@ -28,7 +28,7 @@ StartRotation = tuple[Callable, Callable]
 
 class Keys(NamedTuple):
   """Keys and values [B, K, L, H] (before RoPE) with RoPE positions and sequence indices [B, L]
-  (idx < 0: not a key). Along L, idx never decreases."""
+  (idx < 0: not a key)."""
 
   k_bklh: jnp.ndarray
   v_bklh: jnp.ndarray
@@ -94,7 +94,7 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
 
     def key_step(state, kb):  # blocks holding no key at all (before the sequence start) are skipped
       start = first_band + ci * c + kb * s
-      any_key = jnp.any(jax.lax.dynamic_index_in_dim(keys.idx_bl, start + s - 1, axis=1, keepdims=False) >= 0)
+      any_key = jnp.any(jax.lax.dynamic_slice_in_dim(keys.idx_bl, start, s, axis=1) >= 0)
       return jax.lax.cond(any_key, fold, lambda st, _: st, state, start), None
 
     state, _ = jax.lax.scan(key_step, state, jnp.arange(band_len // s))

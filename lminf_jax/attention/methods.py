@@ -11,15 +11,35 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import blockwise as bw
-from lminf_jax.attention.banded import sink_and_band
+from lminf_jax.attention.banded import StartRotation, sink_and_band
 from lminf_jax.attention.dense import causal_attention
 from lminf_jax.attention.sequence_parallel import sequence_parallel_band
 from lminf_jax.attention.specs import Dense, Lambda, Streaming
 from lminf_jax.sharding import mesh_axis_size, warn_dense_all_gather
 
 
-def _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, n_start: int, window: int, rotation):
+def band_rotation(spec) -> StartRotation:
+  """How a method rotates queries and starting keys against each other (DESIGN.md section 4)."""
+  if isinstance(spec, Streaming):  # positions inside the cache: query at min(i, n_sink + n_recent - 1)
+    cap = spec.n_sink + spec.n_recent - 1
+    return (lambda pos, idx, ref: jnp.minimum(idx, cap), lambda pos, idx, ref: idx)
+  if isinstance(spec, Lambda) and not spec.distance_limit:  # ablation: starting tokens at true distance
+    return (lambda pos, idx, ref: pos - ref, lambda pos, idx, ref: pos - ref)
+  limit = spec.limit if isinstance(spec, Lambda) else 0  # (dense has no starting keys)
+  return (lambda pos, idx, ref: jnp.full_like(pos, limit), lambda pos, idx, ref: jnp.zeros_like(pos))
+
+
+def band_shape(spec) -> tuple[int, int]:
+  """(starting tokens, window) of a banded method's resolved spec."""
+  if isinstance(spec, Streaming):
+    return spec.n_sink, spec.n_recent
+  return spec.n_global, spec.n_local
+
+
+def _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec):
   """(out, lse): on one device, or split over the mesh's `sequence` axis (then lse is None)."""
+  n_start, window = band_shape(spec)
+  rotation = band_rotation(spec)
   if mesh_axis_size("sequence") > 1:
     return sequence_parallel_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block,
                                   n_start, window, rotation), None
@@ -37,12 +57,7 @@ def lambda_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Lam
   if not spec.mask:  # ablation: distance limit without the mask, O(T^2)
     far = (spec.n_local, spec.limit) if spec.distance_limit else None
     return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.chunk, spec.key_block, far)[0]
-  if spec.distance_limit:
-    rotation = (lambda pos, idx, ref: jnp.full_like(pos, spec.limit), lambda pos, idx, ref: jnp.zeros_like(pos))
-  else:  # ablation: mask without the limit, starting tokens at their true distance
-    rotation = (lambda pos, idx, ref: pos - ref, lambda pos, idx, ref: pos - ref)
-  o_btnh, lse_btn = _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, spec.n_global, spec.n_local,
-                          rotation)
+  o_btnh, lse_btn = _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec)
   if spec.top_k:
     if lse_btn is None:
       raise ValueError("Lambda.top_k needs every key of the last query: not supported with sequence parallelism")
@@ -77,9 +92,7 @@ def _add_top_k_middle(o_bnh, lse_bn, q_btnh, k_btkh, v_btkh, positions_bt, inv_f
 
 
 def streaming_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Streaming, layer) -> jnp.ndarray:
-  cap = spec.n_sink + spec.n_recent - 1  # a query's position inside the cache: min(i, n_sink + n_recent - 1)
-  rotation = (lambda pos, idx, ref: jnp.minimum(idx, cap), lambda pos, idx, ref: idx)
-  return _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, spec.n_sink, spec.n_recent, rotation)[0]
+  return _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec)[0]
 
 
 METHOD_FUNCTIONS = {Dense: dense_attention, Lambda: lambda_attention, Streaming: streaming_attention}

@@ -1,0 +1,121 @@
+"""Fixed-size caches: chunked and token-by-token feeding equal the one-shot forward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import run_cli, tiny_hf_model
+
+from lminf_jax.attention import Dense, Lambda, Streaming, resolve
+from lminf_jax.cache import init_cache
+from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
+from lminf_jax.loading import convert, load
+
+SPECS = {
+    "dense": lambda c: Dense(chunk=c, key_block=8),
+    "lambda": lambda c: Lambda(n_global=3, n_local=20, chunk=c, key_block=8),
+    "lambda_no_limit": lambda c: Lambda(n_global=3, n_local=20, distance_limit=False, chunk=c, key_block=8),
+    "streaming": lambda c: Streaming(n_sink=2, n_recent=17, chunk=c, key_block=8),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cache")
+  tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
+  ckpt = convert(root / "hf", root / "ckpt")
+  config, params, _ = load(ckpt)
+  return config, params, ckpt
+
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, size=(2, 90)), jnp.int32)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 45, 90])
+@pytest.mark.parametrize("method", sorted(SPECS))
+def test_cached_chunked_nll_equals_one_shot(model, method, chunk):
+  config, params, _ = model
+  spec = SPECS[method](chunk)
+  expected = np.asarray(token_nll(params, config, TOKENS, attention=spec))
+  got = np.asarray(cached_token_nll(params, config, TOKENS, attention=spec, chunk=chunk))
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lambda", "streaming", "dense"])
+def test_decode_logits_equal_one_shot(model, method):
+  """Prefill 30 tokens in one chunk, then decode one token at a time: logits match the one-shot ones."""
+  config, params, _ = model
+  spec = resolve(SPECS[method](16), config.max_position_embeddings)
+  t = TOKENS.shape[1]
+  expected = np.asarray(forward(params, config, TOKENS, attention=spec))
+  cache = init_cache(config, spec, 2, max_len=t)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), TOKENS.shape)
+  logits, cache = forward_cached(params, config, cache, TOKENS[:, :30], positions[:, :30], spec)
+  np.testing.assert_allclose(np.asarray(logits), expected[:, :30], atol=1e-4)
+  for i in range(30, t):
+    logits, cache = forward_cached(params, config, cache, TOKENS[:, i:i + 1], positions[:, i:i + 1], spec)
+    np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, i], atol=1e-4)
+
+
+def test_left_padded_batch_equals_each_row_alone(model):
+  config, params, _ = model
+  spec = resolve(SPECS["lambda"](8), config.max_position_embeddings)
+  pad = 11
+  row = TOKENS[1, :60]
+  tokens = jnp.stack([jnp.concatenate([jnp.zeros(pad, jnp.int32), row[:60 - pad]]), row])
+  positions = jnp.stack([jnp.arange(60) - pad, jnp.arange(60)]).astype(jnp.int32)
+  cache = init_cache(config, spec, 2)
+  outs = []
+  for start in range(0, 60, 8):
+    logits, cache = forward_cached(params, config, cache, tokens[:, start:start + 8], positions[:, start:start + 8],
+                                   spec)
+    outs.append(np.asarray(logits))
+  got = np.concatenate(outs, axis=1)
+  alone = np.asarray(forward(params, config, row[None, :60 - pad], attention=spec))[0]
+  np.testing.assert_allclose(got[0, pad:], alone, atol=1e-4)
+  np.testing.assert_allclose(got[1], np.asarray(forward(params, config, row[None], attention=spec))[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lambda", "streaming"])
+def test_stream_at_position_offset_1e8_equals_offset_0(model, method):
+  config, params, _ = model
+  spec = resolve(SPECS[method](10), config.max_position_embeddings)
+
+  def run(offset):
+    cache = init_cache(config, spec, 2)
+    positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape)
+    outs = []
+    for start in range(0, 90, 10):
+      logits, cache = forward_cached(params, config, cache, TOKENS[:, start:start + 10], positions[:, start:start + 10],
+                                     spec)
+      outs.append(np.asarray(logits))
+    return np.concatenate(outs, axis=1)
+
+  np.testing.assert_allclose(run(10**8), run(0), atol=1e-4)
+
+
+def test_cache_size_does_not_grow(model):
+  config, params, _ = model
+  spec = resolve(SPECS["lambda"](8), config.max_position_embeddings)
+  cache = init_cache(config, spec, 2)
+  shapes = jax.tree.map(lambda x: (x.shape, x.dtype), cache)
+  size = sum(x.nbytes for x in jax.tree.leaves(cache))
+  long = jnp.tile(TOKENS, (1, 10))  # 900 tokens, 45x the window
+  for start in range(0, long.shape[1], 100):
+    positions = jnp.broadcast_to(jnp.arange(start, start + 100, dtype=jnp.int32), (2, 100))
+    _, cache = forward_cached(params, config, cache, long[:, start:start + 100], positions, spec)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), cache) == shapes
+  assert sum(x.nbytes for x in jax.tree.leaves(cache)) == size
+  assert np.asarray(cache.next_idx).tolist() == [900, 900]
+
+
+def test_cli_nll_cached_equals_one_shot(model, tmp_path, capsys):
+  _, _, ckpt = model
+  np.save(tmp_path / "tokens.npy", np.asarray(TOKENS[0]))
+  common = ("nll", ckpt, "--tokens-file", tmp_path / "tokens.npy", "--attention", "lambda", "--n-local", "20",
+            "--n-global", "3")
+  assert run_cli(capsys, *common, "--out", tmp_path / "a.npy")[0] == 0
+  assert run_cli(capsys, *common, "--out", tmp_path / "b.npy", "--cached", "--chunk", "13")[0] == 0
+  np.testing.assert_allclose(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"), atol=1e-4)
