@@ -262,6 +262,41 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"SmolLM2-135M on Python's help topics ({args.length} tokens)")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+  import jax
+
+  from lminf_jax.generate import Sampling, generate
+  from lminf_jax.loading import load
+
+  prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
+  if not prompt:
+    raise UserError("empty prompt")
+  attention = attention_from_args(args, args.attention)
+  sampling = Sampling(args.temperature, args.top_k_sample, args.top_p)
+  config, params, tokenizer = load(Path(args.ckpt))
+  if tokenizer is None:
+    raise UserError(f"{args.ckpt} has no tokenizer")
+  ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+  if not ids:
+    raise UserError("empty prompt")
+  generated: list[int] = []
+  printed = [0]
+
+  def on_tokens(step, tokens):  # host side, after every decode step: stream text, check stop strings
+    generated.append(int(tokens[0]))
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    print(text[printed[0]:], end="", flush=True)
+    printed[0] = len(text)
+    return np.asarray([any(stop in text for stop in args.stop)])
+
+  stats: dict = {}
+  generate(params, config, [ids], args.max_new_tokens, attention, sampling, jax.random.PRNGKey(args.seed),
+           chunk=args.chunk, on_tokens=on_tokens, stats=stats)
+  print(f"\n[prefill {stats['prompt_tokens']} tokens at {stats['prompt_tokens'] / stats['prefill_seconds']:.1f} tok/s, "
+        f"decode {stats['new_tokens']} tokens at {stats['new_tokens'] / stats['decode_seconds']:.1f} tok/s "
+        f"(compile included)]")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="lminf", description="Training-free long-context attention for Llama models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -289,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
   add_attention_args(p)
   add_mesh_args(p)
   p.set_defaults(func=cmd_nll)
+
+  p = sub.add_parser("generate", help="generate text after a prompt, streaming the tokens")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  prompt = p.add_mutually_exclusive_group(required=True)
+  prompt.add_argument("--prompt")
+  prompt.add_argument("--prompt-file")
+  p.add_argument("--max-new-tokens", type=positive_int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+  p.add_argument("--top-k-sample", dest="top_k_sample", type=positive_int, help="sample among the k likeliest")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+  add_attention_args(p)
+  p.set_defaults(func=cmd_generate)
 
   p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")
   p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")

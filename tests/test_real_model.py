@@ -47,6 +47,23 @@ def test_fetch_is_cached_and_nll_matches_transformers(smollm2_ckpt, transformers
   assert abs(printed_mean - expected.mean()) < 1e-3
 
 
+def test_greedy_generation_matches_transformers(smollm2_ckpt, transformers_smollm2):
+  """The first 32 greedy tokens after a short prompt, lminf generate against transformers' generate."""
+  import torch
+
+  from lminf_jax.attention import Dense, Lambda
+  from lminf_jax.generate import generate
+  from lminf_jax.loading import load
+
+  model, tokenizer = transformers_smollm2
+  ids = tokenizer("The Jargon File is a glossary of", add_special_tokens=False)["input_ids"]
+  with torch.no_grad():
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+  config, params, _ = load(smollm2_ckpt)
+  for attention in (Dense(), Lambda(n_global=10)):  # a 40-token text is inside lambda's window
+    assert generate(params, config, [ids], 32, attention=attention) == [expected]
+
+
 def test_gguf_conversion_peak_memory_under_twice_the_params(smollm2_gguf):
   """Tensor-by-tensor conversion: traced peak allocation < 2x the final params."""
   from lminf_jax.convert.gguf_file import load_gguf

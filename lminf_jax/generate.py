@@ -1,0 +1,160 @@
+"""jit-compiled generation through a fixed-size cache.
+
+The prompt is fed in chunks (`lax.scan`), then the decode loop runs inside `lax.while_loop`:
+no Python loop per token. Sampling is greedy (temperature 0), or temperature with optional
+top-k and top-p, from an explicit PRNG key. A row stops at an EOS token, at a stop string
+(checked on the host through an ordered `io_callback`, which also streams the tokens out), or
+after `max_new_tokens`. Batches are left-padded; each row's output equals what it gives alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from lminf_jax.attention import Dense, resolve
+from lminf_jax.attention.blockwise import split_chunks
+from lminf_jax.cache import Cache, init_cache
+from lminf_jax.errors import UserError
+from lminf_jax.models.config import LlamaConfig
+from lminf_jax.models.llama import Llama
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 is greedy; top_k / top_p (nucleus) filter the distribution before sampling."""
+
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise UserError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k is not None and self.top_k <= 0:
+      raise UserError(f"top_k must be positive, got {self.top_k}")
+    if self.top_p is not None and not 0 < self.top_p <= 1:
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits_bv: jnp.ndarray, key: jnp.ndarray, sampling: Sampling) -> jnp.ndarray:
+  """Next tokens [B] from float32 logits [B, V]."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits_bv = logits_bv / sampling.temperature
+  if sampling.top_k is not None:
+    kth_b1 = jax.lax.top_k(logits_bv, min(sampling.top_k, logits_bv.shape[-1]))[0][:, -1:]
+    logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+  if sampling.top_p is not None:
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    cumulative_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    keep_bv = cumulative_bv - jax.nn.softmax(sorted_bv, axis=-1) < sampling.top_p
+    cutoff_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+    logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+  return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "chunk"), donate_argnames=("cache",))
+def prefill(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray,
+            attention, chunk: int) -> tuple[jnp.ndarray, Cache]:
+  """Feeds a left-padded prompt through the cache `chunk` tokens at a time: (last logits [B, V], cache).
+
+  T must be a multiple of `chunk` (pad on the left with position -1)."""
+  model = Llama(config)
+
+  def step(cache, xs):
+    tokens_bc, positions_bc = xs
+    x_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, attention, cache, method=Llama.hidden)
+    return cache, x_bcd[:, -1]
+
+  cache, last_nbd = jax.lax.scan(step, cache, (split_chunks(tokens_bt, chunk), split_chunks(positions_bt, chunk)))
+  return model.apply({"params": params}, last_nbd[-1][:, None], method=Llama.unembed)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "sampling", "max_new_tokens", "eos_ids",
+                                             "on_tokens"))
+def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarray, next_pos_b: jnp.ndarray,
+           key: jnp.ndarray, attention, sampling: Sampling, max_new_tokens: int, eos_ids: tuple[int, ...],
+           on_tokens: Callable | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The decode loop (`lax.while_loop`): (tokens [B, max_new_tokens], lengths [B]).
+
+  `on_tokens(step, tokens [B]) -> stop [B] bool` runs on the host after every step (streaming,
+  stop strings); tokens after a row's end are undefined."""
+  model = Llama(config)
+  b = logits_bv.shape[0]
+  eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+  def cond(state):
+    step, done_b = state[0], state[5]
+    return (step < max_new_tokens) & ~jnp.all(done_b)
+
+  def body(state):
+    step, cache, logits_bv, pos_b, key, done_b, out_bn, lengths_b = state
+    key, sub = jax.random.split(key)
+    token_b = sample(logits_bv, sub, sampling)
+    out_bn = out_bn.at[:, step].set(token_b)
+    lengths_b = jnp.where(done_b, lengths_b, step + 1)
+    stop_b = jnp.isin(token_b, eos)
+    if on_tokens is not None:
+      stop_b |= io_callback(on_tokens, jax.ShapeDtypeStruct((b,), jnp.bool_), step, token_b, ordered=True)
+    done_b = done_b | stop_b
+    logits_b1v, cache = model.apply({"params": params}, token_b[:, None], pos_b[:, None], attention, cache)
+    return step + 1, cache, logits_b1v[:, 0], pos_b + 1, key, done_b, out_bn, lengths_b
+
+  state = (jnp.int32(0), cache, logits_bv, next_pos_b, key, jnp.zeros((b,), bool),
+           jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), jnp.int32))
+  state = jax.lax.while_loop(cond, body, state)
+  return state[6], state[7]
+
+
+def left_pad(prompts: list[list[int]], chunk: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> left-padded tokens and positions [B, T] (T a multiple of chunk, pads at -1)."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UserError("empty prompt")
+  t = -(-max(len(p) for p in prompts) // chunk) * chunk
+  tokens = np.full((len(prompts), t), pad_id, np.int32)
+  positions = np.full((len(prompts), t), -1, np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, t - len(prompt):] = prompt
+    positions[row, t - len(prompt):] = np.arange(len(prompt))
+  return tokens, positions
+
+
+def generate(params: dict, config: LlamaConfig, prompts: list[list[int]], max_new_tokens: int, attention=Dense(),
+             sampling: Sampling = Sampling(), key: jnp.ndarray | None = None, eos_ids: tuple[int, ...] | None = None,
+             chunk: int = 512, on_tokens: Callable | None = None, stats: dict | None = None) -> list[list[int]]:
+  """Generates up to `max_new_tokens` after each prompt (token id lists); returns the new tokens
+  of each row, up to and including its EOS / stop. Dense attention gets a cache of prompt + new
+  tokens. `stats`, if given, receives prefill/decode seconds and token counts (compile included)."""
+  import time
+
+  if max_new_tokens <= 0:
+    raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
+  if chunk <= 0:
+    raise UserError(f"chunk must be positive, got {chunk}")
+  spec = resolve(attention, config.max_position_embeddings)
+  chunk = min(chunk, max(len(p) for p in prompts or [[0]]))
+  tokens, positions = left_pad(prompts, chunk)
+  cache = init_cache(config, spec, len(prompts), max_len=tokens.shape[1] + max_new_tokens)
+  start = time.perf_counter()
+  logits_bv, cache = prefill(params, config, cache, jnp.asarray(tokens), jnp.asarray(positions), spec, chunk)
+  logits_bv.block_until_ready()
+  prefilled = time.perf_counter()
+  next_pos = jnp.asarray([len(p) for p in prompts], jnp.int32)
+  key = jax.random.PRNGKey(0) if key is None else key
+  eos = tuple(config.eos_token_ids) if eos_ids is None else tuple(eos_ids)
+  out, lengths = decode(params, config, cache, logits_bv, next_pos, key, spec, sampling, max_new_tokens, eos,
+                        on_tokens)
+  out, lengths = np.asarray(out), np.asarray(lengths)
+  if stats is not None:
+    stats.update(prefill_seconds=prefilled - start, decode_seconds=time.perf_counter() - prefilled,
+                 prompt_tokens=sum(map(len, prompts)), new_tokens=int(lengths.sum()))
+  return [out[row, :lengths[row]].tolist() for row in range(len(prompts))]
