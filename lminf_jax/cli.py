@@ -297,6 +297,90 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"(compile included)]")
 
 
+def cmd_stream_ppl(args: argparse.Namespace) -> None:
+  from tqdm import tqdm
+
+  from lminf_jax.attention import resolve
+  from lminf_jax.cache import init_cache
+  from lminf_jax.loading import load
+  from lminf_jax.stream import document_stream, peak_rss_mib, stream_nll
+
+  attention = attention_from_args(args, args.attention)
+  config, params, tokenizer = load(Path(args.ckpt))
+  if tokenizer is None:
+    raise UserError(f"{args.ckpt} has no tokenizer")
+  text = read_text(args.text_file) if args.text_file else builtin_text()
+  ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+  if ids.size < 2:
+    raise UserError("the text has fewer than 2 tokens")
+  spec = resolve(attention, config.max_position_embeddings)
+  cache = init_cache(config, spec, 1, max_len=args.tokens)  # max_len: dense only
+  total = args.tokens
+  chunks = document_stream(ids, total, config.bos_token_id, args.chunk)
+  print(f"streaming {total} tokens ({ids.size} per document) with {args.attention}, chunk {args.chunk}")
+  print(f"{'segment':>8} {'tokens':>17} {'mean NLL':>9} {'tokens/s':>9} {'peak RSS MiB':>13}")
+
+  def report(index, mean, rate, rss):
+    span = f"{index * args.segment}-{min(total, (index + 1) * args.segment)}"
+    tqdm.write(f"{index:>8} {span:>17} {mean:>9.4f} {rate:>9.1f} {rss:>13.0f}")
+
+  start = time.perf_counter()
+  with tqdm(total=total, unit="tok", desc="stream-ppl") as bar:
+    nll = stream_nll(params, config, cache, chunks, total, spec, args.segment, report, bar)
+  seconds = time.perf_counter() - start
+  print(f"overall: mean NLL {nll.mean():.4f}, perplexity {np.exp(nll.mean()):.3f}, {total / seconds:.1f} tokens/s, "
+        f"peak RSS {peak_rss_mib():.0f} MiB")
+
+
+def cmd_passkey(args: argparse.Namespace) -> None:
+  import json
+
+  from tqdm import tqdm
+
+  from lminf_jax.generate import generate
+  from lminf_jax.loading import load
+  from lminf_jax.passkey import depth_bucket, first_integer, make_sample
+
+  methods = methods_from_args(args)
+  json_out = Path(args.json) if args.json else None
+  if json_out is not None and not json_out.parent.is_dir():
+    raise UserError(f"output directory {json_out.parent} does not exist")
+  config, params, tokenizer = load(Path(args.ckpt))
+  if tokenizer is None:
+    raise UserError(f"{args.ckpt} has no tokenizer")
+  rng = np.random.default_rng(args.seed)
+  samples = {length: [make_sample(tokenizer, length, rng) for _ in range(args.samples)] for length in args.lengths}
+  results = []
+  total = len(methods) * sum(args.lengths) * args.samples
+  with tqdm(total=total, unit="tok", desc="passkey") as bar:
+    for name, spec in methods.items():
+      for length, batch in samples.items():
+        for start in range(0, len(batch), args.batch):
+          rows = batch[start:start + args.batch]
+          outputs = generate(params, config, [s.token_ids for s in rows], 8, spec, chunk=args.chunk)
+          for sample, out in zip(rows, outputs):
+            answer = first_integer(tokenizer.decode(out, skip_special_tokens=True))
+            results.append(dict(method=name, length=length, depth=sample.depth, key=sample.key, answer=answer,
+                                correct=answer == sample.key, prompt_tokens=len(sample.token_ids)))
+          bar.update(length * len(rows))
+  buckets = args.depth_buckets
+  header = " ".join(f"d{b * 100 // buckets:02d}-{(b + 1) * 100 // buckets:02d}" for b in range(buckets))
+  print(f"{'method':<10} {'length':>7} {'accuracy':>9}   per depth bucket: {header}")
+  for name in methods:
+    for length in args.lengths:
+      rows = [r for r in results if r["method"] == name and r["length"] == length]
+      per_bucket = []
+      for b in range(buckets):
+        hits = [r["correct"] for r in rows if depth_bucket(r["depth"], buckets) == b]
+        per_bucket.append(f"{sum(hits)}/{len(hits)}" if hits else "-")
+      accuracy = sum(r["correct"] for r in rows) / len(rows)
+      print(f"{name:<10} {length:>7} {accuracy:>9.2f}   " + " ".join(f"{x:>7}" for x in per_bucket))
+  if json_out is not None:
+    with atomic_output(json_out) as tmp:
+      tmp.write_text(json.dumps(dict(methods={k: repr(v) for k, v in methods.items()}, results=results), indent=2))
+    print(f"wrote {json_out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="lminf", description="Training-free long-context attention for Llama models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -338,6 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   add_attention_args(p)
   p.set_defaults(func=cmd_generate)
+
+  p = sub.add_parser("stream-ppl", help="streaming perplexity through the fixed-size cache")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--text-file", help="UTF-8 text (default: the built-in text); repeats as documents if short")
+  p.add_argument("--tokens", type=positive_int, default=100_000, help="tokens to stream")
+  p.add_argument("--segment", type=positive_int, default=20_000, help="tokens per reported segment")
+  add_attention_args(p)
+  p.set_defaults(func=cmd_stream_ppl, attention="lambda")
+
+  p = sub.add_parser("passkey", help="passkey retrieval accuracy per length and needle depth")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096, 8192, 16384], help="prompt lengths in tokens")
+  p.add_argument("--samples", type=positive_int, default=20, help="samples per length")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch", type=positive_int, default=4, help="samples decoded together (left-padded)")
+  p.add_argument("--depth-buckets", type=positive_int, default=5)
+  p.add_argument("--json", help="write every sample's result as JSON")
+  add_attention_args(p, several=True)
+  p.set_defaults(func=cmd_passkey, attention="lambda,dense")
 
   p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")
   p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")

@@ -1,0 +1,50 @@
+"""Passkey retrieval in LM-Infinite's format (DESIGN.md section 7): a 5-digit key hidden at a
+uniformly random depth in repeated filler, greedy decoding, correct if the first integer
+generated is the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+          "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is "
+
+
+@dataclasses.dataclass
+class PasskeySample:
+  length: int  # target length in tokens
+  depth: float  # needle position as a fraction of the filler
+  key: int
+  token_ids: list[int]
+
+
+def make_sample(tokenizer, length: int, rng: np.random.Generator) -> PasskeySample:
+  """A prompt of about `length` tokens (never more) with the needle at a random depth."""
+  key = int(rng.integers(10000, 100000))
+  count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+  fixed = count(" ".join([PREFIX, NEEDLE.format(key=key)]) + QUESTION)
+  per_filler = count(" ".join([FILLER] * 10)) / 10
+  fillers = max(0, int((length - fixed) / per_filler))
+  while True:
+    depth = float(rng.uniform())
+    at = round(depth * fillers)
+    text = " ".join([PREFIX] + [FILLER] * at + [NEEDLE.format(key=key)] + [FILLER] * (fillers - at)) + QUESTION
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= length or fillers == 0:
+      return PasskeySample(length, depth, key, ids)
+    fillers -= 1
+
+
+def first_integer(text: str) -> int | None:
+  match = re.search(r"\d+", text)
+  return int(match.group()) if match else None
+
+
+def depth_bucket(depth: float, buckets: int) -> int:
+  return min(int(depth * buckets), buckets - 1)

@@ -1,0 +1,51 @@
+"""Passkey prompts (LM-Infinite's format) and the `lminf passkey` command on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import run_cli
+
+from lminf_jax.passkey import FILLER, NEEDLE, PREFIX, QUESTION, depth_bucket, first_integer, make_sample
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_ckpt):
+  from transformers import AutoTokenizer
+
+  return AutoTokenizer.from_pretrained(str(smollm2_ckpt))
+
+
+@pytest.mark.parametrize("length", [256, 1000, 3000])
+def test_sample_has_the_format_length_and_depth(tokenizer, length):
+  rng = np.random.default_rng(length)
+  for _ in range(3):
+    sample = make_sample(tokenizer, length, rng)
+    assert length - 40 <= len(sample.token_ids) <= length
+    text = tokenizer.decode(sample.token_ids)
+    needle = NEEDLE.format(key=sample.key)
+    assert text.startswith(PREFIX) and text.endswith(QUESTION) and text.count(needle) == 1
+    before, after = text.split(needle)
+    fillers_before, fillers_after = before.count(FILLER), after.count(FILLER)
+    assert abs(fillers_before / (fillers_before + fillers_after) - sample.depth) <= 1.0 / (fillers_before +
+                                                                                          fillers_after)
+
+
+def test_answer_parsing_and_buckets():
+  assert first_integer(" 48213. Remember") == 48213
+  assert first_integer("no digits") is None
+  assert [depth_bucket(d, 5) for d in (0.0, 0.19, 0.2, 0.99, 1.0)] == [0, 0, 1, 4, 4]
+
+
+def test_passkey_cli_runs_and_reports(smollm2_ckpt, tmp_path, capsys):
+  code, out, err = run_cli(capsys, "passkey", smollm2_ckpt, "--lengths", "200,400", "--samples", "2",
+                           "--attention", "lambda", "--n-local", "256", "--batch", "2", "--json", tmp_path / "p.json")
+  assert code == 0, err
+  results = json.loads((tmp_path / "p.json").read_text())["results"]
+  assert [(r["method"], r["length"]) for r in results] == [("lambda", 200)] * 2 + [("lambda", 400)] * 2
+  assert all(r["correct"] == (r["answer"] == r["key"]) and r["prompt_tokens"] <= r["length"] for r in results)
+  assert "lambda" in out and "accuracy" in out
+  code, _, err = run_cli(capsys, "passkey", smollm2_ckpt, "--lengths", "2k")
+  assert code == 2 and "not an integer" in err
