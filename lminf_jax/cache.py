@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from lminf_jax.attention.banded import Keys, band_attention
 from lminf_jax.attention.methods import band_rotation, band_shape
-from lminf_jax.attention.specs import Dense, Lambda, Streaming
+from lminf_jax.attention.specs import Dense, Lambda
+from lminf_jax.errors import UserError
 
 
 class LayerCache(NamedTuple):
@@ -38,15 +39,16 @@ def cache_shape(spec, max_len: int | None = None) -> tuple[int, int]:
   """(starting slots, ring length) for a resolved spec; dense needs `max_len`."""
   if isinstance(spec, Dense):
     if not max_len:
-      raise ValueError("a dense cache needs max_len")
+      raise UserError("a dense cache needs max_len")
     return 0, max_len
   if isinstance(spec, Lambda) and (spec.top_k or not spec.mask):
-    raise ValueError("cached lambda supports neither top_k nor the no-mask ablation (both need every key)")
+    raise UserError("cached lambda supports neither top_k nor the no-mask ablation (both need every key)")
   return band_shape(spec)
 
 
 def _empty_keys(batch: int, kv_heads: int, length: int, head_dim: int, dtype) -> Keys:
-  return Keys(jnp.zeros((batch, kv_heads, length, head_dim), dtype), jnp.zeros((batch, kv_heads, length, head_dim), dtype),
+  shape = (batch, kv_heads, length, head_dim)
+  return Keys(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
               jnp.zeros((batch, length), jnp.int32), jnp.full((batch, length), -1, jnp.int32))
 
 

@@ -15,7 +15,6 @@ from lminf_jax.errors import UserError
 from lminf_jax.texts import builtin_text
 
 
-
 class _Parser(argparse.ArgumentParser):
   def error(self, message: str):  # one line, no usage dump
     print(f"lminf: error: {message}", file=sys.stderr)
@@ -86,7 +85,8 @@ def attention_from_args(args: argparse.Namespace, name: str):
     return Dense(chunk=args.chunk, key_block=args.key_block)
   if name == "lambda":
     return Lambda(n_global=args.n_global, n_local=args.n_local, limit=args.limit, top_k=args.top_k,
-                  mask=not args.no_mask, distance_limit=not args.no_distance_limit, chunk=args.chunk, key_block=args.key_block)
+                  mask=not args.no_mask, distance_limit=not args.no_distance_limit, chunk=args.chunk,
+                  key_block=args.key_block)
   if name == "streaming":
     return Streaming(n_sink=args.n_sink, n_recent=args.n_recent, chunk=args.chunk, key_block=args.key_block)
   raise UserError(f"unknown attention method {name!r} (choose from dense, lambda, streaming)")
@@ -265,7 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
   import jax
 
-  from lminf_jax.generate import Sampling, generate
+  from lminf_jax.generation import Sampling, generate
   from lminf_jax.loading import load
 
   prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
@@ -337,7 +337,7 @@ def cmd_passkey(args: argparse.Namespace) -> None:
 
   from tqdm import tqdm
 
-  from lminf_jax.generate import generate
+  from lminf_jax.generation import generate
   from lminf_jax.loading import load
   from lminf_jax.passkey import depth_bucket, first_integer, make_sample
 

@@ -45,7 +45,8 @@ def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, 
   cache = init_cache(config, spec, b, max_len=t)
   positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   # Padding at the end carries position -1: the cache skips it.
-  xs = (split_chunks(pad_to_multiple(tokens_bt, chunk), chunk), split_chunks(pad_to_multiple(positions_bt, chunk, -1), chunk))
+  xs = (split_chunks(pad_to_multiple(tokens_bt, chunk), chunk),
+        split_chunks(pad_to_multiple(positions_bt, chunk, -1), chunk))
 
   def step(cache, xs):
     tokens_bc, positions_bc = xs

@@ -55,7 +55,7 @@ def stream_nll(params, config, cache: Cache, chunks: Iterator[np.ndarray], total
     seen += len(tokens)
     if progress is not None:
       progress.update(len(tokens))
-    while on_segment is not None and ((reported + 1) * segment <= seen or (seen == total and reported * segment < seen)):
+    while on_segment is not None and reported * segment < seen and ((reported + 1) * segment <= seen or seen == total):
       done = np.concatenate(nll)  # done[i] scores stream token i + 1
       now = time.perf_counter()
       segment_nll = done[max(0, reported * segment - 1):min(seen, (reported + 1) * segment) - 1]

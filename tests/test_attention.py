@@ -45,7 +45,8 @@ def _ours(q, k, v, positions, inv_freq, spec, layer=0):
 
 @settings(max_examples=60, deadline=None)
 @given(method=st.sampled_from(sorted(METHODS)), t=st.integers(1, 70), n_start=st.integers(0, 12),
-       window=st.integers(1, 80), chunk=st.integers(1, 40), key_block=st.integers(1, 50), kv=st.integers(1, 3), groups=st.sampled_from([1, 2, 3]),
+       window=st.integers(1, 80), chunk=st.integers(1, 40), key_block=st.integers(1, 50), kv=st.integers(1, 3),
+       groups=st.sampled_from([1, 2, 3]),
        h=st.sampled_from([2, 8, 16]), offset=st.integers(0, 1000), seed=st.integers(0, 2**16))
 def test_method_matches_naive(method, t, n_start, window, chunk, key_block, kv, groups, h, offset, seed):
   q, k, v = _inputs(seed, t, kv, groups, h)

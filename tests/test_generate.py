@@ -8,7 +8,7 @@ import pytest
 from helpers import run_cli, tiny_hf_model
 
 from lminf_jax.attention import Dense, Lambda, Streaming
-from lminf_jax.generate import Sampling, generate
+from lminf_jax.generation import Sampling, generate
 from lminf_jax.loading import convert, load
 
 PROMPTS = [[5, 17, 33, 8, 64, 12, 9], [40, 2, 71, 19]]

@@ -15,6 +15,7 @@ from lminf_jax.attention.banded import StartRotation, sink_and_band
 from lminf_jax.attention.dense import causal_attention
 from lminf_jax.attention.sequence_parallel import sequence_parallel_band
 from lminf_jax.attention.specs import Dense, Lambda, Streaming
+from lminf_jax.errors import UserError
 from lminf_jax.sharding import mesh_axis_size, warn_dense_all_gather
 
 
@@ -60,7 +61,7 @@ def lambda_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Lam
   o_btnh, lse_btn = _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec)
   if spec.top_k:
     if lse_btn is None:
-      raise ValueError("Lambda.top_k needs every key of the last query: not supported with sequence parallelism")
+      raise UserError("Lambda.top_k needs every key of the last query: not supported with sequence parallelism")
     o_last = _add_top_k_middle(o_btnh[:, -1], lse_btn[:, -1], q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h,
                                spec)
     o_btnh = o_btnh.at[:, -1].set(jnp.where(layer >= spec.top_k_from_layer, o_last, o_btnh[:, -1]))

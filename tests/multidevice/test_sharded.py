@@ -92,3 +92,17 @@ def test_sequence_parallel_lambda_hlo_has_permutes_and_no_all_gather():
   with pytest.warns(UserWarning, match="all-gathers"):
     dense_hlo = _attention_hlo(Dense(chunk=64), mesh)
   assert "all-gather" in dense_hlo  # the baseline's fallback, for contrast
+
+
+def test_cli_nll_with_mesh_equals_one_device(ckpt, tmp_path, capsys):
+  from helpers import run_cli
+
+  np.save(tmp_path / "tokens.npy", np.random.default_rng(1).integers(0, 97, size=100))
+  common = ("nll", ckpt, "--tokens-file", tmp_path / "tokens.npy", "--attention", "lambda", "--n-local", "24",
+            "--n-global", "4", "--chunk", "8", "--key-block", "8")
+  assert run_cli(capsys, *common, "--out", tmp_path / "one.npy")[0] == 0
+  code, _, err = run_cli(capsys, *common, "--out", tmp_path / "mesh.npy", "--mesh", "data=2,sequence=-1")
+  assert code == 0, err
+  np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
+  code, _, err = run_cli(capsys, *common, "--out", tmp_path / "bad.npy", "--mesh", "data=3")
+  assert code == 1 and "needs 3 devices" in err

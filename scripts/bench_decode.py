@@ -1,0 +1,144 @@
+"""Decode tokens/s of SmolLM2 after prompts of 2K ... 64K tokens (jargon.txt): lambda (G=10,
+L=8192) and dense through lminf's cache, and transformers' PyTorch model with its KV cache, each
+row in its own process (so its peak RSS is its own), plus this machine's memory bandwidth and
+lambda's fraction of the bandwidth roofline (bytes a decode step must read: weights + the
+window's keys and values).
+
+    python scripts/bench_decode.py [--lengths 2048,8192,32768,65536] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+JARGON = Path(__file__).resolve().parents[2] / "shared" / "data" / "jargon.txt"
+
+
+def prompt_ids(length: int) -> np.ndarray:
+  from transformers import AutoTokenizer
+
+  from lminf_jax.fetch import fetch_smollm2
+
+  tokenizer = AutoTokenizer.from_pretrained(str(fetch_smollm2()))
+  ids = tokenizer(JARGON.read_text()[:length * 8], add_special_tokens=False)["input_ids"]
+  return np.asarray(ids[:length], np.int32)
+
+
+def run_lminf(method: str, length: int, new_tokens: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from lminf_jax.attention import Dense, Lambda, resolve
+  from lminf_jax.cache import init_cache
+  from lminf_jax.fetch import fetch_smollm2
+  from lminf_jax.generation import Sampling, decode, prefill
+  from lminf_jax.loading import load
+
+  config, params, _ = load(fetch_smollm2())
+  spec = resolve(Lambda(n_global=10, n_local=8192) if method == "lambda" else Dense(), config.max_position_embeddings)
+  ids = prompt_ids(length)
+  chunk = 512
+  pad = -len(ids) % chunk
+  tokens = jnp.asarray(np.concatenate([np.zeros(pad, np.int32), ids]))[None]
+  positions = jnp.asarray(np.concatenate([np.full(pad, -1), np.arange(len(ids))]).astype(np.int32))[None]
+  cache = init_cache(config, spec, 1, max_len=tokens.shape[1] + new_tokens)
+  start = time.perf_counter()
+  logits, cache = prefill(params, config, cache, tokens, positions, spec, chunk)
+  logits.block_until_ready()
+  prefill_s = time.perf_counter() - start
+  args = (params, config, cache, logits, jnp.asarray([len(ids)], jnp.int32), jax.random.PRNGKey(0), spec, Sampling(),
+          new_tokens, ())
+  compiled = decode.lower(*args).compile()
+  dynamic = (params, cache, logits, jnp.asarray([len(ids)], jnp.int32), jax.random.PRNGKey(0))
+  start = time.perf_counter()
+  out, _ = compiled(*dynamic)
+  out.block_until_ready()
+  decode_s = time.perf_counter() - start
+  window = min(len(ids), 8192 + 10) if method == "lambda" else len(ids)
+  kv_bytes = config.num_layers * window * config.num_kv_heads * config.head_dim * 2 * 4
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  return dict(prefill_s=prefill_s, decode_tok_s=new_tokens / decode_s, step_bytes=kv_bytes + weight_bytes)
+
+
+def run_torch(length: int, new_tokens: int) -> dict:
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from lminf_jax.fetch import smollm2_gguf
+
+  gguf = smollm2_gguf()
+  model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+  ids = torch.as_tensor(prompt_ids(length)[None], dtype=torch.long)
+  with torch.no_grad():
+    start = time.perf_counter()
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    prefill_s = time.perf_counter() - start
+    past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+      out = model(token, past_key_values=past, use_cache=True)
+      past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    decode_s = time.perf_counter() - start
+  return dict(prefill_s=prefill_s, decode_tok_s=new_tokens / decode_s)
+
+
+def bandwidth() -> float:
+  """Bytes/s of a large array copy (read + write) in JAX, best of 5."""
+  import jax
+  import jax.numpy as jnp
+
+  x = jnp.ones((256 * 2**20,), jnp.float32)  # 1 GiB
+  f = jax.jit(lambda x: x + 1)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * x.nbytes / best
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--lengths", default="2048,8192,32768,65536")
+  parser.add_argument("--new-tokens", type=int, default=32)
+  parser.add_argument("--methods", default="lambda,dense,transformers")
+  parser.add_argument("--row", nargs=2, help=argparse.SUPPRESS)  # internal: one (method, length) row
+  args = parser.parse_args()
+  if args.row:
+    method, length = args.row[0], int(args.row[1])
+    result = run_torch(length, args.new_tokens) if method == "transformers" else run_lminf(method, length,
+                                                                                             args.new_tokens)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+    return
+  bw = bandwidth()
+  print(f"memory bandwidth: {bw / 1e9:.1f} GB/s (1 GiB array copy in JAX, read + write)")
+  print(f"{'prompt':>7} {'method':<12} {'prefill s':>9} {'decode tok/s':>12} {'peak RSS MiB':>12} {'roofline':>8}")
+  rows = {}
+  for length in [int(x) for x in args.lengths.split(",")]:
+    for method in args.methods.split(","):
+      cmd = [sys.executable, __file__, "--row", method, str(length), "--new-tokens", str(args.new_tokens)]
+      done = subprocess.run(cmd, capture_output=True, text=True)
+      if done.returncode:
+        print(f"{length:>7} {method:<12} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        continue
+      r = rows[method, length] = json.loads(done.stdout.strip().splitlines()[-1])
+      roof = f"{r['decode_tok_s'] * r['step_bytes'] / bw:.0%}" if "step_bytes" in r else ""
+      print(f"{length:>7} {method:<12} {r['prefill_s']:>9.1f} {r['decode_tok_s']:>12.2f} {r['peak_rss_mib']:>12.0f} "
+            f"{roof:>8}", flush=True)
+    if ("lambda", length) in rows and ("transformers", length) in rows:
+      ratio = rows["lambda", length]["decode_tok_s"] / rows["transformers", length]["decode_tok_s"]
+      print(f"{length:>7} lambda / transformers decode speed: {ratio:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+  main()
