@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import Dense, attend, resolve
+from lminf_jax.attention.blockwise import count_on
 from lminf_jax.cache import Cache, attend_cached, chunk_indices
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.rope import inv_frequencies
@@ -146,7 +147,7 @@ class Llama(nn.Module):
     pad = -t % mesh_axis_size("sequence") if cache is None else 0
     if pad:
       tokens_bt = jnp.pad(tokens_bt, ((0, 0), (0, pad)))
-      positions_bt = jnp.concatenate([positions_bt, positions_bt[:, -1:] + 1 + jnp.arange(pad, dtype=jnp.int32)], 1)
+      positions_bt = count_on(positions_bt, pad)
     attention = resolve(attention, cfg.max_position_embeddings)
     x_btd = constrain(jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(cfg.dtype)), "batch", "length", "embed")
     layers, indices = (None, None) if cache is None else (cache.layers, chunk_indices(cache.next_idx, positions_bt))

@@ -63,8 +63,7 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
   c = min(chunk, t)
   pad = -t % c
   q_btnh = bw.pad_axis(q_btnh, 1, 0, pad)
-  pos_bt = jnp.concatenate([pos_bt, pos_bt[:, -1:] + 1 + jnp.arange(pad, dtype=pos_bt.dtype)], axis=1)
-  idx_bt = jnp.concatenate([idx_bt, idx_bt[:, -1:] + 1 + jnp.arange(pad, dtype=idx_bt.dtype)], axis=1)
+  pos_bt, idx_bt = bw.count_on(pos_bt, pad), bw.count_on(idx_bt, pad)
   # Chunk ci's band: the band_len keys before its end, in blocks of S; enough slots before the
   # first chunk that band starts are never negative.
   s = min(key_block, window - 1 + c)

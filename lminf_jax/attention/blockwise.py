@@ -103,12 +103,21 @@ def pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, chunk: int) -> Padded:
   t = q_btnh.shape[1]
   chunk = min(chunk, t)
   pad = -t % chunk
-  positions_bt = positions_bt.astype(jnp.int32)
-  positions_bt = jnp.concatenate([positions_bt, positions_bt[:, -1:] + 1 + jnp.arange(pad, dtype=jnp.int32)], 1)
-  first_b = jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)
-  idx_bt = jnp.arange(t + pad, dtype=jnp.int32)[None] - first_b[:, None]
+  positions_bt = count_on(positions_bt.astype(jnp.int32), pad)
+  idx_bt = sequence_index(positions_bt)
   k_bkth, v_bkth = (jnp.swapaxes(pad_axis(x, 1, 0, pad), 1, 2) for x in (k_btkh, v_btkh))
   return Padded(pad_axis(q_btnh, 1, 0, pad), k_bkth, v_bkth, positions_bt, idx_bt, t, chunk)
+
+
+def count_on(x_bt: jnp.ndarray, pad: int) -> jnp.ndarray:
+  """Appends `pad` columns that continue each row's count (last value + 1, + 2, ...)."""
+  return jnp.concatenate([x_bt, x_bt[:, -1:] + 1 + jnp.arange(pad, dtype=x_bt.dtype)], axis=1)
+
+
+def sequence_index(positions_bt: jnp.ndarray) -> jnp.ndarray:
+  """Index of each token in its row's sequence: 0 at the first real token, negative for left padding."""
+  t = positions_bt.shape[1]
+  return jnp.arange(t, dtype=jnp.int32)[None] - jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)[:, None]
 
 
 def key_block(k_bkth, v_bkth, positions_bt, idx_bt, start, size: int, ref_b1, inv_freq_h):

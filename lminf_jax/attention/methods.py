@@ -73,7 +73,7 @@ def _add_top_k_middle(o_bnh, lse_bn, q_btnh, k_btkh, v_btkh, positions_bt, inv_f
   by (R_insert q_i).(R_0 k_j), at distance top_k_insert_at. O(T) memory."""
   b, t, n, h = q_btnh.shape
   kv = k_btkh.shape[2]
-  idx_bt = jnp.arange(t, dtype=jnp.int32)[None] - jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)[:, None]
+  idx_bt = bw.sequence_index(positions_bt)
   q_bkgh = bw.query_tile(q_btnh[:, -1:], jnp.full((b, 1), spec.top_k_insert_at), inv_freq_h, kv)
   s_bkgt = bw.scores(q_bkgh, jnp.swapaxes(k_btkh, 1, 2))
   middle_bt = (idx_bt >= spec.n_global) & (idx_bt <= idx_bt[:, -1:] - spec.n_local)
