@@ -42,14 +42,15 @@ class Keys(NamedTuple):
                 bw.pad_axis(bw.pad_axis(self.idx_bl, 1, before, 0, -1), 1, 0, after, bw.FUTURE))
 
 
-def starting_keys(p: bw.Padded, n_start: int) -> Keys:
-  """Each row's first n_start real tokens (rows are left-padded); idx -1 where a row is shorter."""
-  first_b = -p.idx_bt[:, 0]
-  start_idx_bg = jnp.broadcast_to(jnp.arange(n_start, dtype=jnp.int32), (p.idx_bt.shape[0], n_start))
-  gather_bg = jnp.minimum(first_b[:, None] + start_idx_bg, p.length - 1)
-  k_bkgh, v_bkgh = (jnp.take_along_axis(x, gather_bg[:, None, :, None], axis=2) for x in (p.k_bkth, p.v_bkth))
-  exists_bg = first_b[:, None] + start_idx_bg < p.length
-  return Keys(k_bkgh, v_bkgh, jnp.take_along_axis(p.positions_bt, gather_bg, axis=1),
+def starting_keys(keys: Keys, n_start: int) -> Keys:
+  """Each row's first n_start real tokens of `keys` (rows are left-padded); idx -1 where a row is shorter."""
+  length = keys.idx_bl.shape[1]
+  first_b = -keys.idx_bl[:, 0]
+  start_idx_bg = jnp.broadcast_to(jnp.arange(n_start, dtype=jnp.int32), (first_b.shape[0], n_start))
+  gather_bg = jnp.minimum(first_b[:, None] + start_idx_bg, length - 1)
+  k_bkgh, v_bkgh = (jnp.take_along_axis(x, gather_bg[:, None, :, None], axis=2) for x in (keys.k_bklh, keys.v_bklh))
+  exists_bg = first_b[:, None] + start_idx_bg < length
+  return Keys(k_bkgh, v_bkgh, jnp.take_along_axis(keys.pos_bl, gather_bg, axis=1),
               jnp.where(exists_bg, start_idx_bg, -1))
 
 
@@ -62,8 +63,6 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
   lead = keys.idx_bl.shape[1] - t
   c = min(chunk, t)
   pad = -t % c
-  q_btnh = bw.pad_axis(q_btnh, 1, 0, pad)
-  pos_bt, idx_bt = bw.count_on(pos_bt, pad), bw.count_on(idx_bt, pad)
   # Chunk ci's band: the band_len keys before its end, in blocks of S; enough slots before the
   # first chunk that band starts are never negative.
   s = min(key_block, window - 1 + c)
@@ -72,8 +71,7 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
   keys = keys.pad(extra, pad)
   first_band = lead + extra + c - band_len
 
-  def chunk_step(_, xs):
-    ci, q_bcnh, pos_bc, idx_bc = xs
+  def chunk_step(ci, q_bcnh, pos_bc, idx_bc):
     ref_b1 = pos_bc[:, -1:]
     q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
     state = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
@@ -97,21 +95,17 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
       return jax.lax.cond(any_key, fold, lambda st, _: st, state, start), None
 
     state, _ = jax.lax.scan(key_step, state, jnp.arange(band_len // s))
-    return None, bw.finish(state, c, q_btnh.dtype)
+    return bw.finish(state, c, q_btnh.dtype)
 
-  num_chunks = (t + pad) // c
-  xs = (jnp.arange(num_chunks),) + tuple(bw.split_chunks(x, c) for x in (q_btnh, pos_bt, idx_bt))
-  _, (o_nbcnh, lse_nbcn) = jax.lax.scan(jax.checkpoint(chunk_step), None, xs)
-  return bw.unsplit_chunks(o_nbcnh, t), bw.unsplit_chunks(lse_nbcn, t)
+  return bw.over_query_chunks(chunk_step, q_btnh, pos_bt, idx_bt, chunk)
 
 
 def sink_and_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
                   inv_freq_h: jnp.ndarray, chunk: int, key_block: int, n_start: int, window: int,
                   start_rotation: StartRotation):
   """One device, no context: q [B,T,N,H], k/v [B,T,K,H] before RoPE -> (out [B,T,N,H], lse [B,T,N])."""
-  t = q_btnh.shape[1]
-  p = bw.pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, 1)
-  keys = Keys(p.k_bkth, p.v_bkth, p.positions_bt, p.idx_bt)
-  starts = starting_keys(p, min(n_start, t))
-  return band_attention(q_btnh, p.positions_bt, p.idx_bt, keys, starts, inv_freq_h, chunk, key_block, window,
-                        start_rotation)
+  positions_bt = positions_bt.astype(jnp.int32)
+  idx_bt = bw.sequence_index(positions_bt)
+  keys = Keys(jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt, idx_bt)
+  return band_attention(q_btnh, positions_bt, idx_bt, keys, starting_keys(keys, min(n_start, q_btnh.shape[1])),
+                        inv_freq_h, chunk, key_block, window, start_rotation)

@@ -75,38 +75,18 @@ def finish(state: SoftmaxState, chunk: int, dtype) -> tuple[jnp.ndarray, jnp.nda
   return o_bcnh.astype(dtype), lse_bcn
 
 
-class Padded(NamedTuple):
-  """Queries padded at the end to a multiple of C; keys/values in [B, K, T, H] layout."""
-
-  q_btnh: jnp.ndarray
-  k_bkth: jnp.ndarray
-  v_bkth: jnp.ndarray
-  positions_bt: jnp.ndarray
-  idx_bt: jnp.ndarray  # sequence index: 0 at each row's first real token, negative for left padding
-  length: int  # T before padding
-  chunk: int  # C
-
-  @property
-  def num_chunks(self) -> int:
-    return self.positions_bt.shape[1] // self.chunk
-
-  def query_chunks(self):
-    """Scan inputs: chunk index, q [n, B, C, N, H], positions and idx [n, B, C]."""
-    c = self.chunk
-    return (jnp.arange(self.num_chunks),) + tuple(split_chunks(x, c) for x in (self.q_btnh, self.positions_bt,
-                                                                                  self.idx_bt))
-
-
-def pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, chunk: int) -> Padded:
-  """Pads T up to a multiple of C = min(chunk, T). Padded tail queries are discarded later;
-  padded tail keys lie in every real query's future, so causal masks exclude them."""
+def over_query_chunks(chunk_step, q_btnh: jnp.ndarray, positions_bt: jnp.ndarray, idx_bt: jnp.ndarray,
+                      chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Runs `chunk_step(ci, q [B,C,N,H], positions [B,C], idx [B,C]) -> (out [B,C,N,H], lse [B,C,N])`
+  over query chunks of C = min(chunk, T) in a rematerialised `lax.scan`: (out [B,T,N,H], lse [B,T,N]).
+  The last chunk is padded with positions and indices that count on; its padded rows are dropped."""
   t = q_btnh.shape[1]
-  chunk = min(chunk, t)
-  pad = -t % chunk
-  positions_bt = count_on(positions_bt.astype(jnp.int32), pad)
-  idx_bt = sequence_index(positions_bt)
-  k_bkth, v_bkth = (jnp.swapaxes(pad_axis(x, 1, 0, pad), 1, 2) for x in (k_btkh, v_btkh))
-  return Padded(pad_axis(q_btnh, 1, 0, pad), k_bkth, v_bkth, positions_bt, idx_bt, t, chunk)
+  c = min(chunk, t)
+  pad = -t % c
+  xs = (jnp.arange((t + pad) // c),) + tuple(
+      split_chunks(x, c) for x in (pad_axis(q_btnh, 1, 0, pad), count_on(positions_bt, pad), count_on(idx_bt, pad)))
+  _, (o_nbcnh, lse_nbcn) = jax.lax.scan(jax.checkpoint(lambda _, xs: (None, chunk_step(*xs))), None, xs)
+  return unsplit_chunks(o_nbcnh, t), unsplit_chunks(lse_nbcn, t)
 
 
 def count_on(x_bt: jnp.ndarray, pad: int) -> jnp.ndarray:

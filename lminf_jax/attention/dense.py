@@ -20,24 +20,25 @@ def causal_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarr
   Keys at true relative distance, except with `far=(window, limit)`: keys with i-j >= window
   are seen at distance `limit` (query rotated at `limit`, key unrotated).
   """
-  p = bw.pad_inputs(q_btnh, k_btkh, v_btkh, positions_bt, chunk)
-  c, kv = p.chunk, k_btkh.shape[2]
-  s = min(key_block, p.positions_bt.shape[1])
-  pad = -p.positions_bt.shape[1] % s
-  k_bkth, v_bkth = (bw.pad_axis(x, 2, 0, pad) for x in (p.k_bkth, p.v_bkth))
-  positions_bt = bw.pad_axis(p.positions_bt, 1, 0, pad)
-  idx_bt = bw.pad_axis(p.idx_bt, 1, 0, pad, bw.FUTURE)
+  t, kv = q_btnh.shape[1], k_btkh.shape[2]
+  positions_bt = positions_bt.astype(jnp.int32)
+  idx_bt = bw.sequence_index(positions_bt)
+  # Keys in [B, K, T, H] blocks of S; padding keys lie in every query's future.
+  s = min(key_block, t)
+  pad = -t % s
+  k_bkth, v_bkth = (jnp.swapaxes(bw.pad_axis(x, 1, 0, pad), 1, 2) for x in (k_btkh, v_btkh))
+  key_pos_bt, key_idx_bt = bw.pad_axis(positions_bt, 1, 0, pad), bw.pad_axis(idx_bt, 1, 0, pad, bw.FUTURE)
 
-  def chunk_step(_, xs):
-    ci, q_bcnh, pos_bc, idx_bc = xs
-    b = q_bcnh.shape[0]
+  def chunk_step(ci, q_bcnh, pos_bc, idx_bc):
+    b, c = q_bcnh.shape[:2]
     ref_b1 = pos_bc[:, -1:]
     q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
     if far is not None:
       q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, far[1]), inv_freq_h, kv)
 
     def fold(state, kb):
-      k_rot, k_raw, v_bksh, idx_bs = bw.key_block(k_bkth, v_bkth, positions_bt, idx_bt, kb * s, s, ref_b1, inv_freq_h)
+      k_rot, k_raw, v_bksh, idx_bs = bw.key_block(k_bkth, v_bkth, key_pos_bt, key_idx_bt, kb * s, s, ref_b1,
+                                                  inv_freq_h)
       s_bkms = bw.scores(q_near, k_rot)
       dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
       if far is not None:
@@ -50,8 +51,7 @@ def causal_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarr
       return jax.lax.cond(kb * s < (ci + 1) * c, fold, lambda st, _: st, state, kb), None
 
     init = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
-    state, _ = jax.lax.scan(key_step, init, jnp.arange(positions_bt.shape[1] // s))
-    return None, bw.finish(state, c, q_btnh.dtype)
+    state, _ = jax.lax.scan(key_step, init, jnp.arange(key_idx_bt.shape[1] // s))
+    return bw.finish(state, c, q_btnh.dtype)
 
-  _, (o_nbcnh, lse_nbcn) = jax.lax.scan(jax.checkpoint(chunk_step), None, p.query_chunks())
-  return bw.unsplit_chunks(o_nbcnh, p.length), bw.unsplit_chunks(lse_nbcn, p.length)
+  return bw.over_query_chunks(chunk_step, q_btnh, positions_bt, idx_bt, chunk)
