@@ -2,12 +2,19 @@
 
 `lambda` keeps n_global slots and an n_local ring, `streaming` n_sink slots and an n_recent
 ring; `dense` is a ring of a chosen maximum length with no slots (feeding more tokens than it
-holds is an error). Keys are stored before RoPE, with their positions and sequence indices, and
-rotated by position *differences* when attended, so a stream of 10^8 tokens behaves exactly
-like a short one. Cache memory never grows.
+holds is an error). Cache memory never grows.
 
-Feeding a chunk through the cache is `band_attention` with the ring (oldest first) as the key
-context and the slots as starting keys: the same computation as the one-shot forward.
+RoPE angles stay small however long the stream (DESIGN.md section 5). Slots hold keys before
+RoPE with their positions. The ring (W slots) holds each key rotated by its position modulo W
+and, in place of the position, the anchor it is rotated from (position - position % W): rotating
+it further by (anchor - ref) gives the key at (position - ref), so every angle is below ~2W
+whether the stream is 10^2 or 10^8 tokens long.
+
+Layers only read the cache; `write` stores a chunk's keys for all layers at once, in place.
+A chunk is attended with `band_attention` (the ring, oldest first, as key context; the slots as
+starting keys): the same computation as the one-shot forward. A single decode token attends the
+ring where it lies, with no rotation of cached keys: a window holds at most two anchors, so
+the query is rotated twice and each key takes the score of its anchor.
 """
 
 from __future__ import annotations
@@ -17,22 +24,36 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.attention.banded import Keys, band_attention
+from lminf_jax.attention import blockwise as bw
+from lminf_jax.attention.banded import Keys, add_starting_keys, band_attention
 from lminf_jax.attention.methods import band_rotation, band_shape
 from lminf_jax.attention.specs import Dense, Lambda
 from lminf_jax.errors import UserError
+from lminf_jax.rope import apply_rope
 
 
-class LayerCache(NamedTuple):
-  """One layer's cache; the model's cache stacks L of them (leading axis) for the layer scan."""
+class LayerKV(NamedTuple):
+  """One layer's keys and values; the cache stacks L of them (leading axis) for the layer scan."""
 
-  slots: Keys  # [B, K, G, H] starting tokens, idx -1 while empty
-  ring: Keys  # [B, K, W, H] the latest W tokens at slot idx % W, idx -1 while empty
+  slot_k: jnp.ndarray  # [B, K, G, H] starting tokens, before RoPE
+  slot_v: jnp.ndarray
+  ring_k: jnp.ndarray  # [B, K, W, H] the latest W tokens at slot idx % W, rotated by position % W
+  ring_v: jnp.ndarray
 
 
 class Cache(NamedTuple):
-  layers: LayerCache  # every leaf with a leading L axis
+  kv: LayerKV  # every leaf with a leading L axis
+  slot_pos: jnp.ndarray  # [B, G] positions of the starting tokens (shared by all layers)
+  slot_idx: jnp.ndarray  # [B, G] their sequence indices, -1 while empty
+  ring_anchor: jnp.ndarray  # [B, W] position - position % W of the ring's keys
+  ring_idx: jnp.ndarray  # [B, W] their sequence indices, -1 while empty
   next_idx: jnp.ndarray  # [B] sequence index of the next real token
+
+  def slots(self, kv: LayerKV) -> Keys:
+    return Keys(kv.slot_k, kv.slot_v, self.slot_pos, self.slot_idx)
+
+  def ring(self, kv: LayerKV) -> Keys:
+    return Keys(kv.ring_k, kv.ring_v, self.ring_anchor, self.ring_idx)
 
 
 def cache_shape(spec, max_len: int | None = None) -> tuple[int, int]:
@@ -46,60 +67,105 @@ def cache_shape(spec, max_len: int | None = None) -> tuple[int, int]:
   return band_shape(spec)
 
 
-def _empty_keys(batch: int, kv_heads: int, length: int, head_dim: int, dtype) -> Keys:
-  shape = (batch, kv_heads, length, head_dim)
-  return Keys(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-              jnp.zeros((batch, length), jnp.int32), jnp.full((batch, length), -1, jnp.int32))
-
-
 def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
   """An empty cache for `batch` rows under the resolved attention `spec` (dense: `max_len` tokens)."""
   n_slots, ring = cache_shape(spec, max_len)
   dtype = jnp.dtype(config.dtype)
-  layer = LayerCache(_empty_keys(batch, config.num_kv_heads, n_slots, config.head_dim, dtype),
-                     _empty_keys(batch, config.num_kv_heads, ring, config.head_dim, dtype))
-  stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (config.num_layers,) + x.shape), layer)
-  return Cache(stacked, jnp.zeros((batch,), jnp.int32))
+  kv = lambda length: jnp.zeros((config.num_layers, batch, config.num_kv_heads, length, config.head_dim), dtype)  # noqa: E731
+  index = lambda length, fill: jnp.full((batch, length), fill, jnp.int32)  # noqa: E731
+  return Cache(LayerKV(kv(n_slots), kv(n_slots), kv(ring), kv(ring)), index(n_slots, 0), index(n_slots, -1),
+               index(ring, 0), index(ring, -1), jnp.zeros((batch,), jnp.int32))
 
 
-def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Sequence indices [B, C] of a chunk (negative positions = padding, idx -1) and the next index."""
+def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> jnp.ndarray:
+  """Sequence indices [B, C] of a chunk (negative positions = padding, idx -1)."""
   valid_bc = positions_bc >= 0
   idx_bc = next_idx_b[:, None] + jnp.cumsum(valid_bc, axis=1, dtype=jnp.int32) - 1
-  return jnp.where(valid_bc, idx_bc, -1), next_idx_b + jnp.sum(valid_bc, axis=1, dtype=jnp.int32)
+  return jnp.where(valid_bc, idx_bc, -1)
 
 
-def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, idx_bc, next_idx_b, layer: LayerCache, inv_freq_h, spec):
-  """Attention of a chunk through one layer's cache: (out [B,C,N,H], updated LayerCache)."""
-  n_slots, ring_len = layer.slots.idx_bl.shape[1], layer.ring.idx_bl.shape[1]
+def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, idx_bc, kv: LayerKV, cache: Cache, inv_freq_h, spec):
+  """Attention [B, C, N, H] of a chunk over one layer's cache (not yet holding the chunk) and itself."""
+  ring_len = cache.ring_idx.shape[1]
   window = ring_len if isinstance(spec, Dense) else band_shape(spec)[1]
-  # The ring oldest first: slot (next_idx + w) % W holds the w-th oldest token.
-  order_bw = (next_idx_b[:, None] + jnp.arange(ring_len, dtype=jnp.int32)) % ring_len
-  ctx = _take(layer.ring, order_bw)
   new = Keys(jnp.swapaxes(k_bckh, 1, 2), jnp.swapaxes(v_bckh, 1, 2), positions_bc, idx_bc)
-  keys = Keys(*(jnp.concatenate([a, b], axis=2 if a.ndim == 4 else 1) for a, b in zip(ctx, new)))
-  # New tokens go to slot idx (if idx < n_slots) before attending (later queries of this chunk
-  # may see them as starting tokens), and to ring slot idx % W after (only the last W of the
-  # chunk: no two writes may hit one slot). Writes to out-of-range slots are dropped.
-  slot_at = jnp.where((idx_bc >= 0) & (idx_bc < n_slots), idx_bc, n_slots)
-  slots = _put(layer.slots, slot_at, new)
-  out, _ = band_attention(q_bcnh, positions_bc, idx_bc, keys, slots, inv_freq_h, spec.chunk, spec.key_block, window,
-                          band_rotation(spec))
-  last_b = jnp.max(idx_bc, axis=1, keepdims=True)
-  ring_at = jnp.where((idx_bc >= 0) & (idx_bc > last_b - ring_len), idx_bc % ring_len, ring_len)
-  return out, LayerCache(slots, _put(layer.ring, ring_at, new))
+  if q_bcnh.shape[1] == 1:
+    return _attend_one(q_bcnh, new, cache.slots(kv), cache.ring(kv), inv_freq_h, window, spec)
+  # The ring oldest first (slot (next_idx + w) % W holds the w-th oldest token), then the chunk.
+  order_bw = (cache.next_idx[:, None] + jnp.arange(ring_len, dtype=jnp.int32)) % ring_len
+  ring = cache.ring(kv)
+  context = Keys(*(jnp.take_along_axis(x, order_bw[:, None, :, None], axis=2) for x in ring[:2]),
+                 *(jnp.take_along_axis(x, order_bw, axis=1) for x in ring[2:]))
+  keys = Keys(*(jnp.concatenate([a, b], axis=2 if a.ndim == 4 else 1) for a, b in zip(context, new)))
+  # The chunk's first tokens of a sequence are starting keys of its later queries.
+  starts = _write_slots(cache.slots(kv), new)
+  return band_attention(q_bcnh, positions_bc, idx_bc, keys, starts, inv_freq_h, spec.chunk, spec.key_block, window,
+                        band_rotation(spec))[0]
 
 
-def _take(keys: Keys, at_bw: jnp.ndarray) -> Keys:
-  return Keys(jnp.take_along_axis(keys.k_bklh, at_bw[:, None, :, None], axis=2),
-              jnp.take_along_axis(keys.v_bklh, at_bw[:, None, :, None], axis=2),
-              jnp.take_along_axis(keys.pos_bl, at_bw, axis=1), jnp.take_along_axis(keys.idx_bl, at_bw, axis=1))
+def _attend_one(q_b1nh, new: Keys, slots: Keys, ring: Keys, inv_freq_h, window: int, spec):
+  """One query per row over the ring in place, its own key and the starting slots: [B, 1, N, H]."""
+  b, _, n, h = q_b1nh.shape
+  kv_heads, ring_len = ring.k_bklh.shape[1], ring.k_bklh.shape[2]
+  pos_b1, idx_b1 = new.pos_bl, new.idx_bl
+  state = bw.init_state(b, kv_heads, n // kv_heads, h)
+  state = add_starting_keys(state, q_b1nh, pos_b1, idx_b1, pos_b1, slots, inv_freq_h, window, band_rotation(spec))
+  # In-window keys have the query's anchor or the one before (consecutive positions); any other
+  # anchor (positions with gaps) takes the general path that rotates every key.
+  anchor_b1 = pos_b1 - pos_b1 % ring_len
+  own_anchor_bw = ring.pos_bl == anchor_b1
+  known = jnp.all(own_anchor_bw | (ring.pos_bl == anchor_b1 - ring_len) | (ring.idx_bl < 0))
+
+  def two_anchors(_):
+    offsets_b2 = jnp.concatenate([pos_b1 - anchor_b1, pos_b1 - anchor_b1 + ring_len], axis=1)
+    q_bkmh = bw.query_tile(jnp.concatenate([q_b1nh, q_b1nh], axis=1), offsets_b2, inv_freq_h, kv_heads)
+    s_bkg2w = bw.scores(q_bkmh, ring.k_bklh).reshape(b, kv_heads, -1, 2, ring_len)
+    return jnp.where(own_anchor_bw[:, None, None], s_bkg2w[:, :, :, 0], s_bkg2w[:, :, :, 1])
+
+  def any_anchors(_):
+    k_bkwh = apply_rope(ring.k_bklh, (ring.pos_bl - pos_b1)[:, None], inv_freq_h)
+    return bw.scores(bw.query_tile(q_b1nh, jnp.zeros_like(pos_b1), inv_freq_h, kv_heads), k_bkwh)
+
+  s_bkgw = jax.lax.cond(known, two_anchors, any_anchors, None)
+  dist_bw = idx_b1 - ring.idx_bl
+  state = bw.update(state, s_bkgw, ring.v_bklh, ((dist_bw >= 0) & (dist_bw < window) & (ring.idx_bl >= 0))[:, None])
+  q_bkgh = bw.query_tile(q_b1nh, jnp.zeros_like(pos_b1), inv_freq_h, kv_heads)
+  state = bw.update(state, bw.scores(q_bkgh, new.k_bklh), new.v_bklh, (idx_b1 >= 0)[:, :, None])
+  return bw.finish(state, 1, q_b1nh.dtype)[0]
+
+
+def write(cache: Cache, k_lbckh, v_lbckh, positions_bc, idx_bc, inv_freq_h) -> Cache:
+  """Stores a chunk's keys and values of every layer [L, B, C, K, H]: a token goes to slot idx
+  (if idx < G) and to ring slot idx % W (only the chunk's last W tokens: no slot is written
+  twice). Padding (idx -1) is dropped."""
+  ring_len = cache.ring_idx.shape[1]
+  valid_bc = idx_bc >= 0
+  slots = _write_slots(Keys(cache.kv.slot_k, cache.kv.slot_v, cache.slot_pos, cache.slot_idx),
+                       Keys(k_lbckh, v_lbckh, positions_bc, idx_bc))
+  last_b1 = jnp.max(idx_bc, axis=1, keepdims=True)
+  ring_at = jnp.where(valid_bc & (idx_bc > last_b1 - ring_len), idx_bc % ring_len, ring_len)
+  anchor_bc = positions_bc - positions_bc % ring_len
+  k_lbckh = apply_rope(k_lbckh, (positions_bc - anchor_bc)[None, :, :, None], inv_freq_h)
+  ring = _put(Keys(cache.kv.ring_k, cache.kv.ring_v, cache.ring_anchor, cache.ring_idx), ring_at,
+              Keys(k_lbckh, v_lbckh, anchor_bc, idx_bc))
+  next_idx = cache.next_idx + jnp.sum(valid_bc, axis=1, dtype=jnp.int32)
+  return Cache(LayerKV(slots.k_bklh, slots.v_bklh, ring.k_bklh, ring.v_bklh), slots.pos_bl, slots.idx_bl,
+               ring.pos_bl, ring.idx_bl, next_idx)
+
+
+def _write_slots(slots: Keys, new: Keys) -> Keys:
+  n_slots = slots.idx_bl.shape[1]
+  return _put(slots, jnp.where((new.idx_bl >= 0) & (new.idx_bl < n_slots), new.idx_bl, n_slots), new)
 
 
 def _put(keys: Keys, at_bc: jnp.ndarray, new: Keys) -> Keys:
-  """Writes new[:, c] to slot at_bc[:, c]; out-of-range slots are dropped."""
-  b = jnp.arange(at_bc.shape[0])[:, None]
-  return Keys(keys.k_bklh.at[b, :, at_bc].set(jnp.swapaxes(new.k_bklh, 1, 2), mode="drop"),
-              keys.v_bklh.at[b, :, at_bc].set(jnp.swapaxes(new.v_bklh, 1, 2), mode="drop"),
-              keys.pos_bl.at[b, at_bc].set(new.pos_bl, mode="drop"),
-              keys.idx_bl.at[b, at_bc].set(new.idx_bl, mode="drop"))
+  """Writes token c of `new` to slot at_bc[:, c] (out of range: dropped). Key/value arrays are
+  [B, K, S, H] with new ones [B, K, C, H], or with a leading layer axis [L, B, K, S, H] with new
+  ones [L, B, C, K, H]."""
+  b_b1 = jnp.arange(at_bc.shape[0])[:, None]
+  if keys.k_bklh.ndim == 4:
+    put = lambda x, y: x.at[b_b1, :, at_bc].set(jnp.swapaxes(y, 1, 2), mode="drop")  # noqa: E731
+  else:  # x[:, b, :, at] has shape [B, C, L, K, H]
+    put = lambda x, y: x.at[:, b_b1, :, at_bc].set(jnp.moveaxis(y, 0, 2), mode="drop")  # noqa: E731
+  return Keys(put(keys.k_bklh, new.k_bklh), put(keys.v_bklh, new.v_bklh), keys.pos_bl.at[b_b1, at_bc].set(
+      new.pos_bl, mode="drop"), keys.idx_bl.at[b_b1, at_bc].set(new.idx_bl, mode="drop"))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from lminf_jax.attention import Dense, attend, resolve
 from lminf_jax.attention.blockwise import count_on
-from lminf_jax.cache import Cache, attend_cached, chunk_indices
+from lminf_jax.cache import Cache, attend_cached, chunk_indices, write
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.rope import inv_frequencies
 from lminf_jax.sharding import constrain, mesh_axis_size
@@ -57,7 +57,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, cache=None):
-    """Output [B, T, D] and, with `cache` = (LayerCache, idx [B,T], next idx [B]), the updated LayerCache."""
+    """Output [B, T, D]; with `cache` = (LayerKV, Cache without kv, idx [B,T]), also the chunk's
+    keys and values [B, T, K, H] for `lminf_jax.cache.write`."""
     cfg = self.config
     d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
@@ -75,15 +76,16 @@ class Attention(nn.Module):
       v_btkh += self.param("bv_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
     inv_freq_h = jnp.asarray(inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling))
     if cache is None:
-      o_btnh, new_cache = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer), None
+      o_btnh, new_kv = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer), None
     else:
-      layer_cache, idx_bt, next_idx_b = cache
-      o_btnh, new_cache = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, idx_bt, next_idx_b, layer_cache,
-                                        inv_freq_h, self.attention)
+      layer_kv, shared, idx_bt = cache
+      o_btnh = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, idx_bt, layer_kv, shared, inv_freq_h,
+                             self.attention)
+      new_kv = (k_btkh, v_btkh)
     out_btd = jnp.einsum("btnh,nhd->btd", o_btnh, wo_nhd.astype(dt))
     if cfg.o_bias:
       out_btd += self.param("bo_d", _const(nn.initializers.zeros, "embed"), (d,), pdt).astype(dt)
-    return out_btd, new_cache
+    return out_btd, new_kv
 
 
 class MLP(nn.Module):
@@ -106,14 +108,14 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, attention,
-               layer_cache=None, cache_indices=None):
+               layer_kv=None, shared=None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
-    cache = None if layer_cache is None else (layer_cache,) + cache_indices
-    attn_btd, layer_cache = Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer, cache)
+    cache = None if layer_kv is None else (layer_kv,) + shared
+    attn_btd, new_kv = Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer, cache)
     x_btd = x_btd + attn_btd
     x_btd = x_btd + MLP(cfg, name="mlp")(norm("mlp_norm")(x_btd))
-    return constrain(x_btd, "batch", "length", "embed"), layer_cache
+    return constrain(x_btd, "batch", "length", "embed"), new_kv
 
 
 class Llama(nn.Module):
@@ -125,7 +127,7 @@ class Llama(nn.Module):
     self.embed_vd = self.param("embed_vd", _init("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size), pdt)
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
     # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged;
-    # a cache's per-layer leaves are scanned along their leading L axis.
+    # a cache's per-layer keys and values are scanned along their leading L axis.
     self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, 0, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
@@ -150,11 +152,14 @@ class Llama(nn.Module):
       positions_bt = count_on(positions_bt, pad)
     attention = resolve(attention, cfg.max_position_embeddings)
     x_btd = constrain(jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(cfg.dtype)), "batch", "length", "embed")
-    layers, indices = (None, None) if cache is None else (cache.layers, chunk_indices(cache.next_idx, positions_bt))
-    x_btd, new_layers = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, layers,
-                                    None if indices is None else (indices[0], cache.next_idx))
-    x_btd = self.final_norm(x_btd)[:, :t]
-    return x_btd if cache is None else (x_btd, Cache(new_layers, indices[1]))
+    if cache is None:
+      x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, None, None)
+      return self.final_norm(x_btd)[:, :t]
+    idx_bt = chunk_indices(cache.next_idx, positions_bt)
+    x_btd, (k_lbtkh, v_lbtkh) = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, cache.kv,
+                                            (cache._replace(kv=None), idx_bt))
+    inv_freq_h = jnp.asarray(inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    return self.final_norm(x_btd), write(cache, k_lbtkh, v_lbtkh, positions_bt, idx_bt, inv_freq_h)
 
   def unembed(self, x_btd: jnp.ndarray) -> jnp.ndarray:
     """Logits [B, T, V] in float32."""

@@ -78,22 +78,37 @@ def test_left_padded_batch_equals_each_row_alone(model):
   np.testing.assert_allclose(got[1], np.asarray(forward(params, config, row[None], attention=spec))[0], atol=1e-4)
 
 
+def _feed(params, config, spec, tokens, positions, chunks, max_len=None):
+  """Logits of feeding `tokens` through a fresh cache in chunks of the given lengths."""
+  cache = init_cache(config, spec, tokens.shape[0], max_len=max_len)
+  outs, start = [], 0
+  for size in chunks:
+    logits, cache = forward_cached(params, config, cache, tokens[:, start:start + size],
+                                   positions[:, start:start + size], spec)
+    outs.append(np.asarray(logits))
+    start += size
+  return np.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("chunks", [[10] * 9, [30] + [1] * 60], ids=["chunked", "decode"])
 @pytest.mark.parametrize("method", ["lambda", "streaming"])
-def test_stream_at_position_offset_1e8_equals_offset_0(model, method):
+def test_stream_at_position_offset_1e8_equals_offset_0(model, method, chunks):
   config, params, _ = model
   spec = resolve(SPECS[method](10), config.max_position_embeddings)
-
-  def run(offset):
-    cache = init_cache(config, spec, 2)
-    positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape)
-    outs = []
-    for start in range(0, 90, 10):
-      logits, cache = forward_cached(params, config, cache, TOKENS[:, start:start + 10], positions[:, start:start + 10],
-                                     spec)
-      outs.append(np.asarray(logits))
-    return np.concatenate(outs, axis=1)
-
+  run = lambda offset: _feed(params, config, spec, TOKENS, jnp.broadcast_to(  # noqa: E731
+      jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape), chunks)
   np.testing.assert_allclose(run(10**8), run(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lambda", "streaming", "dense"])
+def test_decode_with_position_gaps_equals_one_shot(model, method):
+  """Positions that jump (by more than the ring) inside the window: decoding must still match."""
+  config, params, _ = model
+  spec = resolve(SPECS[method](16), config.max_position_embeddings)
+  positions = jnp.broadcast_to(jnp.asarray(np.r_[0:40, 1040:1060, 5060:5090], jnp.int32), TOKENS.shape)
+  expected = np.asarray(forward(params, config, TOKENS, positions, attention=spec))
+  got = _feed(params, config, spec, TOKENS, positions, [30] + [1] * 60, max_len=90)
+  np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_cache_size_does_not_grow(model):

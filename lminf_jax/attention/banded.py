@@ -54,6 +54,19 @@ def starting_keys(keys: Keys, n_start: int) -> Keys:
               jnp.where(exists_bg, start_idx_bg, -1))
 
 
+def add_starting_keys(state: bw.SoftmaxState, q_bcnh: jnp.ndarray, pos_bc: jnp.ndarray, idx_bc: jnp.ndarray,
+                      ref_b1: jnp.ndarray, starts: Keys, inv_freq_h: jnp.ndarray, window: int,
+                      start_rotation: StartRotation) -> bw.SoftmaxState:
+  """Folds the starting keys a query does not see in its band (distance >= window) into its softmax."""
+  if not starts.idx_bl.shape[1]:
+    return state
+  q_offsets, k_offsets = start_rotation
+  q_far = bw.query_tile(q_bcnh, q_offsets(pos_bc, idx_bc, ref_b1), inv_freq_h, starts.k_bklh.shape[1])
+  k_far = apply_rope(starts.k_bklh, k_offsets(starts.pos_bl, starts.idx_bl, ref_b1)[:, None], inv_freq_h)
+  mask_bcg = (idx_bc[:, :, None] - starts.idx_bl[:, None, :] >= window) & (starts.idx_bl >= 0)[:, None, :]
+  return bw.update(state, bw.scores(q_far, k_far), starts.v_bklh, mask_bcg)
+
+
 def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray, keys: Keys, starts: Keys,
                    inv_freq_h: jnp.ndarray, chunk: int, key_block: int, window: int, start_rotation: StartRotation):
   """Queries q [B,T,N,H] (positions, idx [B,T]) over `keys` = a context of L-T keys followed by the
@@ -75,12 +88,7 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
     ref_b1 = pos_bc[:, -1:]
     q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
     state = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
-    if starts.idx_bl.shape[1]:
-      q_offsets, k_offsets = start_rotation
-      q_far = bw.query_tile(q_bcnh, q_offsets(pos_bc, idx_bc, ref_b1), inv_freq_h, kv)
-      k_far = apply_rope(starts.k_bklh, k_offsets(starts.pos_bl, starts.idx_bl, ref_b1)[:, None], inv_freq_h)
-      mask_bcg = (idx_bc[:, :, None] - starts.idx_bl[:, None, :] >= window) & (starts.idx_bl >= 0)[:, None, :]
-      state = bw.update(state, bw.scores(q_far, k_far), starts.v_bklh, mask_bcg)
+    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, ref_b1, starts, inv_freq_h, window, start_rotation)
 
     def fold(state, start):
       k_rot, _, v_bksh, idx_bs = bw.key_block(keys.k_bklh, keys.v_bklh, keys.pos_bl, keys.idx_bl, start, s, ref_b1,
