@@ -15,6 +15,12 @@ A chunk is attended with `band_attention` (the ring, oldest first, as key contex
 starting keys): the same computation as the one-shot forward. A single decode token attends the
 ring where it lies, with no rotation of cached keys: a window holds at most two anchors, so
 the query is rotated twice and each key takes the score of its anchor.
+
+`infllm` adds to lambda's layout (n_init slots, a ring of W = n_local + block_size raw keys, so
+evicted tokens stay until their block forms) each ring key's local attention probability sum
+and a pool of formed blocks with their representative keys: `infllm_chunk` over the ring
+(oldest first) and the chunk, the slots and the pool; `write` forms the blocks a chunk completes.
+The pool holds every block of `max_len` tokens (or capacity_blocks).
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import jax.numpy as jnp
 
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.banded import Keys, add_starting_keys, band_attention
+from lminf_jax.attention.infllm import Pool, blocks_formed, context_window, infllm_chunk, pool_blocks, \
+    representative_keys
 from lminf_jax.attention.methods import band_rotation, band_shape
-from lminf_jax.attention.specs import Dense, Lambda
+from lminf_jax.attention.specs import Dense, InfLLM, Lambda
 from lminf_jax.errors import UserError
 from lminf_jax.rope import apply_rope
 
@@ -39,6 +47,10 @@ class LayerKV(NamedTuple):
   slot_v: jnp.ndarray
   ring_k: jnp.ndarray  # [B, K, W, H] the latest W tokens at slot idx % W, rotated by position % W
   ring_v: jnp.ndarray
+  ring_colsum: jnp.ndarray  # [B, N, W] infllm: local attention probability each ring key received
+  pool_k: jnp.ndarray  # [B, K, P*bs, H] infllm: raw keys of the formed blocks
+  pool_v: jnp.ndarray
+  pool_rk: jnp.ndarray  # [B, N, P, H] infllm: their representative keys
 
 
 class Cache(NamedTuple):
@@ -48,6 +60,7 @@ class Cache(NamedTuple):
   ring_anchor: jnp.ndarray  # [B, W] position - position % W of the ring's keys
   ring_idx: jnp.ndarray  # [B, W] their sequence indices, -1 while empty
   next_idx: jnp.ndarray  # [B] sequence index of the next real token
+  formed: jnp.ndarray  # [B] infllm: blocks formed
 
   def slots(self, kv: LayerKV) -> Keys:
     return Keys(kv.slot_k, kv.slot_v, self.slot_pos, self.slot_idx)
@@ -62,19 +75,30 @@ def cache_shape(spec, max_len: int | None = None) -> tuple[int, int]:
     if not max_len:
       raise UserError("a dense cache needs max_len")
     return 0, max_len
+  if isinstance(spec, InfLLM):
+    return spec.n_init, context_window(spec)
   if isinstance(spec, Lambda) and (spec.top_k or not spec.mask):
     raise UserError("cached lambda supports neither top_k nor the no-mask ablation (both need every key)")
   return band_shape(spec)
 
 
 def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
-  """An empty cache for `batch` rows under the resolved attention `spec` (dense: `max_len` tokens)."""
+  """An empty cache for `batch` rows under the resolved attention `spec` (dense and infllm: for
+  up to `max_len` tokens)."""
   n_slots, ring = cache_shape(spec, max_len)
+  n_pool, bs, n_colsum = 0, 0, 0
+  if isinstance(spec, InfLLM):
+    if not max_len:
+      raise UserError("an infllm cache needs max_len (its block pool holds every block of max_len tokens)")
+    n_pool, bs, n_colsum = pool_blocks(max_len, spec), spec.block_size, ring
   dtype = jnp.dtype(config.dtype)
-  kv = lambda length: jnp.zeros((config.num_layers, batch, config.num_kv_heads, length, config.head_dim), dtype)  # noqa: E731
+  layers, heads, kv_heads, h = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
+  kv = lambda length: jnp.zeros((layers, batch, kv_heads, length, h), dtype)  # noqa: E731
   index = lambda length, fill: jnp.full((batch, length), fill, jnp.int32)  # noqa: E731
-  return Cache(LayerKV(kv(n_slots), kv(n_slots), kv(ring), kv(ring)), index(n_slots, 0), index(n_slots, -1),
-               index(ring, 0), index(ring, -1), jnp.zeros((batch,), jnp.int32))
+  return Cache(LayerKV(kv(n_slots), kv(n_slots), kv(ring), kv(ring), jnp.zeros((layers, batch, heads, n_colsum)),
+                       kv(n_pool * bs), kv(n_pool * bs), jnp.zeros((layers, batch, heads, n_pool, h))),
+               index(n_slots, 0), index(n_slots, -1), index(ring, 0), index(ring, -1), jnp.zeros((batch,), jnp.int32),
+               jnp.zeros((batch,), jnp.int32))
 
 
 def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> jnp.ndarray:
@@ -85,22 +109,36 @@ def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> jnp.nda
 
 
 def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, idx_bc, kv: LayerKV, cache: Cache, inv_freq_h, spec):
-  """Attention [B, C, N, H] of a chunk over one layer's cache (not yet holding the chunk) and itself."""
-  ring_len = cache.ring_idx.shape[1]
-  window = ring_len if isinstance(spec, Dense) else band_shape(spec)[1]
+  """Attention [B, C, N, H] of a chunk over one layer's cache (not yet holding the chunk) and
+  itself, and (infllm) the local probability sums [B, N, W+C] of the ring and chunk keys, else None."""
   new = Keys(jnp.swapaxes(k_bckh, 1, 2), jnp.swapaxes(v_bckh, 1, 2), positions_bc, idx_bc)
-  if q_bcnh.shape[1] == 1:
-    return _attend_one(q_bcnh, new, cache.slots(kv), cache.ring(kv), inv_freq_h, window, spec)
-  # The ring oldest first (slot (next_idx + w) % W holds the w-th oldest token), then the chunk.
-  order_bw = (cache.next_idx[:, None] + jnp.arange(ring_len, dtype=jnp.int32)) % ring_len
-  ring = cache.ring(kv)
-  context = Keys(*(jnp.take_along_axis(x, order_bw[:, None, :, None], axis=2) for x in ring[:2]),
-                 *(jnp.take_along_axis(x, order_bw, axis=1) for x in ring[2:]))
-  keys = Keys(*(jnp.concatenate([a, b], axis=2 if a.ndim == 4 else 1) for a, b in zip(context, new)))
   # The chunk's first tokens of a sequence are starting keys of its later queries.
   starts = _write_slots(cache.slots(kv), new)
-  return band_attention(q_bcnh, positions_bc, idx_bc, keys, starts, inv_freq_h, spec.chunk, spec.key_block, window,
-                        band_rotation(spec))[0]
+  if isinstance(spec, InfLLM):
+    pool = Pool(kv.pool_k, kv.pool_v, kv.pool_rk, cache.formed)
+    return infllm_chunk(q_bcnh, positions_bc, idx_bc, _ordered(cache, cache.ring(kv), new), starts, pool, inv_freq_h,
+                        spec)
+  window = cache.ring_idx.shape[1] if isinstance(spec, Dense) else band_shape(spec)[1]
+  if q_bcnh.shape[1] == 1:
+    return _attend_one(q_bcnh, new, cache.slots(kv), cache.ring(kv), inv_freq_h, window, spec), None
+  return band_attention(q_bcnh, positions_bc, idx_bc, _ordered(cache, cache.ring(kv), new), starts, inv_freq_h,
+                        spec.chunk, spec.key_block, window, band_rotation(spec))[0], None
+
+
+def _ring_order(cache: Cache) -> jnp.ndarray:
+  """[B, W]: ring slot (next_idx + w) % W holds the w-th oldest token."""
+  ring_len = cache.ring_idx.shape[1]
+  return (cache.next_idx[:, None] + jnp.arange(ring_len, dtype=jnp.int32)) % ring_len
+
+
+def _ordered(cache: Cache, ring: Keys, new: Keys) -> Keys:
+  """The ring oldest first, then the chunk (key arrays [..., K, W+C, H], indices [B, W+C])."""
+  order_bw = _ring_order(cache)
+  at = order_bw[:, None, :, None] if ring.k_bklh.ndim == 4 else order_bw[None, :, None, :, None]
+  context = Keys(*(jnp.take_along_axis(x, at, axis=-2) for x in ring[:2]),
+                 *(jnp.take_along_axis(x, order_bw, axis=1) for x in ring[2:]))
+  return Keys(*(jnp.concatenate([a, b], axis=-2) for a, b in zip(context[:2], new[:2])),
+              *(jnp.concatenate([a, b], axis=1) for a, b in zip(context[2:], new[2:])))
 
 
 def _attend_one(q_b1nh, new: Keys, slots: Keys, ring: Keys, inv_freq_h, window: int, spec):
@@ -134,23 +172,62 @@ def _attend_one(q_b1nh, new: Keys, slots: Keys, ring: Keys, inv_freq_h, window: 
   return bw.finish(state, 1, q_b1nh.dtype)[0]
 
 
-def write(cache: Cache, k_lbckh, v_lbckh, positions_bc, idx_bc, inv_freq_h) -> Cache:
+def write(cache: Cache, k_lbckh, v_lbckh, colsum_lbnx, positions_bc, idx_bc, inv_freq_h, spec) -> Cache:
   """Stores a chunk's keys and values of every layer [L, B, C, K, H]: a token goes to slot idx
   (if idx < G) and to ring slot idx % W (only the chunk's last W tokens: no slot is written
-  twice). Padding (idx -1) is dropped."""
+  twice). Padding (idx -1) is dropped. infllm also adds the chunk's probability sums
+  [L, B, N, W+C] (from `attend_cached`) and forms the blocks the chunk completes."""
   ring_len = cache.ring_idx.shape[1]
   valid_bc = idx_bc >= 0
-  slots = _write_slots(Keys(cache.kv.slot_k, cache.kv.slot_v, cache.slot_pos, cache.slot_idx),
-                       Keys(k_lbckh, v_lbckh, positions_bc, idx_bc))
+  new = Keys(k_lbckh, v_lbckh, positions_bc, idx_bc)
+  slots = _write_slots(Keys(cache.kv.slot_k, cache.kv.slot_v, cache.slot_pos, cache.slot_idx), new)
+  next_idx = cache.next_idx + jnp.sum(valid_bc, axis=1, dtype=jnp.int32)
   last_b1 = jnp.max(idx_bc, axis=1, keepdims=True)
   ring_at = jnp.where(valid_bc & (idx_bc > last_b1 - ring_len), idx_bc % ring_len, ring_len)
-  anchor_bc = positions_bc - positions_bc % ring_len
-  k_lbckh = apply_rope(k_lbckh, (positions_bc - anchor_bc)[None, :, :, None], inv_freq_h)
-  ring = _put(Keys(cache.kv.ring_k, cache.kv.ring_v, cache.ring_anchor, cache.ring_idx), ring_at,
-              Keys(k_lbckh, v_lbckh, anchor_bc, idx_bc))
-  next_idx = cache.next_idx + jnp.sum(valid_bc, axis=1, dtype=jnp.int32)
-  return Cache(LayerKV(slots.k_bklh, slots.v_bklh, ring.k_bklh, ring.v_bklh), slots.pos_bl, slots.idx_bl,
-               ring.pos_bl, ring.idx_bl, next_idx)
+  kv, formed = cache.kv, cache.formed
+  if isinstance(spec, InfLLM):  # raw keys (the far branch needs them unrotated) with their positions
+    kv, formed = _form_blocks(cache, new, colsum_lbnx, next_idx, spec)
+    b_b1 = jnp.arange(idx_bc.shape[0])[:, None]
+    kv = kv._replace(ring_colsum=kv.ring_colsum.at[:, b_b1, :, ring_at].set(
+        colsum_lbnx[..., ring_len:].transpose(1, 3, 0, 2), mode="drop"))
+    anchor_bc = positions_bc
+  else:
+    anchor_bc = positions_bc - positions_bc % ring_len
+    new = new._replace(k_bklh=apply_rope(k_lbckh, (positions_bc - anchor_bc)[None, :, :, None], inv_freq_h))
+  ring = _put(Keys(kv.ring_k, kv.ring_v, cache.ring_anchor, cache.ring_idx), ring_at, new._replace(pos_bl=anchor_bc))
+  kv = kv._replace(slot_k=slots.k_bklh, slot_v=slots.v_bklh, ring_k=ring.k_bklh, ring_v=ring.v_bklh)
+  return Cache(kv, slots.pos_bl, slots.idx_bl, ring.pos_bl, ring.idx_bl, next_idx, formed)
+
+
+def _form_blocks(cache: Cache, new: Keys, colsum_lbnx, next_idx_b, spec) -> tuple[LayerKV, jnp.ndarray]:
+  """infllm: adds the chunk's probability sums to the ring's, and moves every block completed by
+  the chunk (its tokens are in the ring or the chunk) to the pool with its representative keys."""
+  kv = cache.kv
+  ring_len, c = cache.ring_idx.shape[1], new.idx_bl.shape[1]
+  n_pool, bs = kv.pool_rk.shape[3], spec.block_size
+  slot_to_entry_bw = (jnp.arange(ring_len) - cache.next_idx[:, None]) % ring_len
+  ring_colsum = kv.ring_colsum + jnp.take_along_axis(colsum_lbnx[..., :ring_len], slot_to_entry_bw[None, :, None],
+                                                     axis=-1)
+  ring = Keys(kv.ring_k, kv.ring_v, cache.ring_anchor, cache.ring_idx)
+  context = _ordered(cache, ring, new._replace(k_bklh=jnp.swapaxes(new.k_bklh, 2, 3),
+                                               v_bklh=jnp.swapaxes(new.v_bklh, 2, 3)))
+  context_colsum = jnp.concatenate([jnp.take_along_axis(ring_colsum, _ring_order(cache)[None, :, None], axis=-1),
+                                    colsum_lbnx[..., ring_len:]], axis=-1)
+  # Blocks formed + m for m < C/bs + 2 (at most that many complete in one chunk); entry of token j: j - (s - W).
+  formed_b = blocks_formed(next_idx_b, spec)
+  block_bm = cache.formed[:, None] + jnp.arange(c // bs + 2)
+  token_bx = (spec.n_init + block_bm[:, :, None] * bs + jnp.arange(bs)).reshape(block_bm.shape[0], -1)
+  entry_bx = jnp.clip(token_bx - (cache.next_idx - ring_len)[:, None], 0, ring_len + c - 1)
+  k_lbkxh, v_lbkxh = (jnp.take_along_axis(x, entry_bx[None, :, None, :, None], axis=-2) for x in context[:2])
+  colsum_lbnx = jnp.take_along_axis(context_colsum, entry_bx[None, :, None], axis=-1)
+  rk_lbnmh = representative_keys(colsum_lbnx, k_lbkxh, spec.repr_tokens, bs)
+  keep_bm = block_bm < jnp.minimum(formed_b, n_pool)[:, None]
+  b_b1 = jnp.arange(block_bm.shape[0])[:, None]
+  at_bm = jnp.where(keep_bm, block_bm, n_pool)
+  at_bx = jnp.where(jnp.repeat(keep_bm, bs, axis=1), token_bx - spec.n_init, n_pool * bs)
+  put = lambda x, at, y: x.at[:, b_b1, :, at].set(jnp.moveaxis(y, (0, 2), (2, 3)), mode="drop")  # noqa: E731
+  return kv._replace(ring_colsum=ring_colsum, pool_k=put(kv.pool_k, at_bx, k_lbkxh),
+                     pool_v=put(kv.pool_v, at_bx, v_lbkxh), pool_rk=put(kv.pool_rk, at_bm, rk_lbnmh)), formed_b
 
 
 def _write_slots(slots: Keys, new: Keys) -> Keys:

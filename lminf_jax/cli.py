@@ -40,17 +40,25 @@ non_negative_int = _int_at_least(0, ">= 0")
 
 def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> None:
   p.add_argument("--attention", default="dense",
-                 help="attention method" + ("s, comma-separated" if several else "") + ": dense | lambda | streaming")
-  p.add_argument("--chunk", type=positive_int, default=512, help="query chunk length of the blockwise attention")
+                 help="attention method" + ("s, comma-separated" if several else "") + ": dense | lambda | streaming | infllm")
+  p.add_argument("--chunk", type=positive_int, default=512,
+                 help="query chunk length of the blockwise attention (infllm: also how often it retrieves)")
   p.add_argument("--key-block", type=positive_int, default=512, help="key block length of the blockwise attention")
   p.add_argument("--n-global", type=non_negative_int, default=10, help="lambda: starting tokens")
-  p.add_argument("--n-local", type=positive_int, help="lambda: window (default: the model's training length)")
+  p.add_argument("--n-local", type=positive_int, help="lambda, infllm: window (default: the model's training length)")
   p.add_argument("--limit", type=positive_int, help="lambda: distance limit (default: n_local)")
-  p.add_argument("--top-k", type=positive_int, help="lambda: top-k middle tokens for the last query (off by default)")
+  p.add_argument("--top-k", type=positive_int,
+                 help="lambda: top-k middle tokens for the last query (off by default); infllm: blocks retrieved "
+                      "per chunk (default 16)")
   p.add_argument("--no-mask", action="store_true", help="lambda ablation: distance limit without the mask")
   p.add_argument("--no-distance-limit", action="store_true", help="lambda ablation: mask without the limit")
   p.add_argument("--n-sink", type=non_negative_int, default=4, help="streaming: attention sinks")
   p.add_argument("--n-recent", type=positive_int, help="streaming: recent window (default: training length - n_sink)")
+  p.add_argument("--n-init", type=non_negative_int, default=128, help="infllm: starting tokens")
+  p.add_argument("--block-size", type=positive_int, default=128, help="infllm: tokens per memory block")
+  p.add_argument("--repr-tokens", type=positive_int, default=4, help="infllm: tokens behind a block's representative key")
+  p.add_argument("--capacity-blocks", type=non_negative_int,
+                 help="infllm: block pool size (default: every block the input forms)")
 
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +87,7 @@ def mesh_from_args(args: argparse.Namespace):
 
 def attention_from_args(args: argparse.Namespace, name: str):
   """The attention spec named `name`, with the method's options from the command line."""
-  from lminf_jax.attention import Dense, Lambda, Streaming
+  from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming
 
   if name == "dense":
     return Dense(chunk=args.chunk, key_block=args.key_block)
@@ -89,7 +97,11 @@ def attention_from_args(args: argparse.Namespace, name: str):
                   key_block=args.key_block)
   if name == "streaming":
     return Streaming(n_sink=args.n_sink, n_recent=args.n_recent, chunk=args.chunk, key_block=args.key_block)
-  raise UserError(f"unknown attention method {name!r} (choose from dense, lambda, streaming)")
+  if name == "infllm":
+    return InfLLM(n_init=args.n_init, n_local=args.n_local, block_size=args.block_size, repr_tokens=args.repr_tokens,
+                  top_k=args.top_k or InfLLM.top_k, chunk=args.chunk, capacity_blocks=args.capacity_blocks,
+                  key_block=args.key_block)
+  raise UserError(f"unknown attention method {name!r} (choose from dense, lambda, streaming, infllm)")
 
 
 def _existing_file(path: str) -> Path:
@@ -314,7 +326,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
   if ids.size < 2:
     raise UserError("the text has fewer than 2 tokens")
   spec = resolve(attention, config.max_position_embeddings)
-  cache = init_cache(config, spec, 1, max_len=args.tokens)  # max_len: dense only
+  cache = init_cache(config, spec, 1, max_len=args.tokens)  # max_len: dense and infllm
   total = args.tokens
   chunks = document_stream(ids, total, config.bos_token_id, args.chunk)
   print(f"streaming {total} tokens ({ids.size} per document) with {args.attention}, chunk {args.chunk}")

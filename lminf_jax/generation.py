@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from lminf_jax.attention import Dense, resolve
+from lminf_jax.attention import Dense, InfLLM, resolve
 from lminf_jax.attention.blockwise import split_chunks
 from lminf_jax.cache import Cache, init_cache
 from lminf_jax.errors import UserError
@@ -141,6 +141,8 @@ def generate(params: dict, config: LlamaConfig, prompts: list[list[int]], max_ne
   if chunk <= 0:
     raise UserError(f"chunk must be positive, got {chunk}")
   spec = resolve(attention, config.max_position_embeddings)
+  if isinstance(spec, InfLLM):  # its chunk is part of its semantics (how often it retrieves)
+    chunk = spec.chunk
   chunk = min(chunk, max(len(p) for p in prompts or [[0]]))
   tokens, positions = left_pad(prompts, chunk)
   cache = init_cache(config, spec, len(prompts), max_len=tokens.shape[1] + max_new_tokens)

@@ -57,8 +57,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, cache=None):
-    """Output [B, T, D]; with `cache` = (LayerKV, Cache without kv, idx [B,T]), also the chunk's
-    keys and values [B, T, K, H] for `lminf_jax.cache.write`."""
+    """Output [B, T, D]; with `cache` = (LayerKV, Cache without kv, idx [B,T]), also what
+    `lminf_jax.cache.write` stores: the chunk's keys and values [B, T, K, H] (and infllm's
+    probability sums)."""
     cfg = self.config
     d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
@@ -79,9 +80,9 @@ class Attention(nn.Module):
       o_btnh, new_kv = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer), None
     else:
       layer_kv, shared, idx_bt = cache
-      o_btnh = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, idx_bt, layer_kv, shared, inv_freq_h,
-                             self.attention)
-      new_kv = (k_btkh, v_btkh)
+      o_btnh, colsum = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, idx_bt, layer_kv, shared, inv_freq_h,
+                                     self.attention)
+      new_kv = (k_btkh, v_btkh, colsum)
     out_btd = jnp.einsum("btnh,nhd->btd", o_btnh, wo_nhd.astype(dt))
     if cfg.o_bias:
       out_btd += self.param("bo_d", _const(nn.initializers.zeros, "embed"), (d,), pdt).astype(dt)
@@ -156,10 +157,11 @@ class Llama(nn.Module):
       x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, None, None)
       return self.final_norm(x_btd)[:, :t]
     idx_bt = chunk_indices(cache.next_idx, positions_bt)
-    x_btd, (k_lbtkh, v_lbtkh) = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, cache.kv,
-                                            (cache._replace(kv=None), idx_bt))
+    x_btd, (k_lbtkh, v_lbtkh, colsum_lbnx) = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention,
+                                                          cache.kv, (cache._replace(kv=None), idx_bt))
     inv_freq_h = jnp.asarray(inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    return self.final_norm(x_btd), write(cache, k_lbtkh, v_lbtkh, positions_bt, idx_bt, inv_freq_h)
+    cache = write(cache, k_lbtkh, v_lbtkh, colsum_lbnx, positions_bt, idx_bt, inv_freq_h, attention)
+    return self.final_norm(x_btd), cache
 
   def unembed(self, x_btd: jnp.ndarray) -> jnp.ndarray:
     """Logits [B, T, V] in float32."""

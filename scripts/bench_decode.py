@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -121,7 +120,9 @@ def main() -> None:
     method, length = args.row[0], int(args.row[1])
     result = run_torch(length, args.new_tokens) if method == "transformers" else run_lminf(method, length,
                                                                                              args.new_tokens)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
+    status = Path("/proc/self/status").read_text()
+    result["peak_rss_mib"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
     print(json.dumps(result))
     return
   bw = bandwidth()

@@ -8,9 +8,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from lminf_jax.attention.methods import METHOD_FUNCTIONS
-from lminf_jax.attention.specs import ATTENTION_METHODS, Dense, Lambda, Streaming, resolve
+from lminf_jax.attention.specs import ATTENTION_METHODS, Dense, InfLLM, Lambda, Streaming, resolve
 
-__all__ = ["ATTENTION_METHODS", "Dense", "Lambda", "Streaming", "attend", "resolve"]
+__all__ = ["ATTENTION_METHODS", "Dense", "InfLLM", "Lambda", "Streaming", "attend", "resolve"]
 
 
 def attend(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,

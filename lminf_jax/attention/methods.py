@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.banded import StartRotation, sink_and_band
 from lminf_jax.attention.dense import causal_attention
+from lminf_jax.attention.infllm import infllm_attention
 from lminf_jax.attention.sequence_parallel import sequence_parallel_band
-from lminf_jax.attention.specs import Dense, Lambda, Streaming
+from lminf_jax.attention.specs import Dense, InfLLM, Lambda, Streaming
 from lminf_jax.errors import UserError
 from lminf_jax.sharding import mesh_axis_size, warn_dense_all_gather
 
@@ -96,4 +97,11 @@ def streaming_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: 
   return _band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec)[0]
 
 
-METHOD_FUNCTIONS = {Dense: dense_attention, Lambda: lambda_attention, Streaming: streaming_attention}
+def infllm_method(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: InfLLM, layer) -> jnp.ndarray:
+  if mesh_axis_size("sequence") > 1:
+    raise UserError("infllm does not support sequence parallelism (its block memory needs every earlier key)")
+  return infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, layer)
+
+
+METHOD_FUNCTIONS = {Dense: dense_attention, Lambda: lambda_attention, Streaming: streaming_attention,
+                    InfLLM: infllm_method}

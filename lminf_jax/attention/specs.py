@@ -88,7 +88,34 @@ class Streaming:
     return dataclasses.replace(self, n_recent=self.n_recent or max(1, max_position_embeddings - self.n_sink))
 
 
-ATTENTION_METHODS = {"dense": Dense, "lambda": Lambda, "streaming": Streaming}
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class InfLLM:
+  """InfLLM: n_init starting tokens + an n_local window + a memory of evicted tokens in blocks of
+  block_size, of which each query chunk attends the top_k most relevant. `chunk` is part of the
+  semantics here (retrieval happens once per chunk); capacity_blocks caps the block pool
+  (None: as many blocks as the input forms)."""
+
+  n_init: int = 128
+  n_local: int | None = None
+  block_size: int = 128
+  repr_tokens: int = 4
+  top_k: int = 16
+  chunk: int = 512
+  capacity_blocks: int | None = None
+  key_block: int = 512
+
+  def __post_init__(self):
+    _check(self, positive=("n_local", "block_size", "repr_tokens", "top_k", "chunk", "key_block"),
+           non_negative=("n_init", "capacity_blocks"))
+    if self.repr_tokens > self.block_size:
+      raise UserError(f"InfLLM.repr_tokens ({self.repr_tokens}) must be <= block_size ({self.block_size})")
+
+  def resolve(self, max_position_embeddings: int) -> "InfLLM":
+    return dataclasses.replace(self, n_local=self.n_local or max_position_embeddings)
+
+
+ATTENTION_METHODS = {"dense": Dense, "lambda": Lambda, "streaming": Streaming, "infllm": InfLLM}
 
 
 def resolve(spec, max_position_embeddings: int):

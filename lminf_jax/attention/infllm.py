@@ -1,0 +1,205 @@
+"""InfLLM (Xiao et al., 2024): LM-Infinite's window plus a block memory of evicted tokens,
+looked up per query chunk by relevance (DESIGN.md section 4, "infllm").
+
+Query chunk [s, s+C) attends
+  - local: keys 0 <= i-j < n_local at true relative distance (as lambda);
+  - far, with the query rotated at n_local-1 and keys unrotated: the init tokens j < n_init,
+    the top_k blocks selected among those formed before s, and the evicted tokens not yet in a
+    formed block ("pending", j >= n_init + formed*block_size), all with i-j >= n_local;
+in one softmax, so every key j <= i is in exactly one branch or in an unselected block.
+A block's representative key (per query head) is the mean raw key of its repr_tokens tokens
+that received the most local attention probability while in the window ("column sums").
+
+`infllm_chunk` is the whole method for one chunk, given its context (the W = n_local +
+block_size keys before it, then its own), the init keys and the pool of formed blocks; the
+one-shot forward (`infllm_attention`, a scan over chunks) and the cache (lminf_jax.cache) both
+call it. Shapes are static: the pool has a fixed number of block slots and unformed blocks are
+masked out before `lax.top_k`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lminf_jax.attention import blockwise as bw
+from lminf_jax.attention.banded import Keys
+from lminf_jax.errors import UserError
+
+
+class Pool(NamedTuple):
+  """Block memory: raw keys and values [B, K, P*bs, H] (block b at [b*bs, (b+1)*bs)),
+  representative keys [B, N, P, H] and the number of formed blocks [B]."""
+
+  k_bkxh: jnp.ndarray
+  v_bkxh: jnp.ndarray
+  rk_bnph: jnp.ndarray
+  formed_b: jnp.ndarray
+
+
+def context_window(spec) -> int:
+  """W: the keys before a chunk that it may attend locally or as pending far keys."""
+  return spec.n_local + spec.block_size
+
+
+def blocks_formed(end, spec) -> jnp.ndarray:
+  """Blocks formed once tokens [0, end) are seen."""
+  return jnp.maximum((end - spec.n_local - spec.n_init) // spec.block_size, 0)
+
+
+def pool_blocks(length: int, spec) -> int:
+  """Pool size for `length` tokens: capacity_blocks, or every block formed before the last token;
+  a capacity below that is an error naming both."""
+  needed = max(0, (length - 1 - spec.n_local - spec.n_init) // spec.block_size)
+  if spec.capacity_blocks is None:
+    return needed
+  if needed > spec.capacity_blocks:
+    raise UserError(f"InfLLM block pool full: capacity_blocks={spec.capacity_blocks}, but {length} tokens need "
+                    f"{needed} blocks of {spec.block_size}")
+  return spec.capacity_blocks
+
+
+def representative_keys(colsum_nx: jnp.ndarray, k_kxh: jnp.ndarray, repr_tokens: int, block_size: int) -> jnp.ndarray:
+  """Per query head and block, the mean raw key of the repr_tokens tokens with the largest column
+  sums (ties: the earlier token). colsum [..., N, P*bs], keys [..., K, P*bs, H] -> [..., N, P, H]."""
+  *lead, n, x = colsum_nx.shape
+  kv, h = k_kxh.shape[-3], k_kxh.shape[-1]
+  p = x // block_size
+  _, top_npr = jax.lax.top_k(colsum_nx.reshape(*lead, n, p, block_size), repr_tokens)
+  at_kgx = (jnp.arange(p)[:, None] * block_size + top_npr).reshape(*lead, kv, n // kv, p * repr_tokens)
+  raw_kgxh = jnp.take_along_axis(k_kxh[..., None, :, :], at_kgx[..., None], axis=-2)
+  return raw_kgxh.reshape(*lead, n, p, repr_tokens, h).astype(jnp.float32).mean(-2)
+
+
+def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool, inv_freq_h, spec):
+  """One query chunk: q [B,C,N,H] at positions / sequence indices [B,C] (idx < 0: padding; the
+  chunk's first real query has index s = its row's next token). `context` [B,K,W+C,H] holds raw
+  keys with entry w at sequence index s-W+w (its last C entries are the chunk's own keys; idx < 0:
+  no key), `starts` the init tokens. Returns (out [B,C,N,H], local probability column sums
+  [B,N,W+C] over the context, from the chunk's real queries)."""
+  b, c, n, h = q_bcnh.shape
+  kv = context.k_bklh.shape[1]
+  g = n // kv
+  n_local, bs = spec.n_local, spec.block_size
+  real_bc = idx_bc >= 0
+  q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, n_local - 1), inv_freq_h, kv)
+  # Far keys: init tokens, pending tokens (all within the context's first bs + C entries), selected blocks.
+  pending_start_b1 = (spec.n_init + pool.formed_b * bs)[:, None]
+  pending = Keys(*(x[:, :, :bs + c] for x in context[:2]), *(x[:, :bs + c] for x in context[2:]))
+  far = [starts, pending]
+  far_ok = [starts.idx_bl >= 0, (pending.idx_bl >= pending_start_b1)]
+  if pool.rk_bnph.shape[2]:
+    far_block, ok_block = _selected_blocks(q_far, real_bc, pool, spec)
+    far.append(far_block)
+    far_ok.append(ok_block)
+  far_k, far_v = (jnp.concatenate([x[i] for x in far], axis=2) for i in (0, 1))
+  far_idx_bf = jnp.concatenate([x.idx_bl for x in far], axis=1)
+  far_ok_bf = jnp.concatenate(far_ok, axis=1) & (far_idx_bf >= 0)
+  mask_bcf = (idx_bc[:, :, None] - far_idx_bf[:, None, :] >= n_local) & far_ok_bf[:, None, :] & real_bc[:, :, None]
+  state = bw.update(bw.init_state(b, kv, g * c, h), bw.scores(q_far, far_k), far_v, mask_bcf)
+
+  # Local: the context from entry bs on, in key blocks of S, rotated relative to the chunk's last query.
+  local = Keys(*(x[:, :, bs:] for x in context[:2]), *(x[:, bs:] for x in context[2:]))
+  span = n_local + c
+  s = min(spec.key_block, span)
+  local = local.pad(0, -span % s)
+  ref_b1 = pos_bc[:, -1:]
+  q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
+
+  def block(kb):
+    k_rot, _, v_bksh, idx_bs = bw.key_block(*local, kb * s, s, ref_b1, inv_freq_h)
+    dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
+    mask_bcs = (dist_bcs >= 0) & (dist_bcs < n_local) & (idx_bs >= 0)[:, None, :] & real_bc[:, :, None]
+    return bw.scores(q_near, k_rot), v_bksh, mask_bcs
+
+  def fold(state, kb):
+    return bw.update(state, *block(kb)), None
+
+  n_blocks = local.idx_bl.shape[1] // s
+  state, _ = jax.lax.scan(fold, state, jnp.arange(n_blocks))
+  out_bcnh, lse_bcn = bw.finish(state, c, q_bcnh.dtype)
+
+  # Column sums of P(i, j) = exp(logit - lse_i) over the chunk's queries, for the local keys.
+  # (Selection is not differentiable; a padding query's lse is -inf.)
+  lse_bkgc1 = jax.lax.stop_gradient(lse_bcn.reshape(b, c, kv, g).transpose(0, 2, 3, 1)[..., None])
+  lse_bkgc1 = jnp.where(jnp.isfinite(lse_bkgc1), lse_bkgc1, 0)
+
+  def column_sums(_, kb):
+    s_bkms, _, mask_bcs = block(kb)
+    s_bkgcs = jax.lax.stop_gradient(s_bkms).reshape(b, kv, g, c, s)
+    p_bkgcs = jnp.where(mask_bcs[:, None, None], jnp.exp(s_bkgcs - lse_bkgc1), 0)
+    return None, p_bkgcs.sum(3).reshape(b, n, s)
+
+  _, p_nbns = jax.lax.scan(column_sums, None, jnp.arange(n_blocks))
+  colsum_bnx = jnp.moveaxis(p_nbns, 0, 2).reshape(b, n, -1)[:, :, :span]
+  return out_bcnh, bw.pad_axis(colsum_bnx, 2, bs, 0)
+
+
+def _selected_blocks(q_far_bkmh, real_bc, pool: Pool, spec) -> tuple[Keys, jnp.ndarray]:
+  """The chunk's top_k blocks (by the sum over query heads of chunk-mean query . representative
+  key) as far Keys [B,K,top_k*bs,H], and which of their keys are in formed blocks [B, top_k*bs]."""
+  b, kv, m, h = q_far_bkmh.shape
+  c = real_bc.shape[1]
+  n_pool, bs = pool.rk_bnph.shape[2], spec.block_size
+  real_b1c = real_bc[:, None, :].astype(jnp.float32)
+  q_bkgh = jnp.einsum("bkgch,bxc->bkgh", q_far_bkmh.reshape(b, kv, m // c, c, h).astype(jnp.float32), real_b1c)
+  q_bkgh /= jnp.maximum(real_b1c.sum(-1), 1)[:, :, None, None]
+  score_bp = jnp.einsum("bkgh,bkgph->bp", q_bkgh, pool.rk_bnph.reshape(b, kv, m // c, n_pool, h))
+  score_bp = jnp.where(jnp.arange(n_pool) < pool.formed_b[:, None], score_bp, -jnp.inf)
+  _, sel_bk = jax.lax.top_k(score_bp, min(spec.top_k, n_pool))  # ties: the lower block
+  at_bx = (sel_bk[:, :, None] * bs + jnp.arange(bs)).reshape(b, -1)
+  k_bkxh, v_bkxh = (jnp.take_along_axis(x, at_bx[:, None, :, None], axis=2) for x in (pool.k_bkxh, pool.v_bkxh))
+  idx_bx = spec.n_init + at_bx
+  ok_bx = jnp.repeat(sel_bk < pool.formed_b[:, None], bs, axis=1)
+  return Keys(k_bkxh, v_bkxh, jnp.zeros_like(idx_bx), idx_bx), ok_bx
+
+
+def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, layer) -> jnp.ndarray:
+  """One-shot: q [B,T,N,H], k/v [B,T,K,H] before RoPE, positions [B,T] (negative = left padding)
+  -> [B,T,N,H]. A scan over chunks whose carry is every key's column sum [B,N,T]."""
+  b, t, n, h = q_btnh.shape
+  # Left-padded rows are rotated to start at index 0, so chunks and blocks line up in every row
+  # (the padding, now at the end, lies in every real query's future).
+  pad_b = jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)
+  rotate = lambda x, by: jnp.take_along_axis(  # noqa: E731
+      x, ((jnp.arange(t) + by[:, None]) % t).reshape((b, t) + (1,) * (x.ndim - 2)), axis=1)
+  length_b = t - pad_b
+  q_btnh, k_btkh, v_btkh = (rotate(x, pad_b) for x in (q_btnh, k_btkh, v_btkh))
+  # Positions after a row's end count on from its last token (RoPE offsets stay small).
+  pos_bt = rotate(positions_bt, pad_b)
+  after_bt = jnp.arange(t) - length_b[:, None] + 1
+  last_b1 = jnp.take_along_axis(pos_bt, jnp.maximum(length_b - 1, 0)[:, None], axis=1)
+  pos_bt = jnp.where(after_bt > 0, last_b1 + after_bt, pos_bt)
+  idx_bt = jnp.where(after_bt > 0, -1, jnp.arange(t, dtype=jnp.int32))
+
+  c = min(spec.chunk, t)
+  t_pad = -(-t // c) * c
+  w = context_window(spec)
+  n_pool = pool_blocks(t, spec)
+  # Keys [B, K, W + t_pad + n_init, H]: slot W + j holds token j; chunk ci's context starts at slot ci*C.
+  keys = Keys(*(bw.pad_axis(jnp.swapaxes(x, 1, 2), 2, w, t_pad - t + spec.n_init) for x in (k_btkh, v_btkh)),
+              bw.pad_axis(pos_bt, 1, w, t_pad - t + spec.n_init),
+              bw.pad_axis(idx_bt, 1, w, t_pad - t + spec.n_init, -1))
+  init = Keys(*(x[:, :, w:w + spec.n_init] for x in keys[:2]), *(x[:, w:w + spec.n_init] for x in keys[2:]))
+  first = w + spec.n_init
+  pool_k, pool_v = (x[:, :, first:first + n_pool * spec.block_size] for x in keys[:2])
+
+  def chunk_step(colsum_bnl, xs):
+    ci, q_bcnh, pos_bc, idx_bc = xs
+    context = Keys(*(jax.lax.dynamic_slice_in_dim(x, ci * c, w + c, axis=2) for x in keys[:2]),
+                   *(jax.lax.dynamic_slice_in_dim(x, ci * c, w + c, axis=1) for x in keys[2:]))
+    rk_bnph = representative_keys(colsum_bnl[:, :, first:first + n_pool * spec.block_size], pool_k,
+                                  spec.repr_tokens, spec.block_size) if n_pool else jnp.zeros((b, n, 0, h))
+    pool = Pool(pool_k, pool_v, rk_bnph, jnp.full((b,), blocks_formed(ci * c, spec)))
+    out_bcnh, colsum_bnx = infllm_chunk(q_bcnh, pos_bc, idx_bc, context, init, pool, inv_freq_h, spec)
+    old_bnx = jax.lax.dynamic_slice_in_dim(colsum_bnl, ci * c, w + c, axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(colsum_bnl, old_bnx + colsum_bnx, ci * c, axis=2), out_bcnh
+
+  pad = t_pad - t
+  xs = (jnp.arange(t_pad // c), bw.split_chunks(bw.pad_axis(q_btnh, 1, 0, pad), c),
+        bw.split_chunks(bw.count_on(pos_bt, pad), c), bw.split_chunks(bw.pad_axis(idx_bt, 1, 0, pad, -1), c))
+  colsum_bnl = jnp.zeros((b, n, keys.idx_bl.shape[1]), jnp.float32)
+  _, out_nbcnh = jax.lax.scan(jax.checkpoint(chunk_step), colsum_bnl, xs)
+  return rotate(bw.unsplit_chunks(out_nbcnh, t), -pad_b)

@@ -1,0 +1,213 @@
+"""InfLLM against the naive numpy reference (tests/naive_infllm.py, written from DESIGN.md alone)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import run_cli, tiny_hf_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from naive_infllm import infllm_key_sets, memory_state, naive_infllm
+
+from lminf_jax.attention import Dense, InfLLM, Lambda, attend, resolve
+from lminf_jax.errors import UserError
+from lminf_jax.cache import init_cache
+from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
+from lminf_jax.generation import generate
+from lminf_jax.loading import convert, load
+from lminf_jax.rope import apply_rope
+
+
+def _inv_freq(h: int) -> np.ndarray:
+  return (1.0 / 10000.0 ** (np.arange(0, h, 2) / h)).astype(np.float32)
+
+
+def _ours(q, k, v, spec, positions=None, inv_freq=None):
+  t, h = q.shape[-3], q.shape[-1]
+  batched = q.ndim == 4
+  q, k, v = (jnp.asarray(x if batched else x[None]) for x in (q, k, v))
+  positions = jnp.arange(t)[None] if positions is None else jnp.asarray(positions)
+  out = attend(q, k, v, positions, jnp.asarray(_inv_freq(h) if inv_freq is None else inv_freq), resolve(spec, 1))
+  return np.asarray(out if batched else out[0])
+
+
+def _random(seed: int, t: int, kv: int, groups: int, h: int):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((t, kv * groups, h)).astype(np.float32),
+          rng.standard_normal((t, kv, h)).astype(np.float32), rng.standard_normal((t, kv, h)).astype(np.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.integers(1, 72), n_init=st.integers(0, 6), n_local=st.integers(1, 16), block_size=st.integers(1, 6),
+       repr_frac=st.floats(0, 1), top_k=st.integers(1, 5), chunk=st.integers(1, 20), key_block=st.integers(1, 24),
+       kv=st.integers(1, 2), groups=st.sampled_from([1, 3]), h=st.sampled_from([2, 8]), seed=st.integers(0, 2**16))
+def test_matches_naive(t, n_init, n_local, block_size, repr_frac, top_k, chunk, key_block, kv, groups, h, seed):
+  """Lengths with 0, 1 and many blocks, top_k above and below the block count, chunks that do
+  and do not divide the length."""
+  repr_tokens = 1 + int(repr_frac * (block_size - 1))
+  q, k, v = _random(seed, t, kv, groups, h)
+  expected, _ = naive_infllm(q, k, v, _inv_freq(h), n_init, n_local, block_size, repr_tokens, top_k, chunk)
+  spec = InfLLM(n_init=n_init, n_local=n_local, block_size=block_size, repr_tokens=repr_tokens, top_k=top_k,
+                chunk=chunk, key_block=key_block)
+  np.testing.assert_allclose(_ours(q, k, v, spec), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,top_k,chunk", [(60, 2, 5), (60, 100, 7), (33, 1, 1)])
+def test_many_blocks_selected_as_naive(t, top_k, chunk):
+  """Cases the naive reference says select among several blocks (so selection is exercised)."""
+  q, k, v = _random(t, t, 2, 3, 8)
+  expected, selected = naive_infllm(q, k, v, _inv_freq(8), 3, 8, 4, 2, top_k, chunk)
+  assert max(len(s) for s in selected) >= min(top_k, 2)
+  assert len({tuple(s) for s in selected if s}) > 1
+  spec = InfLLM(n_init=3, n_local=8, block_size=4, repr_tokens=2, top_k=top_k, chunk=chunk, key_block=5)
+  np.testing.assert_allclose(_ours(q, k, v, spec), expected, atol=1e-5)
+
+
+def test_exact_partition_on_the_masks():
+  """With all logits 0 and one-hot values, output[i] = (multiplicity of key j) / (keys seen): every
+  key is counted at most once, and the attended set is exactly local + far of the reference."""
+  t, n_init, n_local, bs, chunk = 48, 3, 8, 4, 5
+  q = np.zeros((t, 2, t), np.float32)
+  k = np.random.default_rng(0).standard_normal((t, 1, t)).astype(np.float32)
+  v = np.eye(t, dtype=np.float32)[:, None, :]
+  spec = InfLLM(n_init=n_init, n_local=n_local, block_size=bs, repr_tokens=2, top_k=2, chunk=chunk, key_block=8)
+  out = _ours(q, k, v, spec)[:, 0]  # [T, T]: query i's weight on key j
+  _, selected = naive_infllm(q, k, v, _inv_freq(t), n_init, n_local, bs, 2, 2, chunk)
+  for i, (local, far) in enumerate(infllm_key_sets(t, selected, n_init, n_local, bs, chunk)):
+    assert not local & far
+    seen = out[i] > 0
+    np.testing.assert_allclose(out[i][seen], 1 / seen.sum(), rtol=1e-5)  # no key twice
+    assert set(np.flatnonzero(seen)) == local | far, i
+    # Blocks formed before the query's chunk are all-or-nothing, and at most top_k are in.
+    _, blocks = memory_state(i // chunk * chunk, n_init, n_local, bs)
+    in_blocks = [seen[b].all() for b in blocks]
+    assert all(seen[b].all() or not seen[b].any() for b in blocks)
+    assert sum(in_blocks) == min(2, len(blocks))
+
+
+def test_planted_key_far_outside_the_window_is_retrieved():
+  """A block whose keys match the last chunk's (rotated) queries, far outside the window, is
+  selected: its marker values dominate the output. Lambda (no memory) does not see it."""
+  t, h, n_local, bs, chunk = 256, 16, 32, 8, 16
+  rng = np.random.default_rng(1)
+  q = 0.1 * rng.standard_normal((t, 3, h)).astype(np.float32)
+  k = 0.1 * rng.standard_normal((t, 1, h)).astype(np.float32)
+  v = np.zeros((t, 1, h), np.float32)
+  u = rng.standard_normal(h).astype(np.float32)
+  u /= np.linalg.norm(u)
+  planted = slice(4 + 5 * bs, 4 + 6 * bs)  # block 5 of many, ~200 tokens before the last chunk
+  k[planted] = 6 * u
+  v[planted] = 1.0
+  # Queries whose rotation at n_local-1 is 6u: R_{-(n_local-1)} 6u.
+  q[-chunk:] = np.asarray(apply_rope(jnp.asarray(6 * u), jnp.asarray(-(n_local - 1)), jnp.asarray(_inv_freq(h))))
+  spec = InfLLM(n_init=4, n_local=n_local, block_size=bs, repr_tokens=2, top_k=1, chunk=chunk, key_block=16)
+  out = _ours(q, k, v, spec)
+  assert out[-chunk:].min() > 0.9
+  _, selected = naive_infllm(q, k, v, _inv_freq(h), 4, n_local, bs, 2, 1, chunk)
+  assert selected[-1] == [5]
+  window_only = _ours(q, k, v, Lambda(n_global=4, n_local=n_local, chunk=chunk, key_block=16))
+  assert np.abs(window_only[-chunk:]).max() < 1e-3
+
+
+def test_left_padded_batch_equals_each_row_alone():
+  q, k, v = _random(3, 50, 1, 3, 8)
+  spec = InfLLM(n_init=2, n_local=6, block_size=3, repr_tokens=2, top_k=2, chunk=4, key_block=5)
+  pad = 13
+  shift = lambda x: np.concatenate([np.zeros_like(x[:pad]), x[:-pad]])  # noqa: E731
+  batch = [np.stack([shift(x), x]) for x in (q, k, v)]
+  positions = np.stack([np.arange(50) - pad, np.arange(50)])
+  got = _ours(*batch, spec, positions=positions)
+  np.testing.assert_allclose(got[1], _ours(q, k, v, spec), atol=1e-5)
+  np.testing.assert_allclose(got[0, pad:], _ours(q[:-pad], k[:-pad], v[:-pad], spec), atol=1e-5)
+
+
+def test_full_pool_is_a_clear_error():
+  q, k, v = _random(0, 60, 1, 1, 8)
+  with pytest.raises(UserError, match=r"capacity_blocks=2, but 60 tokens need \d+ blocks"):
+    _ours(q, k, v, InfLLM(n_init=2, n_local=8, block_size=4, capacity_blocks=2, chunk=8))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = tmp_path_factory.mktemp("infllm")
+  tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
+  ckpt = convert(root / "hf", root / "ckpt")
+  config, params, _ = load(ckpt)
+  return config, params, ckpt
+
+
+def test_model_with_window_over_the_input_equals_dense(tiny):
+  config, params, _ = tiny
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, size=(2, 40)), jnp.int32)
+  dense = forward(params, config, tokens, attention=Dense(chunk=16, key_block=8))
+  infllm = forward(params, config, tokens, attention=InfLLM(n_init=4, n_local=40, block_size=4, chunk=16))
+  np.testing.assert_allclose(np.asarray(infllm), np.asarray(dense), atol=1e-4)
+
+
+def test_cli_nll_with_infllm_options(tiny, tmp_path, capsys):
+  config, params, ckpt = tiny
+  tokens = np.random.default_rng(1).integers(0, 97, size=70).astype(np.int32)
+  np.save(tmp_path / "tokens.npy", tokens)
+  options = ("--n-init", "3", "--n-local", "12", "--block-size", "4", "--repr-tokens", "2", "--top-k", "2",
+             "--chunk", "8")
+  code, _, err = run_cli(capsys, "nll", ckpt, "--tokens-file", tmp_path / "tokens.npy", "--attention", "infllm",
+                         *options, "--out", tmp_path / "nll.npy")
+  assert code == 0, err
+  spec = InfLLM(n_init=3, n_local=12, block_size=4, repr_tokens=2, top_k=2, chunk=8)
+  expected = np.asarray(token_nll(params, config, jnp.asarray(tokens)[None], attention=spec))[0]
+  np.testing.assert_allclose(np.load(tmp_path / "nll.npy"), expected, atol=1e-5)
+  code, _, err = run_cli(capsys, "nll", ckpt, "--tokens-file", tmp_path / "tokens.npy", "--attention", "infllm",
+                         *options, "--cached", "--out", tmp_path / "cached.npy")
+  assert code == 0, err
+  np.testing.assert_allclose(np.load(tmp_path / "cached.npy"), expected, atol=1e-4)
+
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, size=(2, 90)), jnp.int32)
+SPEC = dict(n_init=3, n_local=12, block_size=4, repr_tokens=2, top_k=2)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_cached_chunked_nll_equals_one_shot(tiny, chunk):
+  """Blocks form and are selected while the text streams through the cache C tokens at a time."""
+  config, params, _ = tiny
+  spec = InfLLM(**SPEC, chunk=chunk, key_block=8)
+  expected = np.asarray(token_nll(params, config, TOKENS, attention=spec))
+  got = np.asarray(cached_token_nll(params, config, TOKENS, attention=spec, chunk=chunk))
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_cached_stream_at_offset_1e8_equals_offset_0(tiny):
+  config, params, _ = tiny
+  spec = resolve(InfLLM(**SPEC, chunk=10), config.max_position_embeddings)
+
+  def run(offset):
+    cache = init_cache(config, spec, 2, max_len=90)
+    positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape)
+    outs = []
+    for start in range(0, 90, 10):
+      logits, cache = forward_cached(params, config, cache, TOKENS[:, start:start + 10], positions[:, start:start + 10],
+                                     spec)
+      outs.append(np.asarray(logits))
+    return np.concatenate(outs, axis=1)
+
+  np.testing.assert_allclose(run(10**8), run(0), atol=1e-4)
+
+
+def test_generate_equals_one_shot_argmax(tiny):
+  """Greedy generation (prefill and decode one token per chunk) picks the argmax of the one-shot
+  logits of its own output, with blocks forming and being selected along the way."""
+  config, params, _ = tiny
+  spec = InfLLM(**SPEC, chunk=1)
+  prompt = np.asarray(TOKENS[0, :40]).tolist()
+  out = generate(params, config, [prompt], 24, attention=spec, eos_ids=())[0]
+  assert len(out) == 24
+  logits = forward(params, config, jnp.asarray([prompt + out]), attention=spec)
+  np.testing.assert_array_equal(np.asarray(logits[0, 39:-1]).argmax(-1), out)
+
+
+def test_cache_pool_too_small_is_a_clear_error(tiny):
+  config, _, _ = tiny
+  spec = resolve(InfLLM(**SPEC, chunk=8, capacity_blocks=3), config.max_position_embeddings)
+  with pytest.raises(UserError, match=r"capacity_blocks=3, but 90 tokens need 18 blocks of 4"):
+    init_cache(config, spec, 1, max_len=90)
