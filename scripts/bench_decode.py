@@ -2,7 +2,7 @@
 L=8192) and dense through lminf's cache, and transformers' PyTorch model with its KV cache, each
 row in its own process (so its peak RSS is its own), plus this machine's memory bandwidth and
 lambda's fraction of the bandwidth roofline (bytes a decode step must read: weights + the
-window's keys and values).
+window's keys and values). `--methods infllm,...` adds InfLLM (n_local=8192, the paper's other defaults).
 
     python scripts/bench_decode.py [--lengths 2048,8192,32768,65536] [--new-tokens 32]
 """
@@ -35,14 +35,15 @@ def run_lminf(method: str, length: int, new_tokens: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from lminf_jax.attention import Dense, Lambda, resolve
+  from lminf_jax.attention import Dense, InfLLM, Lambda, resolve
   from lminf_jax.cache import init_cache
   from lminf_jax.fetch import fetch_smollm2
   from lminf_jax.generation import Sampling, decode, prefill
   from lminf_jax.loading import load
 
   config, params, _ = load(fetch_smollm2())
-  spec = resolve(Lambda(n_global=10, n_local=8192) if method == "lambda" else Dense(), config.max_position_embeddings)
+  specs = {"lambda": Lambda(n_global=10, n_local=8192), "dense": Dense(), "infllm": InfLLM(n_local=8192)}
+  spec = resolve(specs[method], config.max_position_embeddings)
   ids = prompt_ids(length)
   chunk = 512
   pad = -len(ids) % chunk
@@ -61,7 +62,7 @@ def run_lminf(method: str, length: int, new_tokens: int) -> dict:
   out, _ = compiled(*dynamic)
   out.block_until_ready()
   decode_s = time.perf_counter() - start
-  window = min(len(ids), 8192 + 10) if method == "lambda" else len(ids)
+  window = len(ids) if method == "dense" else min(len(ids), 8192 + 10)  # (infllm: without its far keys)
   kv_bytes = config.num_layers * window * config.num_kv_heads * config.head_dim * 2 * 4
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   return dict(prefill_s=prefill_s, decode_tok_s=new_tokens / decode_s, step_bytes=kv_bytes + weight_bytes)
