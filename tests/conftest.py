@@ -48,4 +48,11 @@ def smollm2_ckpt() -> Path:
 
 @pytest.fixture(scope="session")
 def jargon_text() -> str:
-  return (SHARED_DATA / "jargon.txt").read_text(encoding="utf-8")
+  """The Jargon File beside the checkout; elsewhere (a checkout with no ../shared) Python's help
+  topics, another long real text."""
+  path = SHARED_DATA / "jargon.txt"
+  if path.is_file():
+    return path.read_text(encoding="utf-8")
+  from lminf_jax.texts import builtin_text
+
+  return builtin_text()
