@@ -40,7 +40,7 @@ non_negative_int = _int_at_least(0, ">= 0")
 
 def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> None:
   p.add_argument("--attention", default="dense",
-                 help="attention method" + ("s, comma-separated" if several else "") + ": dense | lambda | streaming | infllm")
+                 help=f"attention method{'s, comma-separated' if several else ''}: dense | lambda | streaming | infllm")
   p.add_argument("--chunk", type=positive_int, default=512,
                  help="query chunk length of the blockwise attention (infllm: also how often it retrieves)")
   p.add_argument("--key-block", type=positive_int, default=512, help="key block length of the blockwise attention")
@@ -56,7 +56,8 @@ def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> Non
   p.add_argument("--n-recent", type=positive_int, help="streaming: recent window (default: training length - n_sink)")
   p.add_argument("--n-init", type=non_negative_int, default=128, help="infllm: starting tokens")
   p.add_argument("--block-size", type=positive_int, default=128, help="infllm: tokens per memory block")
-  p.add_argument("--repr-tokens", type=positive_int, default=4, help="infllm: tokens behind a block's representative key")
+  p.add_argument("--repr-tokens", type=positive_int, default=4,
+                 help="infllm: tokens behind a block's representative key")
   p.add_argument("--capacity-blocks", type=non_negative_int,
                  help="infllm: block pool size (default: every block the input forms)")
 

@@ -141,7 +141,8 @@ def main() -> None:
         print(f"{length:>7} {method:<12} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
         continue
       r = rows[method, length] = json.loads(done.stdout.strip().splitlines()[-1])
-      roof = [f"{r['decode_tok_s'] * r['step_bytes'] / x:.0%}" if "step_bytes" in r else "" for x in (roof_bw, bw["xla"])]
+      roof = [f"{r['decode_tok_s'] * r['step_bytes'] / x:.0%}" if "step_bytes" in r else ""
+              for x in (roof_bw, bw["xla"])]
       print(f"{length:>7} {method:<12} {r['prefill_s']:>9.1f} {r['decode_tok_s']:>12.2f} {r['peak_rss_mib']:>12.0f} "
             f"{roof[0]:>8} {roof[1]:>11}", flush=True)
     if ("lambda", length) in rows and ("transformers", length) in rows:
