@@ -132,13 +132,11 @@ def _ring_order(cache: Cache) -> jnp.ndarray:
 
 
 def _ordered(cache: Cache, ring: Keys, new: Keys) -> Keys:
-  """The ring oldest first, then the chunk (key arrays [..., K, W+C, H], indices [B, W+C])."""
+  """One layer's ring oldest first, then the chunk: keys [B, K, W+C, H], indices [B, W+C]."""
   order_bw = _ring_order(cache)
-  at = order_bw[:, None, :, None] if ring.k_bklh.ndim == 4 else order_bw[None, :, None, :, None]
-  context = Keys(*(jnp.take_along_axis(x, at, axis=-2) for x in ring[:2]),
+  context = Keys(*(jnp.take_along_axis(x, order_bw[:, None, :, None], axis=2) for x in ring[:2]),
                  *(jnp.take_along_axis(x, order_bw, axis=1) for x in ring[2:]))
-  return Keys(*(jnp.concatenate([a, b], axis=-2) for a, b in zip(context[:2], new[:2])),
-              *(jnp.concatenate([a, b], axis=1) for a, b in zip(context[2:], new[2:])))
+  return Keys(*(jnp.concatenate([a, b], axis=2 if a.ndim == 4 else 1) for a, b in zip(context, new)))
 
 
 def _attend_one(q_b1nh, new: Keys, slots: Keys, ring: Keys, inv_freq_h, window: int, spec):
@@ -180,7 +178,7 @@ def write(cache: Cache, k_lbckh, v_lbckh, colsum_lbnx, positions_bc, idx_bc, inv
   ring_len = cache.ring_idx.shape[1]
   valid_bc = idx_bc >= 0
   new = Keys(k_lbckh, v_lbckh, positions_bc, idx_bc)
-  slots = _write_slots(Keys(cache.kv.slot_k, cache.kv.slot_v, cache.slot_pos, cache.slot_idx), new)
+  slots = _write_slots(cache.slots(cache.kv), new)
   next_idx = cache.next_idx + jnp.sum(valid_bc, axis=1, dtype=jnp.int32)
   last_b1 = jnp.max(idx_bc, axis=1, keepdims=True)
   ring_at = jnp.where(valid_bc & (idx_bc > last_b1 - ring_len), idx_bc % ring_len, ring_len)
@@ -194,32 +192,38 @@ def write(cache: Cache, k_lbckh, v_lbckh, colsum_lbnx, positions_bc, idx_bc, inv
   else:
     anchor_bc = positions_bc - positions_bc % ring_len
     new = new._replace(k_bklh=apply_rope(k_lbckh, (positions_bc - anchor_bc)[None, :, :, None], inv_freq_h))
-  ring = _put(Keys(kv.ring_k, kv.ring_v, cache.ring_anchor, cache.ring_idx), ring_at, new._replace(pos_bl=anchor_bc))
+  ring = _put(cache.ring(kv), ring_at, new._replace(pos_bl=anchor_bc))
   kv = kv._replace(slot_k=slots.k_bklh, slot_v=slots.v_bklh, ring_k=ring.k_bklh, ring_v=ring.v_bklh)
   return Cache(kv, slots.pos_bl, slots.idx_bl, ring.pos_bl, ring.idx_bl, next_idx, formed)
 
 
 def _form_blocks(cache: Cache, new: Keys, colsum_lbnx, next_idx_b, spec) -> tuple[LayerKV, jnp.ndarray]:
   """infllm: adds the chunk's probability sums to the ring's, and moves every block completed by
-  the chunk (its tokens are in the ring or the chunk) to the pool with its representative keys."""
+  the chunk to the pool with its representative keys. A block token from before the chunk is at
+  ring slot idx % W (it is still in the ring: W = n_local + block_size); one of the chunk is at
+  its place in the chunk, whose real tokens may follow padding."""
   kv = cache.kv
   ring_len, c = cache.ring_idx.shape[1], new.idx_bl.shape[1]
   n_pool, bs = kv.pool_rk.shape[3], spec.block_size
   slot_to_entry_bw = (jnp.arange(ring_len) - cache.next_idx[:, None]) % ring_len
   ring_colsum = kv.ring_colsum + jnp.take_along_axis(colsum_lbnx[..., :ring_len], slot_to_entry_bw[None, :, None],
                                                      axis=-1)
-  ring = Keys(kv.ring_k, kv.ring_v, cache.ring_anchor, cache.ring_idx)
-  context = _ordered(cache, ring, new._replace(k_bklh=jnp.swapaxes(new.k_bklh, 2, 3),
-                                               v_bklh=jnp.swapaxes(new.v_bklh, 2, 3)))
-  context_colsum = jnp.concatenate([jnp.take_along_axis(ring_colsum, _ring_order(cache)[None, :, None], axis=-1),
-                                    colsum_lbnx[..., ring_len:]], axis=-1)
-  # Blocks formed + m for m < C/bs + 2 (at most that many complete in one chunk); entry of token j: j - (s - W).
+  # Blocks formed + m for m < C/bs + 2 (at most that many complete in one chunk).
   formed_b = blocks_formed(next_idx_b, spec)
   block_bm = cache.formed[:, None] + jnp.arange(c // bs + 2)
   token_bx = (spec.n_init + block_bm[:, :, None] * bs + jnp.arange(bs)).reshape(block_bm.shape[0], -1)
-  entry_bx = jnp.clip(token_bx - (cache.next_idx - ring_len)[:, None], 0, ring_len + c - 1)
-  k_lbkxh, v_lbkxh = (jnp.take_along_axis(x, entry_bx[None, :, None, :, None], axis=-2) for x in context[:2])
-  colsum_lbnx = jnp.take_along_axis(context_colsum, entry_bx[None, :, None], axis=-1)
+  in_ring_bx = token_bx < cache.next_idx[:, None]
+  first_real_b1 = jnp.argmax(new.idx_bl >= 0, axis=1)[:, None]
+  at_chunk_bx = jnp.clip(token_bx - cache.next_idx[:, None] + first_real_b1, 0, c - 1)
+
+  def gather(ring_x, chunk_x):  # [L, B, *, W or C, H] -> the block tokens [L, B, *, X, H]
+    at = lambda at_bx: at_bx[None, :, None, :, None]  # noqa: E731
+    return jnp.where(at(in_ring_bx), jnp.take_along_axis(ring_x, at(token_bx % ring_len), axis=3),
+                     jnp.take_along_axis(chunk_x, at(at_chunk_bx), axis=3))
+
+  k_lbkxh = gather(kv.ring_k, jnp.swapaxes(new.k_bklh, 2, 3))
+  v_lbkxh = gather(kv.ring_v, jnp.swapaxes(new.v_bklh, 2, 3))
+  colsum_lbnx = gather(ring_colsum[..., None], colsum_lbnx[..., ring_len:, None])[..., 0]
   rk_lbnmh = representative_keys(colsum_lbnx, k_lbkxh, spec.repr_tokens, bs)
   keep_bm = block_bm < jnp.minimum(formed_b, n_pool)[:, None]
   b_b1 = jnp.arange(block_bm.shape[0])[:, None]

@@ -211,3 +211,21 @@ def test_cache_pool_too_small_is_a_clear_error(tiny):
   spec = resolve(InfLLM(**SPEC, chunk=8, capacity_blocks=3), config.max_position_embeddings)
   with pytest.raises(UserError, match=r"capacity_blocks=3, but 90 tokens need 18 blocks of 4"):
     init_cache(config, spec, 1, max_len=90)
+
+
+def test_blocks_formed_from_a_left_padded_chunk(tiny):
+  """A first chunk that forms blocks from its own tokens gives the same cache whether or not padding
+  precedes them (generate left-pads a prompt): the next chunk's logits match."""
+  config, params, _ = tiny
+  spec = resolve(InfLLM(**SPEC, chunk=32), config.max_position_embeddings)
+  tokens, positions = TOKENS[:1, :60], jnp.arange(60, dtype=jnp.int32)[None]
+  pad_tokens = jnp.concatenate([jnp.zeros((1, 4), jnp.int32), tokens[:, :28]], axis=1)
+  pad_positions = jnp.concatenate([jnp.full((1, 4), -1, jnp.int32), positions[:, :28]], axis=1)
+  outs = []
+  for first in [(tokens[:, :28], positions[:, :28]), (pad_tokens, pad_positions)]:
+    cache = init_cache(config, spec, 1, max_len=64)
+    first_logits, cache = forward_cached(params, config, cache, *first, spec)
+    logits, _ = forward_cached(params, config, cache, tokens[:, 28:], positions[:, 28:], spec)
+    outs.append((np.asarray(first_logits)[:, -28:], np.asarray(logits)))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
+  np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5)
