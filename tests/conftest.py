@@ -32,6 +32,18 @@ def save_tiny(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+  """(config, params, checkpoint dir) of a tiny random Llama (GQA), shared read-only by the tests."""
+  from lminf_jax.loading import convert, load
+
+  root = tmp_path_factory.mktemp("tiny_model")
+  tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
+  ckpt = convert(root / "hf", root / "ckpt")
+  config, params, _ = load(ckpt)
+  return config, params, ckpt
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
   from lminf_jax.fetch import smollm2_gguf
 

@@ -52,3 +52,18 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = e.code
   out, err = capsys.readouterr()
   return code, out, err
+
+
+def feed_cached(params, config, spec, tokens, positions, chunks: list[int], max_len: int | None = None) -> np.ndarray:
+  """Logits of feeding `tokens` [B, T] at `positions` through a fresh cache in chunks of the given lengths."""
+  from lminf_jax.cache import init_cache
+  from lminf_jax.forward import forward_cached
+
+  cache = init_cache(config, spec, tokens.shape[0], max_len=max_len)
+  outs, start = [], 0
+  for size in chunks:
+    logits, cache = forward_cached(params, config, cache, tokens[:, start:start + size],
+                                   positions[:, start:start + size], spec)
+    outs.append(np.asarray(logits))
+    start += size
+  return np.concatenate(outs, axis=1)

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_cli, tiny_hf_model
+from helpers import feed_cached, run_cli
 
 from lminf_jax.attention import Dense, Lambda, Streaming, resolve
 from lminf_jax.cache import init_cache
 from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
-from lminf_jax.loading import convert, load
 
 SPECS = {
     "dense": lambda c: Dense(chunk=c, key_block=8),
@@ -22,12 +21,8 @@ SPECS = {
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  root = tmp_path_factory.mktemp("cache")
-  tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
-  ckpt = convert(root / "hf", root / "ckpt")
-  config, params, _ = load(ckpt)
-  return config, params, ckpt
+def model(tiny_model):
+  return tiny_model
 
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, size=(2, 90)), jnp.int32)
@@ -78,24 +73,12 @@ def test_left_padded_batch_equals_each_row_alone(model):
   np.testing.assert_allclose(got[1], np.asarray(forward(params, config, row[None], attention=spec))[0], atol=1e-4)
 
 
-def _feed(params, config, spec, tokens, positions, chunks, max_len=None):
-  """Logits of feeding `tokens` through a fresh cache in chunks of the given lengths."""
-  cache = init_cache(config, spec, tokens.shape[0], max_len=max_len)
-  outs, start = [], 0
-  for size in chunks:
-    logits, cache = forward_cached(params, config, cache, tokens[:, start:start + size],
-                                   positions[:, start:start + size], spec)
-    outs.append(np.asarray(logits))
-    start += size
-  return np.concatenate(outs, axis=1)
-
-
 @pytest.mark.parametrize("chunks", [[10] * 9, [30] + [1] * 60], ids=["chunked", "decode"])
 @pytest.mark.parametrize("method", ["lambda", "streaming"])
 def test_stream_at_position_offset_1e8_equals_offset_0(model, method, chunks):
   config, params, _ = model
   spec = resolve(SPECS[method](10), config.max_position_embeddings)
-  run = lambda offset: _feed(params, config, spec, TOKENS, jnp.broadcast_to(  # noqa: E731
+  run = lambda offset: feed_cached(params, config, spec, TOKENS, jnp.broadcast_to(  # noqa: E731
       jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape), chunks)
   np.testing.assert_allclose(run(10**8), run(0), atol=1e-4)
 
@@ -107,7 +90,7 @@ def test_decode_with_position_gaps_equals_one_shot(model, method):
   spec = resolve(SPECS[method](16), config.max_position_embeddings)
   positions = jnp.broadcast_to(jnp.asarray(np.r_[0:40, 1040:1060, 5060:5090], jnp.int32), TOKENS.shape)
   expected = np.asarray(forward(params, config, TOKENS, positions, attention=spec))
-  got = _feed(params, config, spec, TOKENS, positions, [30] + [1] * 60, max_len=90)
+  got = feed_cached(params, config, spec, TOKENS, positions, [30] + [1] * 60, max_len=90)
   np.testing.assert_allclose(got, expected, atol=1e-4)
 
 

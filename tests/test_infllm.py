@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_cli, tiny_hf_model
+from helpers import feed_cached, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive_infllm import infllm_key_sets, memory_state, naive_infllm
@@ -15,7 +15,6 @@ from lminf_jax.errors import UserError
 from lminf_jax.cache import init_cache
 from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
 from lminf_jax.generation import generate
-from lminf_jax.loading import convert, load
 from lminf_jax.rope import apply_rope
 
 
@@ -129,12 +128,8 @@ def test_full_pool_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  root = tmp_path_factory.mktemp("infllm")
-  tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
-  ckpt = convert(root / "hf", root / "ckpt")
-  config, params, _ = load(ckpt)
-  return config, params, ckpt
+def tiny(tiny_model):
+  return tiny_model
 
 
 def test_model_with_window_over_the_input_equals_dense(tiny):
@@ -181,15 +176,8 @@ def test_cached_stream_at_offset_1e8_equals_offset_0(tiny):
   config, params, _ = tiny
   spec = resolve(InfLLM(**SPEC, chunk=10), config.max_position_embeddings)
 
-  def run(offset):
-    cache = init_cache(config, spec, 2, max_len=90)
-    positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape)
-    outs = []
-    for start in range(0, 90, 10):
-      logits, cache = forward_cached(params, config, cache, TOKENS[:, start:start + 10], positions[:, start:start + 10],
-                                     spec)
-      outs.append(np.asarray(logits))
-    return np.concatenate(outs, axis=1)
+  run = lambda offset: feed_cached(params, config, spec, TOKENS, jnp.broadcast_to(  # noqa: E731
+      jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape), [10] * 9, max_len=90)
 
   np.testing.assert_allclose(run(10**8), run(0), atol=1e-4)
 

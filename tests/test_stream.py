@@ -5,12 +5,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_hf_model
 
 from lminf_jax.attention import Dense, Lambda, Streaming, resolve
 from lminf_jax.cache import init_cache
 from lminf_jax.forward import token_nll
-from lminf_jax.loading import convert, load
 from lminf_jax.stream import document_stream, stream_nll
 
 
@@ -22,11 +20,8 @@ def test_document_stream_repeats_the_text_with_bos():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  root = tmp_path_factory.mktemp("stream")
-  tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
-  config, params, _ = load(convert(root / "hf", root / "ckpt"))
-  return config, params
+def model(tiny_model):
+  return tiny_model[:2]
 
 
 @pytest.mark.parametrize("spec", [Lambda(n_global=3, n_local=20, chunk=7, key_block=8),
