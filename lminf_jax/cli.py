@@ -172,21 +172,27 @@ def cmd_fetch(args: argparse.Namespace) -> None:
   print(fetch_smollm2(Path(args.out) if args.out else None))
 
 
+def load_model_and_tokens(args: argparse.Namespace, out: Path) -> tuple:
+  """After checking that `out`'s parent exists: (mesh, config, params placed on it, token ids, tokenizer)."""
+  from lminf_jax.loading import load
+
+  if not out.parent.is_dir():
+    raise UserError(f"output directory {out.parent} does not exist")
+  mesh = mesh_from_args(args)
+  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
+  return mesh, config, params, read_token_ids(args, tokenizer, config.vocab_size), tokenizer
+
+
 def cmd_nll(args: argparse.Namespace) -> None:
   import jax.numpy as jnp
 
   from lminf_jax.forward import cached_token_nll, token_nll
-  from lminf_jax.loading import load
 
   attention = attention_from_args(args, args.attention)
   if args.cached and args.mesh:
     raise UserError("--cached runs on one device; drop --mesh")
   out = Path(args.out)
-  if not out.parent.is_dir():
-    raise UserError(f"output directory {out.parent} does not exist")
-  mesh = mesh_from_args(args)
-  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
-  ids = read_token_ids(args, tokenizer, config.vocab_size)
+  mesh, config, params, ids, _ = load_model_and_tokens(args, out)
   if ids.size < 2:
     raise UserError(f"need at least 2 tokens, got {ids.size}")
   start = time.perf_counter()
@@ -394,6 +400,38 @@ def cmd_passkey(args: argparse.Namespace) -> None:
     print(f"wrote {json_out}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+  from tqdm import tqdm
+
+  from lminf_jax.stream import peak_rss_mib
+  from lminf_jax.train import TrainSettings, finetune
+
+  settings = TrainSettings(seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch, accum=args.accum,
+                           train=args.train, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                           clip_norm=args.clip_norm, remat=not args.no_remat, bf16=args.bf16, seed=args.seed)
+  attention = attention_from_args(args, args.attention)
+  out = Path(args.out)
+  mesh, config, params, ids, tokenizer = load_model_and_tokens(args, out)
+  bars = []  # made at the first step, after every input check
+
+  def on_step(record: dict) -> None:
+    if not bars:
+      bars.append(tqdm(total=settings.steps, initial=record["step"] - 1, unit="step", desc="finetune"))
+    bars[0].set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+    bars[0].update(1)
+
+  try:
+    history = finetune(config, params, ids, settings, out, attention, resume=args.resume, save_every=args.save_every,
+                       keep=args.keep, tokenizer=tokenizer, mesh=mesh, on_step=on_step)
+  finally:
+    for bar in bars:
+      bar.close()
+  timed = [r["tokens_per_s"] for r in history[1:]] or [history[-1]["tokens_per_s"]]
+  print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f} (first {history[0]['loss']:.4f}); "
+        f"{np.median(timed):.0f} tokens/s (median, compile excluded); peak RSS {peak_rss_mib():.0f} MiB")
+  print(f"wrote {out / 'final'} (checkpoint), {out / 'log.json'}, {out / 'loss.png'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="lminf", description="Training-free long-context attention for Llama models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -466,6 +504,32 @@ def build_parser() -> argparse.ArgumentParser:
   add_attention_args(p, several=True)
   add_mesh_args(p)
   p.set_defaults(func=cmd_ppl, attention="lambda,dense")
+
+  p = sub.add_parser("finetune", help="fine-tune under an attention method (optax AdamW), resumable")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  source = p.add_mutually_exclusive_group()
+  source.add_argument("--text-file", help="UTF-8 training text (default: the built-in text)")
+  source.add_argument("--tokens-file", help="1-D integer .npy of token ids")
+  p.add_argument("--max-tokens", type=positive_int, help="use only the first N tokens of the text")
+  p.add_argument("--seq-len", type=_int_at_least(2, ">= 2"), required=True, help="tokens per training sequence")
+  p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps")
+  p.add_argument("--lr", type=float, required=True, help="peak learning rate (warmup, then cosine decay to lr/10)")
+  p.add_argument("--batch", type=positive_int, default=1, help="sequences per microbatch")
+  p.add_argument("--accum", type=positive_int, default=1, help="microbatches per step (gradient accumulation)")
+  p.add_argument("--train", default=".*", help="regex searched in param paths, e.g. 'attn/' (default: all)")
+  p.add_argument("--warmup-steps", type=non_negative_int, help="default: 10%% of --steps")
+  p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay of weight matrices")
+  p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
+  p.add_argument("--no-remat", action="store_true", help="keep every layer's activations for the backward pass (more memory)")
+  p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
+  p.add_argument("--seed", type=int, default=0, help="seed of the data order")
+  p.add_argument("--out", required=True, help="output dir: checkpoints/, final/, log.json, loss.png")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+  p.add_argument("--save-every", type=positive_int, help="training checkpoint every N steps (default: at the end)")
+  p.add_argument("--keep", type=positive_int, default=3, help="training checkpoints kept")
+  add_attention_args(p)
+  add_mesh_args(p)
+  p.set_defaults(func=cmd_finetune)
 
   p = sub.add_parser("demo", help="the main job: SmolLM2 perplexity past its training length, dense vs lambda")
   p.add_argument("--length", type=positive_int, default=16384, help="tokens (default 16384, twice the training length)")

@@ -30,7 +30,7 @@ def token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, positio
   """
   model = Llama(config)
   x_btd = model.apply({"params": params}, tokens_bt, positions_bt, attention, method=Llama.hidden)
-  return _nll_from_hidden(model, params, x_btd, tokens_bt, logits_chunk)
+  return nll_from_hidden(model, params, x_btd, tokens_bt, logits_chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "chunk", "logits_chunk"))
@@ -55,11 +55,13 @@ def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, 
 
   _, x_nbcd = jax.lax.scan(step, cache, xs)
   x_btd = jnp.moveaxis(x_nbcd, 0, 1).reshape(b, -1, x_nbcd.shape[-1])[:, :t]
-  return _nll_from_hidden(model, params, x_btd, tokens_bt, logits_chunk)
+  return nll_from_hidden(model, params, x_btd, tokens_bt, logits_chunk)
 
 
-def _nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: jnp.ndarray,
-                     logits_chunk: int) -> jnp.ndarray:
+def nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: jnp.ndarray,
+                    logits_chunk: int) -> jnp.ndarray:
+  """NLL [B, T-1] of tokens 1.. from final hidden states [B, T, D], `logits_chunk` positions at a
+  time; each chunk is rematerialised, so a gradient never holds more than one [B, chunk, V] either."""
   x_btd = x_btd[:, :-1]
   targets_bt = tokens_bt[:, 1:]
   t = targets_bt.shape[1]
@@ -72,7 +74,7 @@ def _nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: 
     return None, jax.nn.logsumexp(logits_bcv, axis=-1) - picked_bc
 
   xs = (split_chunks(pad_to_multiple(x_btd, chunk), chunk), split_chunks(pad_to_multiple(targets_bt, chunk), chunk))
-  _, nll_nbc = jax.lax.scan(step, None, xs)
+  _, nll_nbc = jax.lax.scan(jax.checkpoint(step), None, xs)
   return jnp.moveaxis(nll_nbc, 0, 1).reshape(tokens_bt.shape[0], -1)[:, :t]
 
 

@@ -8,7 +8,9 @@ Modules only hold parameters; the attention method is a frozen spec passed at ca
 
     logits = Llama(config).apply({'params': params}, tokens_bt, positions_bt, attention=Dense())
 
-The L decoder layers are one `nn.scan`, so every layer parameter has a leading L axis.
+The L decoder layers are one `nn.scan`, so every layer parameter has a leading L axis. With
+`Llama(config, remat=True)` each layer is rematerialised (`nn.remat`): a backward pass keeps
+only the layers' inputs [B, T, D] and recomputes the rest, layer by layer.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class DecoderLayer(nn.Module):
 
 class Llama(nn.Module):
   config: LlamaConfig
+  remat: bool = False
 
   def setup(self):
     cfg = self.config
@@ -129,7 +132,8 @@ class Llama(nn.Module):
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
     # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged;
     # a cache's per-layer keys and values are scanned along their leading L axis.
-    self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+    layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
+    self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, 0, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     if not cfg.tie_word_embeddings:

@@ -106,3 +106,82 @@ def test_cli_nll_with_mesh_equals_one_device(ckpt, tmp_path, capsys):
   np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
   code, _, err = run_cli(capsys, *common, "--out", tmp_path / "bad.npy", "--mesh", "data=3")
   assert code == 1 and "needs 3 devices" in err
+
+
+@pytest.mark.parametrize("mesh_text", ["data=8", "data=2,fsdp=2,tensor=2", "data=4,sequence=2"])
+def test_data_parallel_train_step_equals_single_device(ckpt, mesh_text):
+  from flax import traverse_util
+
+  from lminf_jax.train import TrainSettings, make_train_step, optimizer, trainable_paths
+  from lminf_jax.train.step import init_state
+
+  settings = TrainSettings(seq_len=32, steps=4, lr=1e-2, batch=8, accum=2, train="attn/|mlp/")
+  spec = Lambda(n_global=2, n_local=12, chunk=8, key_block=8)
+  tokens = np.random.default_rng(1).integers(0, 97, size=(2, 8, 32)).astype(np.int32)
+
+  def run(params, mesh=None):
+    trainable = trainable_paths(params, settings.train)
+    tx = optimizer(settings, params, trainable)
+    step = make_train_step(config, settings, tx, trainable, spec)
+    state = init_state(params, tx, 0)
+    placed = tokens if mesh is None else jax.device_put(
+        tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), "sequence")))
+    state, metrics = step(state, placed)
+    state, metrics = step(state, placed)
+    return jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}, state
+
+  config, params, _ = load(ckpt)
+  flat_start = traverse_util.flatten_dict(jax.device_get(params))
+  expected_params, expected, _ = run(params)  # (donates params)
+  mesh = make_mesh(parse_mesh(mesh_text))
+  _, sharded_params, _ = load(ckpt, mesh=mesh)
+  with jax.set_mesh(mesh):
+    got_params, got, state = run(sharded_params, mesh)
+  for new, old in zip(jax.tree.leaves(state.params), jax.tree.leaves(sharded_params)):  # params stay sharded
+    assert new.sharding.is_equivalent_to(old.sharding, new.ndim)
+  np.testing.assert_allclose([got["loss"], got["grad_norm"]], [expected["loss"], expected["grad_norm"]], rtol=1e-5)
+  flat_got, flat_expected = traverse_util.flatten_dict(got_params), traverse_util.flatten_dict(expected_params)
+  for path, x in flat_expected.items():  # Adam's step: relative error of the update (tiny gradients' signs may flip)
+    expected_update, got_update = x - flat_start[path], flat_got[path] - flat_start[path]
+    if not expected_update.any():
+      assert not got_update.any(), "/".join(path)
+      continue
+    error = np.linalg.norm(got_update - expected_update) / np.linalg.norm(expected_update)
+    assert error < 1e-3, f"{'/'.join(path)}: relative error {error:.1e}"
+
+
+def test_finetune_on_a_mesh_resumes_bit_exact_and_matches_one_device(ckpt, tmp_path, capsys):
+  """`lminf finetune --mesh` against one device; an interrupted mesh run resumed against an uninterrupted one."""
+  import json
+
+  from helpers import run_cli
+
+  from lminf_jax.train import TrainSettings, finetune
+
+  tokens = tmp_path / "tokens.npy"
+  np.save(tokens, np.tile(np.random.default_rng(2).integers(0, 97, size=19), 40).astype(np.int32))
+  args = ["finetune", ckpt, "--tokens-file", tokens, "--seq-len", 32, "--steps", 4, "--lr", 1e-2, "--batch", 4,
+          "--train", "attn/", "--attention", "lambda", "--n-global", 2, "--n-local", 8, "--chunk", 8, "--key-block", 8]
+  losses = {}
+  for name, mesh in (("one", []), ("mesh", ["--mesh", "data=2,fsdp=2,tensor=2"])):
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / name, *mesh)
+    assert code == 0, err
+    losses[name] = [r["loss"] for r in json.loads((tmp_path / name / "log.json").read_text())["history"]]
+  np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-5)
+
+  mesh = make_mesh(parse_mesh("data=4,fsdp=2"))
+  settings = TrainSettings(seq_len=32, steps=4, lr=1e-2, batch=4, train="attn/")
+  ids = np.load(tokens)
+
+  def stop_after_step_3(record):
+    if record["step"] == 3:
+      raise KeyboardInterrupt
+
+  config, params, _ = load(ckpt, mesh=mesh)
+  straight = finetune(config, params, ids, settings, tmp_path / "straight", mesh=mesh)
+  with pytest.raises(KeyboardInterrupt):
+    finetune(config, load(ckpt, mesh=mesh)[1], ids, settings, tmp_path / "resumed", mesh=mesh, save_every=2,
+             on_step=stop_after_step_3)
+  resumed = finetune(config, load(ckpt, mesh=mesh)[1], ids, settings, tmp_path / "resumed", mesh=mesh, save_every=2,
+                     resume=True)
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
