@@ -20,7 +20,8 @@ the query is rotated twice and each key takes the score of its anchor.
 evicted tokens stay until their block forms) each ring key's local attention probability sum
 and a pool of formed blocks with their representative keys: `infllm_chunk` over the ring
 (oldest first) and the chunk, the slots and the pool; `write` forms the blocks a chunk completes.
-The pool holds every block of `max_len` tokens (or capacity_blocks).
+The pool holds every block of `max_len` tokens (or capacity_blocks). The ring also keeps a copy
+of its keys rotated as lambda's are, so that a single decode token reads it in place, in one pass.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import jax.numpy as jnp
 
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.banded import Keys, add_starting_keys, band_attention
-from lminf_jax.attention.infllm import Pool, blocks_formed, context_window, infllm_chunk, pool_blocks, \
-    representative_keys
+from lminf_jax.attention.infllm import Pool, add_far_keys, blocks_formed, context_window, infllm_chunk, \
+    pool_blocks, representative_keys
 from lminf_jax.attention.methods import band_rotation, band_shape
 from lminf_jax.attention.specs import Dense, InfLLM, Lambda
 from lminf_jax.errors import UserError
@@ -51,6 +52,7 @@ class LayerKV(NamedTuple):
   pool_k: jnp.ndarray  # [B, K, P*bs, H] infllm: raw keys of the formed blocks
   pool_v: jnp.ndarray
   pool_rk: jnp.ndarray  # [B, N, P, H] infllm: their representative keys
+  ring_rk: jnp.ndarray  # [B, K, W, H] infllm: the ring keys also rotated by position % W (for decoding)
 
 
 class Cache(NamedTuple):
@@ -96,7 +98,8 @@ def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
   kv = lambda length: jnp.zeros((layers, batch, kv_heads, length, h), dtype)  # noqa: E731
   index = lambda length, fill: jnp.full((batch, length), fill, jnp.int32)  # noqa: E731
   return Cache(LayerKV(kv(n_slots), kv(n_slots), kv(ring), kv(ring), jnp.zeros((layers, batch, heads, n_colsum)),
-                       kv(n_pool * bs), kv(n_pool * bs), jnp.zeros((layers, batch, heads, n_pool, h))),
+                       kv(n_pool * bs), kv(n_pool * bs), jnp.zeros((layers, batch, heads, n_pool, h)),
+                       kv(ring if isinstance(spec, InfLLM) else 0)),
                index(n_slots, 0), index(n_slots, -1), index(ring, 0), index(ring, -1), jnp.zeros((batch,), jnp.int32),
                jnp.zeros((batch,), jnp.int32))
 
@@ -116,6 +119,8 @@ def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, idx_bc, kv: LayerKV, cac
   starts = _write_slots(cache.slots(kv), new)
   if isinstance(spec, InfLLM):
     pool = Pool(kv.pool_k, kv.pool_v, kv.pool_rk, cache.formed)
+    if q_bcnh.shape[1] == 1:
+      return _infllm_one(q_bcnh, new, cache, kv, pool, inv_freq_h, spec)
     return infllm_chunk(q_bcnh, positions_bc, idx_bc, _ordered(cache, cache.ring(kv), new), starts, pool, inv_freq_h,
                         spec)
   window = cache.ring_idx.shape[1] if isinstance(spec, Dense) else band_shape(spec)[1]
@@ -142,12 +147,32 @@ def _ordered(cache: Cache, ring: Keys, new: Keys) -> Keys:
 def _attend_one(q_b1nh, new: Keys, slots: Keys, ring: Keys, inv_freq_h, window: int, spec):
   """One query per row over the ring in place, its own key and the starting slots: [B, 1, N, H]."""
   b, _, n, h = q_b1nh.shape
-  kv_heads, ring_len = ring.k_bklh.shape[1], ring.k_bklh.shape[2]
+  kv_heads = ring.k_bklh.shape[1]
   pos_b1, idx_b1 = new.pos_bl, new.idx_bl
   state = bw.init_state(b, kv_heads, n // kv_heads, h)
   state = add_starting_keys(state, q_b1nh, pos_b1, idx_b1, pos_b1, slots, inv_freq_h, window, band_rotation(spec))
-  # In-window keys have the query's anchor or the one before (consecutive positions); any other
-  # anchor (positions with gaps) takes the general path that rotates every key.
+  state = bw.update(state, _ring_scores(q_b1nh, pos_b1, ring, inv_freq_h), ring.v_bklh,
+                    _in_window(idx_b1, ring.idx_bl, window)[:, None])
+  return bw.finish(_add_own_key(state, q_b1nh, new, inv_freq_h), 1, q_b1nh.dtype)[0]
+
+
+def _in_window(idx_b1, ring_idx_bw, window: int) -> jnp.ndarray:
+  dist_bw = idx_b1 - ring_idx_bw
+  return (dist_bw >= 0) & (dist_bw < window) & (ring_idx_bw >= 0)
+
+
+def _add_own_key(state: bw.SoftmaxState, q_b1nh, new: Keys, inv_freq_h) -> bw.SoftmaxState:
+  q_bkgh = bw.query_tile(q_b1nh, jnp.zeros_like(new.pos_bl), inv_freq_h, new.k_bklh.shape[1])
+  return bw.update(state, bw.scores(q_bkgh, new.k_bklh), new.v_bklh, (new.idx_bl >= 0)[:, :, None])
+
+
+def _ring_scores(q_b1nh, pos_b1, ring: Keys, inv_freq_h) -> jnp.ndarray:
+  """Logits [B, K, G, W] of one query at pos against ring keys stored rotated by (position % W)
+  with their anchors, without rotating them: in-window keys have the query's anchor or the one
+  before (consecutive positions), so the query is rotated twice and each key takes its anchor's
+  score. Any other anchor (positions with gaps) takes the general path that rotates every key."""
+  kv_heads, ring_len = ring.k_bklh.shape[1], ring.k_bklh.shape[2]
+  b = q_b1nh.shape[0]
   anchor_b1 = pos_b1 - pos_b1 % ring_len
   own_anchor_bw = ring.pos_bl == anchor_b1
   known = jnp.all(own_anchor_bw | (ring.pos_bl == anchor_b1 - ring_len) | (ring.idx_bl < 0))
@@ -162,12 +187,36 @@ def _attend_one(q_b1nh, new: Keys, slots: Keys, ring: Keys, inv_freq_h, window: 
     k_bkwh = apply_rope(ring.k_bklh, (ring.pos_bl - pos_b1)[:, None], inv_freq_h)
     return bw.scores(bw.query_tile(q_b1nh, jnp.zeros_like(pos_b1), inv_freq_h, kv_heads), k_bkwh)
 
-  s_bkgw = jax.lax.cond(known, two_anchors, any_anchors, None)
-  dist_bw = idx_b1 - ring.idx_bl
-  state = bw.update(state, s_bkgw, ring.v_bklh, ((dist_bw >= 0) & (dist_bw < window) & (ring.idx_bl >= 0))[:, None])
+  return jax.lax.cond(known, two_anchors, any_anchors, None)
+
+
+def _infllm_one(q_b1nh, new: Keys, cache: Cache, kv: LayerKV, pool: Pool, inv_freq_h, spec):
+  """`infllm_chunk` for one query per row, with the ring read where it lies (its rotated copy):
+  (out [B, 1, N, H], local probability sums [B, N, W+1] of the ring, oldest first, and the query's
+  own key). One pass: a single query's softmax needs no blocks."""
+  b, _, n, h = q_b1nh.shape
+  ring = cache.ring(kv)  # raw keys at their positions
+  kv_heads, ring_len = ring.k_bklh.shape[1], ring.k_bklh.shape[2]
+  pos_b1, idx_b1 = new.pos_bl, new.idx_bl
+  order_bw = _ring_order(cache)
+  pending = Keys(*(jnp.take_along_axis(x, order_bw[:, None, :spec.block_size + 1, None], axis=2) for x in ring[:2]),
+                 *(jnp.take_along_axis(x, order_bw[:, :spec.block_size + 1], axis=1) for x in ring[2:]))
+  state = bw.init_state(b, kv_heads, n // kv_heads, h)
+  state = add_far_keys(state, q_b1nh, pos_b1, idx_b1, pending, cache.slots(kv), pool, inv_freq_h, spec)
+  rotated = Keys(kv.ring_rk, ring.v_bklh, ring.pos_bl - ring.pos_bl % ring_len, ring.idx_bl)
+  s_bkgw = _ring_scores(q_b1nh, pos_b1, rotated, inv_freq_h)
+  local_bw = _in_window(idx_b1, ring.idx_bl, spec.n_local) & (idx_b1 >= 0)
+  state = bw.update(state, s_bkgw, ring.v_bklh, local_bw[:, None])
   q_bkgh = bw.query_tile(q_b1nh, jnp.zeros_like(pos_b1), inv_freq_h, kv_heads)
-  state = bw.update(state, bw.scores(q_bkgh, new.k_bklh), new.v_bklh, (idx_b1 >= 0)[:, :, None])
-  return bw.finish(state, 1, q_b1nh.dtype)[0]
+  s_own_bkg1 = bw.scores(q_bkgh, new.k_bklh)
+  state = _add_own_key(state, q_b1nh, new, inv_freq_h)
+  out_b1nh, lse_b1n = bw.finish(state, 1, q_b1nh.dtype)
+  lse_bkg1 = lse_b1n.reshape(b, kv_heads, -1, 1)
+  lse_bkg1 = jnp.where(jnp.isfinite(lse_bkg1), lse_bkg1, 0)
+  p_bkgw = jnp.where(local_bw[:, None, None], jnp.exp(s_bkgw - lse_bkg1), 0)
+  p_bkg1 = jnp.where((idx_b1 >= 0)[:, None, None], jnp.exp(s_own_bkg1 - lse_bkg1), 0)
+  p_bnw = jnp.take_along_axis(p_bkgw.reshape(b, n, ring_len), order_bw[:, None], axis=2)
+  return out_b1nh, jnp.concatenate([p_bnw, p_bkg1.reshape(b, n, 1)], axis=2)
 
 
 def write(cache: Cache, k_lbckh, v_lbckh, colsum_lbnx, positions_bc, idx_bc, inv_freq_h, spec) -> Cache:
@@ -188,6 +237,8 @@ def write(cache: Cache, k_lbckh, v_lbckh, colsum_lbnx, positions_bc, idx_bc, inv
     b_b1 = jnp.arange(idx_bc.shape[0])[:, None]
     kv = kv._replace(ring_colsum=kv.ring_colsum.at[:, b_b1, :, ring_at].set(
         colsum_lbnx[..., ring_len:].transpose(1, 3, 0, 2), mode="drop"))
+    rotated_lbckh = apply_rope(k_lbckh, (positions_bc % ring_len)[None, :, :, None], inv_freq_h)
+    kv = kv._replace(ring_rk=_scatter_layers(kv.ring_rk, ring_at, rotated_lbckh))
     anchor_bc = positions_bc
   else:
     anchor_bc = positions_bc - positions_bc % ring_len
@@ -221,17 +272,22 @@ def _form_blocks(cache: Cache, new: Keys, colsum_lbnx, next_idx_b, spec) -> tupl
     return jnp.where(at(in_ring_bx), jnp.take_along_axis(ring_x, at(token_bx % ring_len), axis=3),
                      jnp.take_along_axis(chunk_x, at(at_chunk_bx), axis=3))
 
-  k_lbkxh = gather(kv.ring_k, jnp.swapaxes(new.k_bklh, 2, 3))
-  v_lbkxh = gather(kv.ring_v, jnp.swapaxes(new.v_bklh, 2, 3))
-  colsum_lbnx = gather(ring_colsum[..., None], colsum_lbnx[..., ring_len:, None])[..., 0]
-  rk_lbnmh = representative_keys(colsum_lbnx, k_lbkxh, spec.repr_tokens, bs)
-  keep_bm = block_bm < jnp.minimum(formed_b, n_pool)[:, None]
-  b_b1 = jnp.arange(block_bm.shape[0])[:, None]
-  at_bm = jnp.where(keep_bm, block_bm, n_pool)
-  at_bx = jnp.where(jnp.repeat(keep_bm, bs, axis=1), token_bx - spec.n_init, n_pool * bs)
-  put = lambda x, at, y: x.at[:, b_b1, :, at].set(jnp.moveaxis(y, (0, 2), (2, 3)), mode="drop")  # noqa: E731
-  return kv._replace(ring_colsum=ring_colsum, pool_k=put(kv.pool_k, at_bx, k_lbkxh),
-                     pool_v=put(kv.pool_v, at_bx, v_lbkxh), pool_rk=put(kv.pool_rk, at_bm, rk_lbnmh)), formed_b
+  def move(kv: LayerKV) -> LayerKV:
+    k_lbkxh = gather(kv.ring_k, jnp.swapaxes(new.k_bklh, 2, 3))
+    v_lbkxh = gather(kv.ring_v, jnp.swapaxes(new.v_bklh, 2, 3))
+    block_colsum_lbnx = gather(kv.ring_colsum[..., None], colsum_lbnx[..., ring_len:, None])[..., 0]
+    rk_lbnmh = representative_keys(block_colsum_lbnx, k_lbkxh, spec.repr_tokens, bs)
+    keep_bm = block_bm < jnp.minimum(formed_b, n_pool)[:, None]
+    b_b1 = jnp.arange(block_bm.shape[0])[:, None]
+    at_bm = jnp.where(keep_bm, block_bm, n_pool)
+    at_bx = jnp.where(jnp.repeat(keep_bm, bs, axis=1), token_bx - spec.n_init, n_pool * bs)
+    put = lambda x, at, y: x.at[:, b_b1, :, at].set(jnp.moveaxis(y, (0, 2), (2, 3)), mode="drop")  # noqa: E731
+    return kv._replace(pool_k=put(kv.pool_k, at_bx, k_lbkxh), pool_v=put(kv.pool_v, at_bx, v_lbkxh),
+                       pool_rk=put(kv.pool_rk, at_bm, rk_lbnmh))
+
+  # Most decode steps complete no block: they skip the gathers and the pool writes.
+  kv = kv._replace(ring_colsum=ring_colsum)
+  return jax.lax.cond(jnp.any(formed_b > cache.formed), move, lambda kv: kv, kv), formed_b
 
 
 def _write_slots(slots: Keys, new: Keys) -> Keys:
@@ -246,7 +302,13 @@ def _put(keys: Keys, at_bc: jnp.ndarray, new: Keys) -> Keys:
   b_b1 = jnp.arange(at_bc.shape[0])[:, None]
   if keys.k_bklh.ndim == 4:
     put = lambda x, y: x.at[b_b1, :, at_bc].set(jnp.swapaxes(y, 1, 2), mode="drop")  # noqa: E731
-  else:  # x[:, b, :, at] has shape [B, C, L, K, H]
-    put = lambda x, y: x.at[:, b_b1, :, at_bc].set(jnp.moveaxis(y, 0, 2), mode="drop")  # noqa: E731
+  else:
+    put = lambda x, y: _scatter_layers(x, at_bc, y)  # noqa: E731
   return Keys(put(keys.k_bklh, new.k_bklh), put(keys.v_bklh, new.v_bklh), keys.pos_bl.at[b_b1, at_bc].set(
       new.pos_bl, mode="drop"), keys.idx_bl.at[b_b1, at_bc].set(new.idx_bl, mode="drop"))
+
+
+def _scatter_layers(x_lbksh, at_bc, y_lbckh):
+  """x[:, b, :, at[b, c]] = y[:, b, c] for every layer (out-of-range slots dropped)."""
+  b_b1 = jnp.arange(at_bc.shape[0])[:, None]  # x[:, b, :, at] has shape [B, C, L, K, H]
+  return x_lbksh.at[:, b_b1, :, at_bc].set(jnp.moveaxis(y_lbckh, 0, 2), mode="drop")

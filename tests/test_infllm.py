@@ -172,12 +172,14 @@ def test_cached_chunked_nll_equals_one_shot(tiny, chunk):
   np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-def test_cached_stream_at_offset_1e8_equals_offset_0(tiny):
+@pytest.mark.parametrize("chunk", [1, 10])
+def test_cached_stream_at_offset_1e8_equals_offset_0(tiny, chunk):
+  """(chunk 1: the single-token path, which reads the ring's rotated copy in place.)"""
   config, params, _ = tiny
-  spec = resolve(InfLLM(**SPEC, chunk=10), config.max_position_embeddings)
+  spec = resolve(InfLLM(**SPEC, chunk=chunk), config.max_position_embeddings)
 
   run = lambda offset: feed_cached(params, config, spec, TOKENS, jnp.broadcast_to(  # noqa: E731
-      jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape), [10] * 9, max_len=90)
+      jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape), [chunk] * (90 // chunk), max_len=90)
 
   np.testing.assert_allclose(run(10**8), run(0), atol=1e-4)
 

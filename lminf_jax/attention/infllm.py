@@ -84,21 +84,9 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   g = n // kv
   n_local, bs = spec.n_local, spec.block_size
   real_bc = idx_bc >= 0
-  q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, n_local - 1), inv_freq_h, kv)
-  # Far keys: init tokens, pending tokens (all within the context's first bs + C entries), selected blocks.
-  pending_start_b1 = (spec.n_init + pool.formed_b * bs)[:, None]
   pending = Keys(*(x[:, :, :bs + c] for x in context[:2]), *(x[:, :bs + c] for x in context[2:]))
-  far = [starts, pending]
-  far_ok = [starts.idx_bl >= 0, (pending.idx_bl >= pending_start_b1)]
-  if pool.rk_bnph.shape[2]:
-    far_block, ok_block = _selected_blocks(q_far, real_bc, pool, spec)
-    far.append(far_block)
-    far_ok.append(ok_block)
-  far_k, far_v = (jnp.concatenate([x[i] for x in far], axis=2) for i in (0, 1))
-  far_idx_bf = jnp.concatenate([x.idx_bl for x in far], axis=1)
-  far_ok_bf = jnp.concatenate(far_ok, axis=1) & (far_idx_bf >= 0)
-  mask_bcf = (idx_bc[:, :, None] - far_idx_bf[:, None, :] >= n_local) & far_ok_bf[:, None, :] & real_bc[:, :, None]
-  state = bw.update(bw.init_state(b, kv, g * c, h), bw.scores(q_far, far_k), far_v, mask_bcf)
+  state = add_far_keys(bw.init_state(b, kv, g * c, h), q_bcnh, pos_bc, idx_bc, pending, starts, pool, inv_freq_h,
+                       spec)
 
   # Local: the context from entry bs on, in key blocks of S, rotated relative to the chunk's last query.
   local = Keys(*(x[:, :, bs:] for x in context[:2]), *(x[:, bs:] for x in context[2:]))
@@ -135,6 +123,27 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   _, p_nbns = jax.lax.scan(column_sums, None, jnp.arange(n_blocks))
   colsum_bnx = jnp.moveaxis(p_nbns, 0, 2).reshape(b, n, -1)[:, :, :span]
   return out_bcnh, bw.pad_axis(colsum_bnx, 2, bs, 0)
+
+
+def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, starts: Keys, pool: Pool, inv_freq_h,
+                 spec) -> bw.SoftmaxState:
+  """Folds the far branch into a chunk's softmax: the query rotated at n_local-1, raw keys of the
+  init tokens, of the pending tokens (the context's first bs + C entries, oldest first) and of
+  the top_k selected blocks, each seen only at distance >= n_local."""
+  real_bc = idx_bc >= 0
+  q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, spec.n_local - 1), inv_freq_h, pending.k_bklh.shape[1])
+  pending_start_b1 = (spec.n_init + pool.formed_b * spec.block_size)[:, None]
+  far = [starts, pending]
+  far_ok = [starts.idx_bl >= 0, (pending.idx_bl >= pending_start_b1)]
+  if pool.rk_bnph.shape[2]:
+    far_block, ok_block = _selected_blocks(q_far, real_bc, pool, spec)
+    far.append(far_block)
+    far_ok.append(ok_block)
+  far_k, far_v = (jnp.concatenate([x[i] for x in far], axis=2) for i in (0, 1))
+  far_idx_bf = jnp.concatenate([x.idx_bl for x in far], axis=1)
+  far_ok_bf = jnp.concatenate(far_ok, axis=1) & (far_idx_bf >= 0)
+  mask_bcf = (idx_bc[:, :, None] - far_idx_bf[:, None, :] >= spec.n_local) & far_ok_bf[:, None, :] & real_bc[:, :, None]
+  return bw.update(state, bw.scores(q_far, far_k), far_v, mask_bcf)
 
 
 def _selected_blocks(q_far_bkmh, real_bc, pool: Pool, spec) -> tuple[Keys, jnp.ndarray]:
