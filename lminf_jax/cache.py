@@ -153,7 +153,8 @@ def _attend_one(q_b1nh, new: Keys, slots: Keys, ring: Keys, inv_freq_h, window: 
   state = add_starting_keys(state, q_b1nh, pos_b1, idx_b1, pos_b1, slots, inv_freq_h, window, band_rotation(spec))
   state = bw.update(state, _ring_scores(q_b1nh, pos_b1, ring, inv_freq_h), ring.v_bklh,
                     _in_window(idx_b1, ring.idx_bl, window)[:, None])
-  return bw.finish(_add_own_key(state, q_b1nh, new, inv_freq_h), 1, q_b1nh.dtype)[0]
+  state = bw.update(state, _own_key_scores(q_b1nh, new, inv_freq_h), new.v_bklh, (idx_b1 >= 0)[:, :, None])
+  return bw.finish(state, 1, q_b1nh.dtype)[0]
 
 
 def _in_window(idx_b1, ring_idx_bw, window: int) -> jnp.ndarray:
@@ -161,9 +162,10 @@ def _in_window(idx_b1, ring_idx_bw, window: int) -> jnp.ndarray:
   return (dist_bw >= 0) & (dist_bw < window) & (ring_idx_bw >= 0)
 
 
-def _add_own_key(state: bw.SoftmaxState, q_b1nh, new: Keys, inv_freq_h) -> bw.SoftmaxState:
+def _own_key_scores(q_b1nh, new: Keys, inv_freq_h) -> jnp.ndarray:
+  """Logits [B, K, G, 1] of each row's query against its own key (distance 0)."""
   q_bkgh = bw.query_tile(q_b1nh, jnp.zeros_like(new.pos_bl), inv_freq_h, new.k_bklh.shape[1])
-  return bw.update(state, bw.scores(q_bkgh, new.k_bklh), new.v_bklh, (new.idx_bl >= 0)[:, :, None])
+  return bw.scores(q_bkgh, new.k_bklh)
 
 
 def _ring_scores(q_b1nh, pos_b1, ring: Keys, inv_freq_h) -> jnp.ndarray:
@@ -207,9 +209,8 @@ def _infllm_one(q_b1nh, new: Keys, cache: Cache, kv: LayerKV, pool: Pool, inv_fr
   s_bkgw = _ring_scores(q_b1nh, pos_b1, rotated, inv_freq_h)
   local_bw = _in_window(idx_b1, ring.idx_bl, spec.n_local) & (idx_b1 >= 0)
   state = bw.update(state, s_bkgw, ring.v_bklh, local_bw[:, None])
-  q_bkgh = bw.query_tile(q_b1nh, jnp.zeros_like(pos_b1), inv_freq_h, kv_heads)
-  s_own_bkg1 = bw.scores(q_bkgh, new.k_bklh)
-  state = _add_own_key(state, q_b1nh, new, inv_freq_h)
+  s_own_bkg1 = _own_key_scores(q_b1nh, new, inv_freq_h)
+  state = bw.update(state, s_own_bkg1, new.v_bklh, (idx_b1 >= 0)[:, :, None])
   out_b1nh, lse_b1n = bw.finish(state, 1, q_b1nh.dtype)
   lse_bkg1 = lse_b1n.reshape(b, kv_heads, -1, 1)
   lse_bkg1 = jnp.where(jnp.isfinite(lse_bkg1), lse_bkg1, 0)

@@ -62,6 +62,15 @@ def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> Non
                  help="infllm: block pool size (default: every block the input forms)")
 
 
+def add_token_source_args(p: argparse.ArgumentParser, text_help: str) -> None:
+  """CKPT and the tokens `read_token_ids` reads: --text-file or --tokens-file, --max-tokens."""
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  source = p.add_mutually_exclusive_group()
+  source.add_argument("--text-file", help=text_help)
+  source.add_argument("--tokens-file", help="1-D integer .npy of token ids")
+  p.add_argument("--max-tokens", type=positive_int, help="use only the first N tokens")
+
+
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--mesh", help="device mesh AXIS=SIZE[,AXIS=SIZE...] over data, fsdp, tensor, sequence "
                                 "(-1: the rest of the devices), e.g. sequence=8 or data=2,sequence=4")
@@ -448,12 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_fetch)
 
   p = sub.add_parser("nll", help="per-token negative log-likelihoods of a text")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
-  source = p.add_mutually_exclusive_group()
-  source.add_argument("--text-file", help="UTF-8 text (default: the built-in text, Python's help topics)")
-  source.add_argument("--tokens-file", help="1-D integer .npy of token ids")
+  add_token_source_args(p, "UTF-8 text (default: the built-in text, Python's help topics)")
   p.add_argument("--out", required=True, help="output .npy of float32 NLLs, length T-1")
-  p.add_argument("--max-tokens", type=positive_int)
   p.add_argument("--cached", action="store_true",
                  help="feed the text through a fixed-size cache, --chunk tokens at a time (same result)")
   add_attention_args(p)
@@ -506,11 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_ppl, attention="lambda,dense")
 
   p = sub.add_parser("finetune", help="fine-tune under an attention method (optax AdamW), resumable")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
-  source = p.add_mutually_exclusive_group()
-  source.add_argument("--text-file", help="UTF-8 training text (default: the built-in text)")
-  source.add_argument("--tokens-file", help="1-D integer .npy of token ids")
-  p.add_argument("--max-tokens", type=positive_int, help="use only the first N tokens of the text")
+  add_token_source_args(p, "UTF-8 training text (default: the built-in text)")
   p.add_argument("--seq-len", type=_int_at_least(2, ">= 2"), required=True, help="tokens per training sequence")
   p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps")
   p.add_argument("--lr", type=float, required=True, help="peak learning rate (warmup, then cosine decay to lr/10)")
