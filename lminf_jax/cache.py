@@ -26,10 +26,12 @@ of its keys rotated as lambda's are, so that a single decode token reads it in p
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.banded import Keys, add_starting_keys, band_attention
@@ -102,6 +104,20 @@ def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
                        kv(ring if isinstance(spec, InfLLM) else 0)),
                index(n_slots, 0), index(n_slots, -1), index(ring, 0), index(ring, -1), jnp.zeros((batch,), jnp.int32),
                jnp.zeros((batch,), jnp.int32))
+
+
+def check_room(cache: Cache, spec, new_tokens_b) -> None:
+  """Raises UserError if feeding `new_tokens_b` more real tokens per row overflows a dense cache
+  or an infllm block pool, instead of wrapping or dropping blocks. A no-op when traced."""
+  if not isinstance(spec, (Dense, InfLLM)) or any(isinstance(x, jax.core.Tracer) for x in (cache.next_idx,
+                                                                                            new_tokens_b)):
+    return
+  need = int(np.max(np.asarray(cache.next_idx) + np.asarray(new_tokens_b)))
+  if isinstance(spec, InfLLM):  # names the capacity and the blocks needed (the last block is never attended)
+    pool_blocks(need, dataclasses.replace(spec, capacity_blocks=cache.kv.pool_rk.shape[-2]))
+  elif need > cache.ring_idx.shape[1]:
+    raise UserError(f"dense cache full: it holds {cache.ring_idx.shape[1]} tokens, but this call needs {need} "
+                    f"(init_cache's max_len)")
 
 
 def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> jnp.ndarray:

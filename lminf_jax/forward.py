@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from lminf_jax.attention import Dense, resolve
 from lminf_jax.attention.blockwise import pad_to_multiple, split_chunks
-from lminf_jax.cache import Cache, init_cache
+from lminf_jax.cache import Cache, check_room, init_cache
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.llama import Llama
 
@@ -78,8 +78,14 @@ def nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: j
   return jnp.moveaxis(nll_nbc, 0, 1).reshape(tokens_bt.shape[0], -1)[:, :t]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("cache",))
 def forward_cached(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray,
                    attention) -> tuple[jnp.ndarray, Cache]:
-  """Feeds a chunk through the cache: (logits [B, T, V], updated cache). Negative positions: padding."""
+  """Feeds a chunk through the cache (donated): (logits [B, T, V], updated cache). Negative
+  positions: padding. More tokens than a dense cache or an infllm pool holds is an error."""
+  check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
+  return _forward_cached(params, config, cache, tokens_bt, positions_bt, attention)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("cache",))
+def _forward_cached(params, config, cache, tokens_bt, positions_bt, attention):
   return Llama(config).apply({"params": params}, tokens_bt, positions_bt, attention, cache)

@@ -20,7 +20,7 @@ from jax.experimental import io_callback
 
 from lminf_jax.attention import Dense, InfLLM, resolve
 from lminf_jax.attention.blockwise import split_chunks
-from lminf_jax.cache import Cache, init_cache
+from lminf_jax.cache import Cache, check_room, init_cache
 from lminf_jax.errors import UserError
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.llama import Llama
@@ -62,12 +62,16 @@ def sample(logits_bv: jnp.ndarray, key: jnp.ndarray, sampling: Sampling) -> jnp.
   return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "chunk"), donate_argnames=("cache",))
 def prefill(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray,
             attention, chunk: int) -> tuple[jnp.ndarray, Cache]:
-  """Feeds a left-padded prompt through the cache `chunk` tokens at a time: (last logits [B, V], cache).
+  """Feeds a left-padded prompt through the cache (donated) `chunk` tokens at a time: (last
+  logits [B, V], cache). T must be a multiple of `chunk` (pad on the left with position -1)."""
+  check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
+  return _prefill(params, config, cache, tokens_bt, positions_bt, attention, chunk)
 
-  T must be a multiple of `chunk` (pad on the left with position -1)."""
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "chunk"), donate_argnames=("cache",))
+def _prefill(params, config, cache, tokens_bt, positions_bt, attention, chunk):
   model = Llama(config)
 
   def step(cache, xs):
@@ -79,8 +83,6 @@ def prefill(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndar
   return model.apply({"params": params}, last_nbd[-1][:, None], method=Llama.unembed)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "sampling", "max_new_tokens", "eos_ids",
-                                             "on_tokens"))
 def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarray, next_pos_b: jnp.ndarray,
            key: jnp.ndarray, attention, sampling: Sampling, max_new_tokens: int, eos_ids: tuple[int, ...],
            on_tokens: Callable | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -88,6 +90,15 @@ def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarr
 
   `on_tokens(step, tokens [B]) -> stop [B] bool` runs on the host after every step (streaming,
   stop strings); tokens after a row's end are undefined."""
+  check_room(cache, attention, max_new_tokens)
+  return _decode(params, config, cache, logits_bv, next_pos_b, key, attention, sampling, max_new_tokens, eos_ids,
+                 on_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "sampling", "max_new_tokens", "eos_ids",
+                                             "on_tokens"))
+def _decode(params, config, cache, logits_bv, next_pos_b, key, attention, sampling, max_new_tokens, eos_ids,
+            on_tokens):
   model = Llama(config)
   b = logits_bv.shape[0]
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)

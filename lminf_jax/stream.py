@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lminf_jax.cache import Cache
+from lminf_jax.cache import Cache, check_room
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.llama import Llama
 
@@ -44,6 +44,7 @@ def stream_nll(params, config, cache: Cache, chunks: Iterator[np.ndarray], total
                on_segment=None, progress=None) -> np.ndarray:
   """NLL of streamed tokens 1..total-1 (float32). After every `segment` tokens (and at the end),
   `on_segment(index, mean NLL of the segment, tokens/s, peak RSS MiB)`."""
+  check_room(cache, attention, total)
   prev = jnp.zeros((1, config.vocab_size), jnp.float32)
   nll: list[np.ndarray] = []
   seen, reported, last_time, last_seen = 0, 0, time.perf_counter(), 0

@@ -10,7 +10,10 @@ from helpers import feed_cached, run_cli
 
 from lminf_jax.attention import Dense, Lambda, Streaming, resolve
 from lminf_jax.cache import init_cache
+from lminf_jax.errors import UserError
 from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
+from lminf_jax.generation import Sampling, decode
+from lminf_jax.stream import stream_nll
 
 SPECS = {
     "dense": lambda c: Dense(chunk=c, key_block=8),
@@ -107,6 +110,26 @@ def test_cache_size_does_not_grow(model):
   assert jax.tree.map(lambda x: (x.shape, x.dtype), cache) == shapes
   assert sum(x.nbytes for x in jax.tree.leaves(cache)) == size
   assert np.asarray(cache.next_idx).tolist() == [900, 900]
+
+
+def test_feeding_past_a_dense_cache_is_an_error_and_leaves_it_usable(model):
+  """A dense cache of 40 takes 40 tokens; more (which would wrap it into a sliding window) is
+  refused by forward_cached, decode and stream_nll before anything is written or donated."""
+  config, params, _ = model
+  spec = resolve(SPECS["dense"](8), config.max_position_embeddings)
+  positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32), TOKENS.shape)
+  expected = np.asarray(forward(params, config, TOKENS[:, :40], attention=spec))
+  cache = init_cache(config, spec, 2, max_len=40)
+  _, cache = forward_cached(params, config, cache, TOKENS[:, :39], positions[:, :39], spec)
+  with pytest.raises(UserError, match="dense cache full: it holds 40 tokens, but this call needs 41"):
+    forward_cached(params, config, cache, TOKENS[:, 39:41], positions[:, 39:41], spec)
+  with pytest.raises(UserError, match="needs 41"):
+    decode(params, config, cache, jnp.zeros((2, config.vocab_size)), positions[:, 39], jax.random.PRNGKey(0), spec,
+           Sampling(), 2, ())
+  logits, cache = forward_cached(params, config, cache, TOKENS[:, 39:40], positions[:, 39:40], spec)
+  np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, 39], atol=1e-4)
+  with pytest.raises(UserError, match="dense cache full: it holds 40 tokens, but this call needs 41"):
+    stream_nll(params, config, init_cache(config, spec, 1, max_len=40), iter([np.zeros(41, np.int32)]), 41, spec, 41)
 
 
 def test_cli_nll_cached_equals_one_shot(model, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -201,6 +203,27 @@ def test_cache_pool_too_small_is_a_clear_error(tiny):
   spec = resolve(InfLLM(**SPEC, chunk=8, capacity_blocks=3), config.max_position_embeddings)
   with pytest.raises(UserError, match=r"capacity_blocks=3, but 90 tokens need 18 blocks of 4"):
     init_cache(config, spec, 1, max_len=90)
+
+
+def test_cache_takes_what_its_pool_holds_then_refuses(tiny):
+  """Fed token by token, a cache sized for 60 tokens takes at least 60; each one it takes gets the
+  one-shot logits, and the first it refuses gets an error naming the capacity and the need."""
+  config, params, _ = tiny
+  spec = resolve(InfLLM(**SPEC, chunk=1), config.max_position_embeddings)
+  cache = init_cache(config, spec, 1, max_len=60)
+  positions = jnp.arange(90, dtype=jnp.int32)[None]
+  taken = []
+  for i in range(90):
+    try:
+      logits, cache = forward_cached(params, config, cache, TOKENS[:1, i:i + 1], positions[:, i:i + 1], spec)
+    except UserError as e:
+      assert re.fullmatch(rf"InfLLM block pool full: capacity_blocks=\d+, but {i + 1} tokens need \d+ blocks of 4",
+                          str(e)), e
+      break
+    taken.append(np.asarray(logits[0, 0]))
+  assert 60 <= len(taken) < 90
+  expected = np.asarray(forward(params, config, TOKENS[:1, :len(taken)], attention=spec))[0]
+  np.testing.assert_allclose(np.stack(taken), expected, atol=1e-4)
 
 
 def test_blocks_formed_from_a_left_padded_chunk(tiny):
