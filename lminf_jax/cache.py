@@ -251,6 +251,11 @@ def write(cache: Cache, k_lbckh, v_lbckh, colsum_lbnx, positions_bc, idx_bc, inv
   kv, formed = cache.kv, cache.formed
   if isinstance(spec, InfLLM):  # raw keys (the far branch needs them unrotated) with their positions
     kv, formed = _form_blocks(cache, new, colsum_lbnx, next_idx, spec)
+    # The ring writes below take a zero data dependency on the formation, which reads the ring:
+    # otherwise XLA may order them first and copies the ring to keep the old one.
+    after = 0 * jnp.sum(kv.pool_rk[..., :1, :1])
+    new = new._replace(k_bklh=k_lbckh + after, v_bklh=v_lbckh + after)
+    k_lbckh, colsum_lbnx = new.k_bklh, colsum_lbnx + after
     b_b1 = jnp.arange(idx_bc.shape[0])[:, None]
     kv = kv._replace(ring_colsum=kv.ring_colsum.at[:, b_b1, :, ring_at].set(
         colsum_lbnx[..., ring_len:].transpose(1, 3, 0, 2), mode="drop"))
@@ -289,22 +294,24 @@ def _form_blocks(cache: Cache, new: Keys, colsum_lbnx, next_idx_b, spec) -> tupl
     return jnp.where(at(in_ring_bx), jnp.take_along_axis(ring_x, at(token_bx % ring_len), axis=3),
                      jnp.take_along_axis(chunk_x, at(at_chunk_bx), axis=3))
 
-  def move(kv: LayerKV) -> LayerKV:
+  def move(pool):  # (pool_k, pool_v, pool_rk) -> the same with the completed blocks stored
+    pool_k, pool_v, pool_rk = pool
     k_lbkxh = gather(kv.ring_k, jnp.swapaxes(new.k_bklh, 2, 3))
     v_lbkxh = gather(kv.ring_v, jnp.swapaxes(new.v_bklh, 2, 3))
-    block_colsum_lbnx = gather(kv.ring_colsum[..., None], colsum_lbnx[..., ring_len:, None])[..., 0]
+    block_colsum_lbnx = gather(ring_colsum[..., None], colsum_lbnx[..., ring_len:, None])[..., 0]
     rk_lbnmh = representative_keys(block_colsum_lbnx, k_lbkxh, spec.repr_tokens, bs)
     keep_bm = block_bm < jnp.minimum(formed_b, n_pool)[:, None]
     b_b1 = jnp.arange(block_bm.shape[0])[:, None]
     at_bm = jnp.where(keep_bm, block_bm, n_pool)
     at_bx = jnp.where(jnp.repeat(keep_bm, bs, axis=1), token_bx - spec.n_init, n_pool * bs)
     put = lambda x, at, y: x.at[:, b_b1, :, at].set(jnp.moveaxis(y, (0, 2), (2, 3)), mode="drop")  # noqa: E731
-    return kv._replace(pool_k=put(kv.pool_k, at_bx, k_lbkxh), pool_v=put(kv.pool_v, at_bx, v_lbkxh),
-                       pool_rk=put(kv.pool_rk, at_bm, rk_lbnmh))
+    return put(pool_k, at_bx, k_lbkxh), put(pool_v, at_bx, v_lbkxh), put(pool_rk, at_bm, rk_lbnmh)
 
-  # Most decode steps complete no block: they skip the gathers and the pool writes.
-  kv = kv._replace(ring_colsum=ring_colsum)
-  return jax.lax.cond(jnp.any(formed_b > cache.formed), move, lambda kv: kv, kv), formed_b
+  # Most decode steps complete no block: they skip the gathers and the pool writes. (Only the
+  # pool passes through the cond: XLA copies whatever a cond returns unchanged.)
+  pool_k, pool_v, pool_rk = jax.lax.cond(jnp.any(formed_b > cache.formed), move, lambda pool: pool,
+                                         (kv.pool_k, kv.pool_v, kv.pool_rk))
+  return kv._replace(ring_colsum=ring_colsum, pool_k=pool_k, pool_v=pool_v, pool_rk=pool_rk), formed_b
 
 
 def _write_slots(slots: Keys, new: Keys) -> Keys:

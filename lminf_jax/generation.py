@@ -23,7 +23,7 @@ from lminf_jax.attention.blockwise import split_chunks
 from lminf_jax.cache import Cache, check_room, init_cache
 from lminf_jax.errors import UserError
 from lminf_jax.models.config import LlamaConfig
-from lminf_jax.models.llama import Llama
+from lminf_jax.models.llama import Llama, cached_layer
 
 
 @jax.tree_util.register_static
@@ -89,26 +89,44 @@ def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarr
   """The decode loop (`lax.while_loop`): (tokens [B, max_new_tokens], lengths [B]).
 
   `on_tokens(step, tokens [B]) -> stop [B] bool` runs on the host after every step (streaming,
-  stop strings); tokens after a row's end are undefined."""
+  stop strings); tokens after a row's end are undefined.
+
+  Each layer's parameters and cache enter the loop as buffers of their own (copies made here,
+  once; the cache's copies are donated to the loop): XLA:CPU copies a layer's slice of a stacked
+  [L, ...] array on every read, which would triple the memory traffic of a step, and a step's
+  time is the time to read the weights and the window."""
   check_room(cache, attention, max_new_tokens)
-  return _decode(params, config, cache, logits_bv, next_pos_b, key, attention, sampling, max_new_tokens, eos_ids,
-                 on_tokens)
+  rest = {name: x for name, x in params.items() if name != "layers"}
+  layer_params = tuple(jax.tree.map(lambda x: x[layer:layer + 1], params["layers"])
+                       for layer in range(config.num_layers))
+  layer_caches = tuple(jax.tree.map(jnp.copy, cache._replace(kv=jax.tree.map(lambda x: x[layer:layer + 1], cache.kv)))
+                       for layer in range(config.num_layers))
+  return _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key, attention, sampling,
+                 max_new_tokens, eos_ids, on_tokens)[:2]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "sampling", "max_new_tokens", "eos_ids",
-                                             "on_tokens"))
-def _decode(params, config, cache, logits_bv, next_pos_b, key, attention, sampling, max_new_tokens, eos_ids,
-            on_tokens):
+                                             "on_tokens"), donate_argnames=("layer_caches",))
+def _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key, attention, sampling, max_new_tokens,
+            eos_ids, on_tokens):
   model = Llama(config)
   b = logits_bv.shape[0]
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+  def forward_one(token_b, pos_b, layer_caches):  # logits [B, V] of one token per row, the caches
+    x_b1d = model.apply({"params": rest}, token_b[:, None], method=Llama.embed)
+    updated = []
+    for layer, (p, layer_cache) in enumerate(zip(layer_params, layer_caches)):
+      x_b1d, layer_cache = cached_layer(config, p, layer, x_b1d, pos_b[:, None], attention, layer_cache)
+      updated.append(layer_cache)
+    return model.apply({"params": rest}, x_b1d, method=Llama.logits)[:, 0], tuple(updated)
 
   def cond(state):
     step, done_b = state[0], state[5]
     return (step < max_new_tokens) & ~jnp.all(done_b)
 
   def body(state):
-    step, cache, logits_bv, pos_b, key, done_b, out_bn, lengths_b = state
+    step, layer_caches, logits_bv, pos_b, key, done_b, out_bn, lengths_b = state
     key, sub = jax.random.split(key)
     token_b = sample(logits_bv, sub, sampling)
     out_bn = out_bn.at[:, step].set(token_b)
@@ -117,13 +135,13 @@ def _decode(params, config, cache, logits_bv, next_pos_b, key, attention, sampli
     if on_tokens is not None:
       stop_b |= io_callback(on_tokens, jax.ShapeDtypeStruct((b,), jnp.bool_), step, token_b, ordered=True)
     done_b = done_b | stop_b
-    logits_b1v, cache = model.apply({"params": params}, token_b[:, None], pos_b[:, None], attention, cache)
-    return step + 1, cache, logits_b1v[:, 0], pos_b + 1, key, done_b, out_bn, lengths_b
+    logits_bv, layer_caches = forward_one(token_b, pos_b, layer_caches)
+    return step + 1, layer_caches, logits_bv, pos_b + 1, key, done_b, out_bn, lengths_b
 
-  state = (jnp.int32(0), cache, logits_bv, next_pos_b, key, jnp.zeros((b,), bool),
+  state = (jnp.int32(0), layer_caches, logits_bv, next_pos_b, key, jnp.zeros((b,), bool),
            jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), jnp.int32))
   state = jax.lax.while_loop(cond, body, state)
-  return state[6], state[7]
+  return state[6], state[7], state[1]  # (the caches are returned so that the loop runs in their donated buffers)
 
 
 def left_pad(prompts: list[list[int]], chunk: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -85,7 +85,8 @@ class Attention(nn.Module):
       o_btnh, colsum = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, idx_bt, layer_kv, shared, inv_freq_h,
                                      self.attention)
       new_kv = (k_btkh, v_btkh, colsum)
-    out_btd = jnp.einsum("btnh,nhd->btd", o_btnh, wo_nhd.astype(dt))
+    # One [N*H, D] contraction: XLA would otherwise transpose the weight on every call to match o's layout.
+    out_btd = jnp.einsum("btx,xd->btd", o_btnh.reshape(*o_btnh.shape[:2], n * h), wo_nhd.reshape(n * h, d).astype(dt))
     if cfg.o_bias:
       out_btd += self.param("bo_d", _const(nn.initializers.zeros, "embed"), (d,), pdt).astype(dt)
     return out_btd, new_kv
@@ -156,16 +157,30 @@ class Llama(nn.Module):
       tokens_bt = jnp.pad(tokens_bt, ((0, 0), (0, pad)))
       positions_bt = count_on(positions_bt, pad)
     attention = resolve(attention, cfg.max_position_embeddings)
-    x_btd = constrain(jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(cfg.dtype)), "batch", "length", "embed")
+    x_btd = self.embed(tokens_bt)
     if cache is None:
       x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, None, None)
       return self.final_norm(x_btd)[:, :t]
-    idx_bt = chunk_indices(cache.next_idx, positions_bt)
-    x_btd, (k_lbtkh, v_lbtkh, colsum_lbnx) = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention,
-                                                          cache.kv, (cache._replace(kv=None), idx_bt))
-    inv_freq_h = jnp.asarray(inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    cache = write(cache, k_lbtkh, v_lbtkh, colsum_lbnx, positions_bt, idx_bt, inv_freq_h, attention)
+    x_btd, cache = self.cached_layers(x_btd, positions_bt, attention, cache)
     return self.final_norm(x_btd), cache
+
+  def embed(self, tokens_bt: jnp.ndarray) -> jnp.ndarray:
+    """Token embeddings [B, T, D] (compute dtype)."""
+    x_btd = jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(self.config.dtype))
+    return constrain(x_btd, "batch", "length", "embed")
+
+  def cached_layers(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, attention, cache: Cache):
+    """The decoder layers (embedded input to last layer output [B, T, D]) over a cache, under a
+    resolved spec: (output, updated cache)."""
+    cfg = self.config
+    idx_bt = chunk_indices(cache.next_idx, positions_bt)
+    x_btd, new_kv = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, cache.kv,
+                                (cache._replace(kv=None), idx_bt))
+    return _write(cfg, x_btd, cache, new_kv, positions_bt, idx_bt, attention)
+
+  def logits(self, x_btd: jnp.ndarray) -> jnp.ndarray:
+    """Logits [B, T, V] (float32) of last-layer outputs: the final norm, then `unembed`."""
+    return self.unembed(self.final_norm(x_btd))
 
   def unembed(self, x_btd: jnp.ndarray) -> jnp.ndarray:
     """Logits [B, T, V] in float32."""
@@ -179,3 +194,28 @@ class Llama(nn.Module):
       return self.unembed(self.hidden(tokens_bt, positions_bt, attention))
     x_btd, cache = self.hidden(tokens_bt, positions_bt, attention, cache)
     return self.unembed(x_btd), cache
+
+
+def cached_layer(config: LlamaConfig, layer_params: dict, layer: int, x_btd: jnp.ndarray, positions_bt: jnp.ndarray,
+                 attention, cache: Cache) -> tuple[jnp.ndarray, Cache]:
+  """`Llama.cached_layers` for one layer, with no scan: its params and a cache holding only it
+  (every kv leaf with a leading axis of 1, as sliced from the stacked ones). For a loop over
+  layers whose buffers are separate: XLA copies the cache around a one-step scan on each call."""
+  idx_bt = chunk_indices(cache.next_idx, positions_bt)
+  squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+  x_btd, new_kv = DecoderLayer(config).apply({"params": squeeze(layer_params)}, x_btd, positions_bt, jnp.int32(layer),
+                                             attention, squeeze(cache.kv), (cache._replace(kv=None), idx_bt))
+  return _write(config, x_btd, cache, jax.tree.map(lambda x: x[None], new_kv), positions_bt, idx_bt, attention)
+
+
+def _write(config: LlamaConfig, x_btd: jnp.ndarray, cache: Cache, new_kv, positions_bt, idx_bt,
+           attention) -> tuple[jnp.ndarray, Cache]:
+  """(x, the cache with the layers' keys and values [L, B, T, K, H] (and infllm's probability
+  sums) stored). The stores wait for the layers' output x, so they follow every read of the
+  cache and update it in place; XLA would otherwise be free to order them first, and copy the
+  cache to keep the old one for the reads."""
+  k_lbtkh, v_lbtkh, colsum_lbnx = new_kv
+  after_bt11 = 0 * x_btd[:, :, :1, None]  # (an optimization barrier does not order XLA:CPU's copy insertion)
+  k_lbtkh, v_lbtkh = k_lbtkh + after_bt11, v_lbtkh + after_bt11
+  inv_freq_h = jnp.asarray(inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))
+  return x_btd, write(cache, k_lbtkh, v_lbtkh, colsum_lbnx, positions_bt, idx_bt, inv_freq_h, attention)

@@ -56,10 +56,9 @@ def run_lminf(method: str, length: int, new_tokens: int) -> dict:
   prefill_s = time.perf_counter() - start
   args = (params, config, cache, logits, jnp.asarray([len(ids)], jnp.int32), jax.random.PRNGKey(0), spec, Sampling(),
           new_tokens, ())
-  compiled = decode.lower(*args).compile()
-  dynamic = (params, cache, logits, jnp.asarray([len(ids)], jnp.int32), jax.random.PRNGKey(0))
+  decode(*args)[0].block_until_ready()  # compiles (the cache is not donated: the timed call starts alike)
   start = time.perf_counter()
-  out, _ = compiled(*dynamic)
+  out, _ = decode(*args)
   out.block_until_ready()
   decode_s = time.perf_counter() - start
   window = len(ids) if method == "dense" else min(len(ids), 8192 + 10)  # (infllm: without its far keys)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import run_cli, tiny_hf_model
 
 from lminf_jax.attention import Dense, Lambda, Streaming
+from lminf_jax.forward import forward
 from lminf_jax.generation import Sampling, generate
 from lminf_jax.loading import convert, load
 
@@ -56,6 +58,18 @@ def test_batched_left_padded_rows_equal_each_row_alone(tiny, spec):
   batched = generate(params, config, PROMPTS, 30, attention=spec, eos_ids=(), chunk=4)
   for prompt, row in zip(PROMPTS, batched):
     assert row == generate(params, config, [prompt], 30, attention=spec, eos_ids=(), chunk=4)[0]
+
+
+@pytest.mark.parametrize("spec", [Lambda(n_global=2, n_local=9, chunk=4, key_block=4),
+                                  Streaming(n_sink=2, n_recent=9, chunk=4, key_block=4)])
+def test_greedy_decode_picks_the_one_shot_argmax(tiny, spec):
+  """40 decoded tokens, the ring wrapping several times: each is the argmax of the one-shot
+  forward's logits over the prompt and the tokens before it."""
+  _, config, params, _ = tiny
+  prompt = PROMPTS[0]
+  out = generate(params, config, [prompt], 40, attention=spec, eos_ids=(), chunk=4)[0]
+  logits = forward(params, config, jnp.asarray([prompt + out]), attention=spec)
+  np.testing.assert_array_equal(np.asarray(logits[0, len(prompt) - 1:-1]).argmax(-1), out)
 
 
 def test_sampling_is_reproducible_and_seed_dependent(tiny):
