@@ -91,16 +91,20 @@ def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarr
   `on_tokens(step, tokens [B]) -> stop [B] bool` runs on the host after every step (streaming,
   stop strings); tokens after a row's end are undefined.
 
+  The cache is consumed (its buffers are freed), as `prefill` and `forward_cached` consume theirs.
   Each layer's parameters and cache enter the loop as buffers of their own (copies made here,
-  once; the cache's copies are donated to the loop): XLA:CPU copies a layer's slice of a stacked
-  [L, ...] array on every read, which would triple the memory traffic of a step, and a step's
-  time is the time to read the weights and the window."""
+  once): XLA:CPU copies a layer's slice of a stacked [L, ...] array on every read, which would
+  triple the memory traffic of a step, and a step's time is the time to read the weights and the
+  window. The cost is one extra copy of the layer weights while decoding."""
   check_room(cache, attention, max_new_tokens)
   rest = {name: x for name, x in params.items() if name != "layers"}
   layer_params = tuple(jax.tree.map(lambda x: x[layer:layer + 1], params["layers"])
                        for layer in range(config.num_layers))
   layer_caches = tuple(jax.tree.map(jnp.copy, cache._replace(kv=jax.tree.map(lambda x: x[layer:layer + 1], cache.kv)))
                        for layer in range(config.num_layers))
+  for x in jax.tree.leaves(cache):
+    if not isinstance(x, jax.core.Tracer):
+      x.delete()
   return _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key, attention, sampling,
                  max_new_tokens, eos_ids, on_tokens)[:2]
 
