@@ -100,8 +100,9 @@ def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarr
   rest = {name: x for name, x in params.items() if name != "layers"}
   layer_params = tuple(jax.tree.map(lambda x: x[layer:layer + 1], params["layers"])
                        for layer in range(config.num_layers))
-  layer_caches = tuple(jax.tree.map(jnp.copy, cache._replace(kv=jax.tree.map(lambda x: x[layer:layer + 1], cache.kv)))
-                       for layer in range(config.num_layers))
+  # Slicing copies the kv; the shared index arrays are copied so that no two layers donate one buffer.
+  layer_caches = tuple(jax.tree.map(jnp.copy, cache._replace(kv=None))._replace(
+      kv=jax.tree.map(lambda x: x[layer:layer + 1], cache.kv)) for layer in range(config.num_layers))
   for x in jax.tree.leaves(cache):
     if not isinstance(x, jax.core.Tracer):
       x.delete()
