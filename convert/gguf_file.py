@@ -70,10 +70,11 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
       "attention_bias": "blk.0.attn_q.bias" in names and arch != "qwen2",
       "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
       "eos_token_id": eos,
+      "sliding_window": get("attention.sliding_window"),  # absent: no window
   }
   if (kind := get("rope.scaling.type")) not in (None, "none"):
     hf["rope_scaling"] = {"rope_type": kind, "factor": get("rope.scaling.factor", 1.0)}
-  missing = [k for k, v in hf.items() if v is None and k not in ("bos_token_id", "eos_token_id")]
+  missing = [k for k, v in hf.items() if v is None and k not in ("bos_token_id", "eos_token_id", "sliding_window")]
   if missing:
     raise UserError(f"{path} lacks metadata for {', '.join(missing)}")
   return LlamaConfig.from_hf(hf)

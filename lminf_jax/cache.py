@@ -87,8 +87,9 @@ def cache_shape(spec, max_len: int | None = None) -> tuple[int, int]:
 
 
 def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
-  """An empty cache for `batch` rows under the resolved attention `spec` (dense and infllm: for
-  up to `max_len` tokens)."""
+  """An empty cache for `batch` rows under the attention `spec` (dense and infllm: for up to
+  `max_len` tokens)."""
+  spec = config.resolve_attention(spec)
   n_slots, ring = cache_shape(spec, max_len)
   n_pool, bs, n_colsum = 0, 0, 0
   if isinstance(spec, InfLLM):

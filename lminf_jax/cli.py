@@ -328,7 +328,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_stream_ppl(args: argparse.Namespace) -> None:
   from tqdm import tqdm
 
-  from lminf_jax.attention import resolve
   from lminf_jax.cache import init_cache
   from lminf_jax.loading import load
   from lminf_jax.stream import document_stream, peak_rss_mib, stream_nll
@@ -341,7 +340,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
   ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
   if ids.size < 2:
     raise UserError("the text has fewer than 2 tokens")
-  spec = resolve(attention, config.max_position_embeddings)
+  spec = config.resolve_attention(attention)
   cache = init_cache(config, spec, 1, max_len=args.tokens)  # max_len: dense and infllm
   total = args.tokens
   chunks = document_stream(ids, total, config.bos_token_id, args.chunk)

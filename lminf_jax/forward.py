@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.attention import Dense, resolve
+from lminf_jax.attention import Dense
 from lminf_jax.attention.blockwise import pad_to_multiple, split_chunks
 from lminf_jax.cache import Cache, check_room, init_cache
 from lminf_jax.models.config import LlamaConfig
@@ -39,7 +39,7 @@ def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, 
   """`token_nll` computed by feeding the tokens through a fixed-size cache, `chunk` at a time
   (a `lax.scan`); dense gets a cache of length T. Equal to the one-shot result."""
   model = Llama(config)
-  spec = resolve(attention, config.max_position_embeddings)
+  spec = config.resolve_attention(attention)
   b, t = tokens_bt.shape
   chunk = min(chunk, t)
   cache = init_cache(config, spec, b, max_len=t)
@@ -82,6 +82,7 @@ def forward_cached(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: j
                    attention) -> tuple[jnp.ndarray, Cache]:
   """Feeds a chunk through the cache (donated): (logits [B, T, V], updated cache). Negative
   positions: padding. More tokens than a dense cache or an infllm pool holds is an error."""
+  attention = config.resolve_attention(attention)
   check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
   return _forward_cached(params, config, cache, tokens_bt, positions_bt, attention)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from lminf_jax.attention import Dense, InfLLM, resolve
+from lminf_jax.attention import Dense, InfLLM
 from lminf_jax.attention.blockwise import split_chunks
 from lminf_jax.cache import Cache, check_room, init_cache
 from lminf_jax.errors import UserError
@@ -66,6 +66,7 @@ def prefill(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndar
             attention, chunk: int) -> tuple[jnp.ndarray, Cache]:
   """Feeds a left-padded prompt through the cache (donated) `chunk` tokens at a time: (last
   logits [B, V], cache). T must be a multiple of `chunk` (pad on the left with position -1)."""
+  attention = config.resolve_attention(attention)
   check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
   return _prefill(params, config, cache, tokens_bt, positions_bt, attention, chunk)
 
@@ -96,6 +97,7 @@ def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarr
   once): XLA:CPU copies a layer's slice of a stacked [L, ...] array on every read, which would
   triple the memory traffic of a step, and a step's time is the time to read the weights and the
   window. The cost is one extra copy of the layer weights while decoding."""
+  attention = config.resolve_attention(attention)
   check_room(cache, attention, max_new_tokens)
   rest = {name: x for name, x in params.items() if name != "layers"}
   layer_params = tuple(jax.tree.map(lambda x: x[layer:layer + 1], params["layers"])
@@ -174,7 +176,7 @@ def generate(params: dict, config: LlamaConfig, prompts: list[list[int]], max_ne
     raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
   if chunk <= 0:
     raise UserError(f"chunk must be positive, got {chunk}")
-  spec = resolve(attention, config.max_position_embeddings)
+  spec = config.resolve_attention(attention)
   if isinstance(spec, InfLLM):  # its chunk is part of its semantics (how often it retrieves)
     chunk = spec.chunk
   chunk = min(chunk, max(len(p) for p in prompts or [[0]]))

@@ -44,6 +44,7 @@ def stream_nll(params, config, cache: Cache, chunks: Iterator[np.ndarray], total
                on_segment=None, progress=None) -> np.ndarray:
   """NLL of streamed tokens 1..total-1 (float32). After every `segment` tokens (and at the end),
   `on_segment(index, mean NLL of the segment, tokens/s, peak RSS MiB)`."""
+  attention = config.resolve_attention(attention)
   check_room(cache, attention, total)
   prev = jnp.zeros((1, config.vocab_size), jnp.float32)
   nll: list[np.ndarray] = []

@@ -46,6 +46,7 @@ class LlamaConfig:
   qkv_bias: bool = False
   o_bias: bool = False
   model_type: str = "llama"
+  sliding_window: int | None = None  # each query sees only its last sliding_window keys (Mistral v0.1)
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   param_dtype: str = "float32"
@@ -62,6 +63,13 @@ class LlamaConfig:
   @property
   def heads_per_kv(self) -> int:  # G
     return self.num_heads // self.num_kv_heads
+
+  def resolve_attention(self, spec):
+    """`spec` with this model's defaults (attention.resolve): n_local = the training length, and
+    Dense = the model's sliding window, if it has one."""
+    from lminf_jax.attention import resolve
+
+    return resolve(spec, self.max_position_embeddings, self.sliding_window)
 
   def replace(self, **changes: Any) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
@@ -106,6 +114,7 @@ class LlamaConfig:
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     attention_bias = bool(hf.get("attention_bias", False))
+    sliding_window = _sliding_window(hf)
     return cls(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -122,6 +131,23 @@ class LlamaConfig:
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type == "llama" and attention_bias,
         model_type=model_type,
+        sliding_window=sliding_window,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+def _sliding_window(hf: dict[str, Any]) -> int | None:
+  """The window every layer applies, as transformers reads it: Mistral's `sliding_window`
+  (4096 when the key is absent); Qwen2's only with `use_sliding_window`, on the layers from
+  `max_window_layers` on (`layer_types`), which must then be all of them."""
+  if hf["model_type"] == "mistral":
+    return hf.get("sliding_window", 4096)
+  if hf["model_type"] != "qwen2" or not hf.get("use_sliding_window") or not hf.get("sliding_window"):
+    return None
+  n = hf["num_hidden_layers"]
+  types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                                    for i in range(n)]
+  if "full_attention" in types and "sliding_attention" in types:
+    raise UserError(f"unsupported: a sliding window on some layers only ({types.count('sliding_attention')} of {n})")
+  return hf["sliding_window"] if "sliding_attention" in types else None

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.attention import Dense, attend, resolve
+from lminf_jax.attention import Dense, attend
 from lminf_jax.attention.blockwise import count_on
 from lminf_jax.cache import Cache, attend_cached, chunk_indices, write
 from lminf_jax.models.config import LlamaConfig
@@ -156,7 +156,7 @@ class Llama(nn.Module):
     if pad:
       tokens_bt = jnp.pad(tokens_bt, ((0, 0), (0, pad)))
       positions_bt = count_on(positions_bt, pad)
-    attention = resolve(attention, cfg.max_position_embeddings)
+    attention = cfg.resolve_attention(attention)
     x_btd = self.embed(tokens_bt)
     if cache is None:
       x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, None, None)

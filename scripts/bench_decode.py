@@ -35,7 +35,7 @@ def run_lminf(method: str, length: int, new_tokens: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from lminf_jax.attention import Dense, InfLLM, Lambda, resolve
+  from lminf_jax.attention import Dense, InfLLM, Lambda
   from lminf_jax.cache import init_cache
   from lminf_jax.fetch import fetch_smollm2
   from lminf_jax.generation import Sampling, decode, prefill
@@ -43,7 +43,7 @@ def run_lminf(method: str, length: int, new_tokens: int) -> dict:
 
   config, params, _ = load(fetch_smollm2())
   specs = {"lambda": Lambda(n_global=10, n_local=8192), "dense": Dense(), "infllm": InfLLM(n_local=8192)}
-  spec = resolve(specs[method], config.max_position_embeddings)
+  spec = config.resolve_attention(specs[method])
   ids = prompt_ids(length)
   chunk = 512
   pad = -len(ids) % chunk

@@ -13,6 +13,10 @@ TINY_KINDS = {
                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                           original_max_position_embeddings=32), rope_theta=500000.0),
     "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
+    # Sliding windows shorter than the test inputs: every layer of each sees only its last 8 keys.
+    "mistral_window": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
+    "qwen2_window": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                         sliding_window=8, max_window_layers=0),
     "qwen2_bias": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
 

@@ -72,3 +72,35 @@ def test_bfloat16_params_within_bound(compute_dtype, save_tiny, tmp_path, capsys
   ours = np.asarray(forward(params, config.replace(dtype=compute_dtype), jnp.asarray(TOKENS)))
   diff = np.abs(ours - torch_logits(model, TOKENS)).max()
   assert diff <= BF16_BOUND, diff
+
+
+@pytest.mark.parametrize("kind", ["mistral_window", "qwen2_window"])
+def test_sliding_window_models_match_transformers_cached_and_generating(kind, save_tiny):
+  """A model's own sliding window is applied by `dense` everywhere: the one-shot forward, the cache
+  (fed in chunks), and greedy generation past the window equal transformers."""
+  import torch
+  from helpers import feed_cached
+
+  from lminf_jax.attention import Dense
+  from lminf_jax.generation import generate
+
+  model, hf_dir = save_tiny(kind)
+  config, params, _ = load(hf_dir)
+  assert config.sliding_window == 8
+  positions = np.broadcast_to(np.arange(40, dtype=np.int32), TOKENS.shape)
+  cached = feed_cached(params, config, Dense(), jnp.asarray(TOKENS), jnp.asarray(positions), [5, 16, 19])
+  np.testing.assert_allclose(cached, torch_logits(model, TOKENS), atol=1e-4, rtol=0)
+  prompt = TOKENS[0, :12].tolist()
+  with torch.no_grad():
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+  assert generate(params, config, [prompt], 20, attention=Dense(), eos_ids=(), chunk=5)[0] == \
+      expected[0, len(prompt):].tolist()
+
+
+def test_sliding_window_on_some_layers_only_is_refused(save_tiny):
+  """Qwen2's max_window_layers between 0 and the layer count mixes windowed and full layers."""
+  from lminf_jax.errors import UserError
+
+  _, hf_dir = save_tiny("qwen2_window", max_window_layers=1)
+  with pytest.raises(UserError, match="sliding window on some layers only"):
+    load(hf_dir)

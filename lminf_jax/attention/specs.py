@@ -118,8 +118,12 @@ class InfLLM:
 ATTENTION_METHODS = {"dense": Dense, "lambda": Lambda, "streaming": Streaming, "infllm": InfLLM}
 
 
-def resolve(spec, max_position_embeddings: int):
-  """Fills model-dependent defaults (n_local=None -> the training length)."""
+def resolve(spec, max_position_embeddings: int, sliding_window: int | None = None):
+  """Fills model-dependent defaults (n_local=None -> the training length). On a model with a
+  sliding window (Mistral v0.1: each query sees its last `sliding_window` keys, as in transformers),
+  `Dense` is that window: Lambda with no starting tokens and n_local = sliding_window."""
   if type(spec) not in ATTENTION_METHODS.values():
     raise UserError(f"unknown attention method {spec!r}")
+  if isinstance(spec, Dense) and sliding_window:
+    spec = Lambda(n_global=0, n_local=sliding_window, chunk=spec.chunk, key_block=spec.key_block)
   return spec.resolve(max_position_embeddings)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from lminf_jax.attention import Dense, resolve
+from lminf_jax.attention import Dense
 from lminf_jax.errors import UserError
 from lminf_jax.forward import nll_from_hidden
 from lminf_jax.models.config import LlamaConfig
@@ -125,7 +125,7 @@ def make_train_step(config: LlamaConfig, settings: TrainSettings, tx: optax.Grad
   The gradient is taken only with respect to the trainable params; the A microbatches'
   gradients are averaged (a `lax.scan`) before one clipped AdamW update."""
   model = Llama(config.replace(dtype="bfloat16") if settings.bf16 else config, remat=settings.remat)
-  spec = resolve(attention, config.max_position_embeddings)
+  spec = config.resolve_attention(attention)
 
   def loss(train_flat: dict, frozen_flat: dict, tokens_bt: jnp.ndarray) -> jnp.ndarray:
     params = traverse_util.unflatten_dict({**train_flat, **frozen_flat})
