@@ -340,8 +340,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
   ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
   if ids.size < 2:
     raise UserError("the text has fewer than 2 tokens")
-  spec = config.resolve_attention(attention)
-  cache = init_cache(config, spec, 1, max_len=args.tokens)  # max_len: dense and infllm
+  cache = init_cache(config, attention, 1, max_len=args.tokens)  # max_len: dense and infllm
   total = args.tokens
   chunks = document_stream(ids, total, config.bos_token_id, args.chunk)
   print(f"streaming {total} tokens ({ids.size} per document) with {args.attention}, chunk {args.chunk}")
@@ -353,7 +352,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
 
   start = time.perf_counter()
   with tqdm(total=total, unit="tok", desc="stream-ppl") as bar:
-    nll = stream_nll(params, config, cache, chunks, total, spec, args.segment, report, bar)
+    nll = stream_nll(params, config, cache, chunks, total, attention, args.segment, report, bar)
   seconds = time.perf_counter() - start
   print(f"overall: mean NLL {nll.mean():.4f}, perplexity {np.exp(nll.mean()):.3f}, {total / seconds:.1f} tokens/s, "
         f"peak RSS {peak_rss_mib():.0f} MiB")

@@ -39,10 +39,9 @@ def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, 
   """`token_nll` computed by feeding the tokens through a fixed-size cache, `chunk` at a time
   (a `lax.scan`); dense gets a cache of length T. Equal to the one-shot result."""
   model = Llama(config)
-  spec = config.resolve_attention(attention)
   b, t = tokens_bt.shape
   chunk = min(chunk, t)
-  cache = init_cache(config, spec, b, max_len=t)
+  cache = init_cache(config, attention, b, max_len=t)
   positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   # Padding at the end carries position -1: the cache skips it.
   xs = (split_chunks(pad_to_multiple(tokens_bt, chunk), chunk),
@@ -50,7 +49,7 @@ def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, 
 
   def step(cache, xs):
     tokens_bc, positions_bc = xs
-    x_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, spec, cache, method=Llama.hidden)
+    x_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, attention, cache, method=Llama.hidden)
     return cache, x_bcd
 
   _, x_nbcd = jax.lax.scan(step, cache, xs)
