@@ -2,7 +2,8 @@
 
 `lambda` keeps n_global slots and an n_local ring, `streaming` n_sink slots and an n_recent
 ring; `dense` is a ring of a chosen maximum length with no slots (feeding more tokens than it
-holds is an error). Cache memory never grows.
+holds is an error). Given a maximum length below the window, a lambda or streaming ring is that
+long, so it is read whole by each decode step, and like dense it refuses more. Cache memory never grows.
 
 RoPE angles stay small however long the stream (DESIGN.md section 5). Slots hold keys before
 RoPE with their positions. The ring (W slots) holds each key rotated by its position modulo W
@@ -74,7 +75,8 @@ class Cache(NamedTuple):
 
 
 def cache_shape(spec, max_len: int | None = None) -> tuple[int, int]:
-  """(starting slots, ring length) for a resolved spec; dense needs `max_len`."""
+  """(starting slots, ring length) for a resolved spec; dense needs `max_len`. A banded ring is
+  never longer than `max_len`: a ring that holds every token is the window of a short stream."""
   if isinstance(spec, Dense):
     if not max_len:
       raise UserError("a dense cache needs max_len")
@@ -83,12 +85,13 @@ def cache_shape(spec, max_len: int | None = None) -> tuple[int, int]:
     return spec.n_init, context_window(spec)
   if isinstance(spec, Lambda) and (spec.top_k or not spec.mask):
     raise UserError("cached lambda supports neither top_k nor the no-mask ablation (both need every key)")
-  return band_shape(spec)
+  n_start, window = band_shape(spec)
+  return n_start, min(window, max_len or window)
 
 
 def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
-  """An empty cache for `batch` rows under the attention `spec` (dense and infllm: for up to
-  `max_len` tokens)."""
+  """An empty cache for `batch` rows under the attention `spec`, for up to `max_len` tokens
+  (required by dense and infllm; a lambda or streaming cache without it takes any number)."""
   spec = config.resolve_attention(spec)
   n_slots, ring = cache_shape(spec, max_len)
   n_pool, bs, n_colsum = 0, 0, 0
@@ -108,17 +111,18 @@ def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
 
 
 def check_room(cache: Cache, spec, new_tokens_b) -> None:
-  """Raises UserError if feeding `new_tokens_b` more real tokens per row overflows a dense cache
-  or an infllm block pool, instead of wrapping or dropping blocks. A no-op when traced."""
-  if not isinstance(spec, (Dense, InfLLM)) or any(isinstance(x, jax.core.Tracer) for x in (cache.next_idx,
-                                                                                            new_tokens_b)):
+  """Raises UserError if feeding `new_tokens_b` more real tokens per row overflows a cache that
+  must not drop them (a dense cache, a ring shorter than its window, an infllm block pool)
+  instead of wrapping or dropping blocks. A no-op when traced."""
+  if any(isinstance(x, jax.core.Tracer) for x in (cache.next_idx, new_tokens_b)):
     return
   need = int(np.max(np.asarray(cache.next_idx) + np.asarray(new_tokens_b)))
+  ring_len = cache.ring_idx.shape[1]
   if isinstance(spec, InfLLM):  # names the capacity and the blocks needed (the last block is never attended)
     pool_blocks(need, dataclasses.replace(spec, capacity_blocks=cache.kv.pool_rk.shape[-2]))
-  elif need > cache.ring_idx.shape[1]:
-    raise UserError(f"dense cache full: it holds {cache.ring_idx.shape[1]} tokens, but this call needs {need} "
-                    f"(init_cache's max_len)")
+  elif need > ring_len and (isinstance(spec, Dense) or ring_len < band_shape(spec)[1]):
+    raise UserError(f"{type(spec).__name__.lower()} cache full: it holds {ring_len} tokens, but this call needs "
+                    f"{need} (init_cache's max_len)")
 
 
 def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> jnp.ndarray:

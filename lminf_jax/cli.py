@@ -340,7 +340,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
   ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
   if ids.size < 2:
     raise UserError("the text has fewer than 2 tokens")
-  cache = init_cache(config, attention, 1, max_len=args.tokens)  # max_len: dense and infllm
+  cache = init_cache(config, attention, 1, max_len=args.tokens)
   total = args.tokens
   chunks = document_stream(ids, total, config.bos_token_id, args.chunk)
   print(f"streaming {total} tokens ({ids.size} per document) with {args.attention}, chunk {args.chunk}")

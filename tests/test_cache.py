@@ -132,6 +132,31 @@ def test_feeding_past_a_dense_cache_is_an_error_and_leaves_it_usable(model):
     stream_nll(params, config, init_cache(config, spec, 1, max_len=40), iter([np.zeros(41, np.int32)]), 41, spec, 41)
 
 
+@pytest.mark.parametrize("gaps", [False, True], ids=["consecutive", "position_gaps"])
+@pytest.mark.parametrize("method", ["lambda", "streaming"])
+def test_ring_shorter_than_window_for_a_short_stream(model, method, gaps):
+  """Given max_len below the window, the ring holds max_len tokens (a decode step reads only
+  those), the logits still equal the one-shot forward, and one token more is refused."""
+  config, params, _ = model
+  spec = {"lambda": Lambda(n_global=3, n_local=128, chunk=8, key_block=8),
+          "streaming": Streaming(n_sink=2, n_recent=128, chunk=8, key_block=8)}[method]
+  spec = resolve(spec, config.max_position_embeddings)
+  steps = np.r_[0:40, 1040:1060, 5060:5090] if gaps else np.arange(90)
+  positions = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), TOKENS.shape)
+  expected = np.asarray(forward(params, config, TOKENS, positions, attention=spec))
+  cache = init_cache(config, spec, 2, max_len=90)
+  assert cache.kv.ring_k.shape[3] == 90 and init_cache(config, spec, 2).kv.ring_k.shape[3] == 128
+  logits, start = [], 0
+  for size in [30] + [1] * 11 + [7] * 7:
+    out, cache = forward_cached(params, config, cache, TOKENS[:, start:start + size], positions[:, start:start + size],
+                                spec)
+    logits.append(np.asarray(out))
+    start += size
+  np.testing.assert_allclose(np.concatenate(logits, axis=1), expected, atol=1e-4)
+  with pytest.raises(UserError, match=f"{method} cache full: it holds 90 tokens, but this call needs 91"):
+    forward_cached(params, config, cache, TOKENS[:, :1], positions[:, -1:] + 1, spec)
+
+
 def test_cli_nll_cached_equals_one_shot(model, tmp_path, capsys):
   _, _, ckpt = model
   np.save(tmp_path / "tokens.npy", np.asarray(TOKENS[0]))
