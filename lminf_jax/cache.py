@@ -114,13 +114,14 @@ def check_room(cache: Cache, spec, new_tokens_b) -> None:
   """Raises UserError if feeding `new_tokens_b` more real tokens per row overflows a cache that
   must not drop them (a dense cache, a ring shorter than its window, an infllm block pool)
   instead of wrapping or dropping blocks. A no-op when traced."""
-  if any(isinstance(x, jax.core.Tracer) for x in (cache.next_idx, new_tokens_b)):
-    return
-  need = int(np.max(np.asarray(cache.next_idx) + np.asarray(new_tokens_b)))
   ring_len = cache.ring_idx.shape[1]
+  bounded = isinstance(spec, (Dense, InfLLM)) or ring_len < band_shape(spec)[1]
+  if not bounded or any(isinstance(x, jax.core.Tracer) for x in (cache.next_idx, new_tokens_b)):
+    return  # (a ring as long as the window takes any number of tokens: no need to wait for next_idx)
+  need = int(np.max(np.asarray(cache.next_idx) + np.asarray(new_tokens_b)))
   if isinstance(spec, InfLLM):  # names the capacity and the blocks needed (the last block is never attended)
     pool_blocks(need, dataclasses.replace(spec, capacity_blocks=cache.kv.pool_rk.shape[-2]))
-  elif need > ring_len and (isinstance(spec, Dense) or ring_len < band_shape(spec)[1]):
+  elif need > ring_len:
     raise UserError(f"{type(spec).__name__.lower()} cache full: it holds {ring_len} tokens, but this call needs "
                     f"{need} (init_cache's max_len)")
 

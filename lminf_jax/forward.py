@@ -80,7 +80,8 @@ def nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: j
 def forward_cached(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray,
                    attention) -> tuple[jnp.ndarray, Cache]:
   """Feeds a chunk through the cache (donated): (logits [B, T, V], updated cache). Negative
-  positions: padding. More tokens than a dense cache or an infllm pool holds is an error."""
+  positions: padding. More tokens than a dense cache, a ring shorter than its window or an
+  infllm pool holds is an error."""
   attention = config.resolve_attention(attention)
   check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
   return _forward_cached(params, config, cache, tokens_bt, positions_bt, attention)

@@ -52,7 +52,8 @@ def test_eos_stops_a_row(tiny):
 
 
 @pytest.mark.parametrize("spec", [Dense(chunk=4), Lambda(n_global=2, n_local=9, chunk=4, key_block=4),
-                                  Streaming(n_sink=2, n_recent=9, chunk=4, key_block=4)])
+                                  Streaming(n_sink=2, n_recent=9, chunk=4, key_block=4),
+                                  Lambda(n_global=2, n_local=128, chunk=4, key_block=4)])
 def test_batched_left_padded_rows_equal_each_row_alone(tiny, spec):
   _, config, params, _ = tiny
   batched = generate(params, config, PROMPTS, 30, attention=spec, eos_ids=(), chunk=4)
@@ -61,10 +62,12 @@ def test_batched_left_padded_rows_equal_each_row_alone(tiny, spec):
 
 
 @pytest.mark.parametrize("spec", [Lambda(n_global=2, n_local=9, chunk=4, key_block=4),
-                                  Streaming(n_sink=2, n_recent=9, chunk=4, key_block=4)])
+                                  Streaming(n_sink=2, n_recent=9, chunk=4, key_block=4),
+                                  Lambda(n_global=2, n_local=128, chunk=4, key_block=4)])
 def test_greedy_decode_picks_the_one_shot_argmax(tiny, spec):
-  """40 decoded tokens, the ring wrapping several times: each is the argmax of the one-shot
-  forward's logits over the prompt and the tokens before it."""
+  """40 decoded tokens, the ring wrapping several times (or, with a window longer than the
+  stream, a ring of prompt + 40 slots): each is the argmax of the one-shot forward's logits over
+  the prompt and the tokens before it."""
   _, config, params, _ = tiny
   prompt = PROMPTS[0]
   out = generate(params, config, [prompt], 40, attention=spec, eos_ids=(), chunk=4)[0]
