@@ -3,7 +3,7 @@
 `lambda` keeps n_global slots and an n_local ring, `streaming` n_sink slots and an n_recent
 ring; `dense` is a ring of a chosen maximum length with no slots (feeding more tokens than it
 holds is an error). Given a maximum length below the window, a lambda or streaming ring is that
-long, so it is read whole by each decode step, and like dense it refuses more. Cache memory never grows.
+long (a decode step reads only those slots) and, like dense, refuses more. Cache memory never grows.
 
 RoPE angles stay small however long the stream (DESIGN.md section 5). Slots hold keys before
 RoPE with their positions. The ring (W slots) holds each key rotated by its position modulo W
