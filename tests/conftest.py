@@ -68,3 +68,17 @@ def jargon_text() -> str:
   from lminf_jax.texts import builtin_text
 
   return builtin_text()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def free_compiled_programs():
+  """Drops JAX's caches after each test file. Every compiled XLA:CPU program keeps memory
+  mappings of its code, a process holds at most vm.max_map_count (65530 by default) of them, and
+  the whole suite's programs would pass that (a segfault inside the next compilation)."""
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()

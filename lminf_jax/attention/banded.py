@@ -90,17 +90,15 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
     state = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
     state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, ref_b1, starts, inv_freq_h, window, start_rotation)
 
-    def fold(state, start):
-      k_rot, _, v_bksh, idx_bs = bw.key_block(keys.k_bklh, keys.v_bklh, keys.pos_bl, keys.idx_bl, start, s, ref_b1,
-                                              inv_freq_h)
-      dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
-      mask_bcs = (dist_bcs >= 0) & (dist_bcs < window) & (idx_bs >= 0)[:, None, :]
-      return bw.update(state, bw.scores(q_near, k_rot), v_bksh, mask_bcs)
-
-    def key_step(state, kb):  # blocks holding no key at all (before the sequence start) are skipped
+    def key_step(state, kb):
       start = first_band + ci * c + kb * s
-      any_key = jnp.any(jax.lax.dynamic_slice_in_dim(keys.idx_bl, start, s, axis=1) >= 0)
-      return jax.lax.cond(any_key, fold, lambda st, _: st, state, start), None
+      idx_bs = jax.lax.dynamic_slice_in_dim(keys.idx_bl, start, s, axis=1)
+
+      def scores_and_values():
+        k_rot, _, v_bksh = bw.key_block(keys.k_bklh, keys.v_bklh, keys.pos_bl, start, s, ref_b1, inv_freq_h)
+        return bw.scores(q_near, k_rot), v_bksh
+
+      return bw.fold_block(state, scores_and_values, idx_bc, idx_bs, window), None
 
     state, _ = jax.lax.scan(key_step, state, jnp.arange(band_len // s))
     return bw.finish(state, c, q_btnh.dtype)

@@ -47,12 +47,14 @@ def scores(q_bkmh: jnp.ndarray, k_bksh: jnp.ndarray) -> jnp.ndarray:
   return jnp.einsum("bkmh,bksh->bkms", q_bkmh, k_bksh, preferred_element_type=jnp.float32)
 
 
-def update(state: SoftmaxState, s_bkms: jnp.ndarray, v_bksh: jnp.ndarray, mask_bcs: jnp.ndarray) -> SoftmaxState:
-  """Folds one key block (logits, values, [B, C, S] mask shared by the G heads) into the softmax."""
+def update(state: SoftmaxState, s_bkms: jnp.ndarray, v_bksh: jnp.ndarray,
+           mask_bcs: jnp.ndarray | None) -> SoftmaxState:
+  """Folds one key block (logits, values, [B, C, S] mask shared by the G heads; None: every key
+  visible) into the softmax."""
   b, k, m, s = s_bkms.shape
-  c = mask_bcs.shape[1]
-  s_bkgcs = jnp.where(mask_bcs[:, None, None], s_bkms.reshape(b, k, m // c, c, s), -jnp.inf)
-  s_bkms = s_bkgcs.reshape(b, k, m, s)
+  if mask_bcs is not None:
+    c = mask_bcs.shape[1]
+    s_bkms = jnp.where(mask_bcs[:, None, None], s_bkms.reshape(b, k, m // c, c, s), -jnp.inf).reshape(b, k, m, s)
   # The result does not depend on the shift m, so it needs no gradient (and -inf - -inf never happens).
   m_new = jax.lax.stop_gradient(jnp.maximum(state.m_bkm, s_bkms.max(-1)))
   m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
@@ -61,6 +63,31 @@ def update(state: SoftmaxState, s_bkms: jnp.ndarray, v_bksh: jnp.ndarray, mask_b
   pv_bkmh = jnp.einsum("bkms,bksh->bkmh", p_bkms.astype(v_bksh.dtype), v_bksh, preferred_element_type=jnp.float32)
   return SoftmaxState(m_new, state.l_bkm * correction + p_bkms.sum(-1),
                       state.acc_bkmh * correction[..., None] + pv_bkmh)
+
+
+def fold_block(state: SoftmaxState, scores_and_values, idx_bc: jnp.ndarray, idx_bs: jnp.ndarray,
+               window: int = FUTURE) -> SoftmaxState:
+  """Folds a key block (sequence indices idx_bs [B, S]) into a query chunk's softmax (idx_bc [B, C]),
+  where query i sees key j iff 0 <= i-j < window and j is a real key (0 <= j < FUTURE).
+
+  `scores_and_values() -> (logits [B,K,M,S], values [B,K,S,H])` runs only if some query may see
+  the block; when every query sees every key (most blocks of a long band), the block is folded
+  without a mask, which saves about 8% of a 16K-token lambda layer."""
+  real_bs = (idx_bs >= 0) & (idx_bs < FUTURE)
+  k_lo_b = jnp.min(jnp.where(real_bs, idx_bs, FUTURE), axis=1)
+  k_hi_b = jnp.max(jnp.where(real_bs, idx_bs, -1), axis=1)
+  q_lo_b, q_hi_b = idx_bc.min(axis=1), idx_bc.max(axis=1)
+  maybe_seen = jnp.any((k_lo_b <= q_hi_b) & (q_lo_b - k_hi_b < window))
+  all_seen = jnp.all(real_bs.all(axis=1) & (q_lo_b >= k_hi_b) & (q_hi_b - k_lo_b < window))
+
+  def masked(st):
+    dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
+    return update(st, *scores_and_values(), (dist_bcs >= 0) & (dist_bcs < window) & real_bs[:, None, :])
+
+  def fold(st):
+    return jax.lax.cond(all_seen, lambda st: update(st, *scores_and_values(), None), masked, st)
+
+  return jax.lax.cond(maybe_seen, fold, lambda st: st, state)
 
 
 def finish(state: SoftmaxState, chunk: int, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -100,11 +127,11 @@ def sequence_index(positions_bt: jnp.ndarray) -> jnp.ndarray:
   return jnp.arange(t, dtype=jnp.int32)[None] - jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)[:, None]
 
 
-def key_block(k_bkth, v_bkth, positions_bt, idx_bt, start, size: int, ref_b1, inv_freq_h):
-  """Slices keys [start, start+size): (rotated keys [B,K,S,H] relative to ref, raw keys, values, idx [B,S])."""
+def key_block(k_bkth, v_bkth, positions_bt, start, size: int, ref_b1, inv_freq_h):
+  """Slices keys [start, start+size): (rotated keys [B,K,S,H] relative to ref, raw keys, values)."""
   k_bksh, v_bksh = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=2) for x in (k_bkth, v_bkth))
-  pos_bs, idx_bs = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (positions_bt, idx_bt))
-  return apply_rope(k_bksh, (pos_bs - ref_b1)[:, None], inv_freq_h), k_bksh, v_bksh, idx_bs
+  pos_bs = jax.lax.dynamic_slice_in_dim(positions_bt, start, size, axis=1)
+  return apply_rope(k_bksh, (pos_bs - ref_b1)[:, None], inv_freq_h), k_bksh, v_bksh
 
 
 def unsplit_chunks(x_nbc: jnp.ndarray, length: int) -> jnp.ndarray:

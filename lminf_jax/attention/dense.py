@@ -36,19 +36,19 @@ def causal_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarr
     if far is not None:
       q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, far[1]), inv_freq_h, kv)
 
-    def fold(state, kb):
-      k_rot, k_raw, v_bksh, idx_bs = bw.key_block(k_bkth, v_bkth, key_pos_bt, key_idx_bt, kb * s, s, ref_b1,
-                                                  inv_freq_h)
-      s_bkms = bw.scores(q_near, k_rot)
-      dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
-      if far is not None:
-        near_b1cs = jnp.tile((dist_bcs < far[0])[:, None], (1, 1, q_near.shape[2] // c, 1))
-        s_bkms = jnp.where(near_b1cs, s_bkms, bw.scores(q_far, k_raw))
-      mask_bcs = (dist_bcs >= 0) & (idx_bs >= 0)[:, None, :]
-      return bw.update(state, s_bkms, v_bksh, mask_bcs)
-
     def key_step(state, kb):
-      return jax.lax.cond(kb * s < (ci + 1) * c, fold, lambda st, _: st, state, kb), None
+      idx_bs = jax.lax.dynamic_slice_in_dim(key_idx_bt, kb * s, s, axis=1)
+
+      def scores_and_values():
+        k_rot, k_raw, v_bksh = bw.key_block(k_bkth, v_bkth, key_pos_bt, kb * s, s, ref_b1, inv_freq_h)
+        s_bkms = bw.scores(q_near, k_rot)
+        if far is not None:
+          near_bcs = idx_bc[:, :, None] - idx_bs[:, None, :] < far[0]
+          near_b1cs = jnp.tile(near_bcs[:, None], (1, 1, q_near.shape[2] // c, 1))
+          s_bkms = jnp.where(near_b1cs, s_bkms, bw.scores(q_far, k_raw))
+        return s_bkms, v_bksh
+
+      return bw.fold_block(state, scores_and_values, idx_bc, idx_bs), None
 
     init = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
     state, _ = jax.lax.scan(key_step, init, jnp.arange(key_idx_bt.shape[1] // s))

@@ -97,13 +97,15 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
 
   def block(kb):
-    k_rot, _, v_bksh, idx_bs = bw.key_block(*local, kb * s, s, ref_b1, inv_freq_h)
+    k_rot, _, v_bksh = bw.key_block(local.k_bklh, local.v_bklh, local.pos_bl, kb * s, s, ref_b1, inv_freq_h)
+    idx_bs = jax.lax.dynamic_slice_in_dim(local.idx_bl, kb * s, s, axis=1)
     dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
     mask_bcs = (dist_bcs >= 0) & (dist_bcs < n_local) & (idx_bs >= 0)[:, None, :] & real_bc[:, :, None]
     return bw.scores(q_near, k_rot), v_bksh, mask_bcs
 
   def fold(state, kb):
-    return bw.update(state, *block(kb)), None
+    idx_bs = jax.lax.dynamic_slice_in_dim(local.idx_bl, kb * s, s, axis=1)
+    return bw.fold_block(state, lambda: block(kb)[:2], idx_bc, idx_bs, n_local), None
 
   n_blocks = local.idx_bl.shape[1] // s
   state, _ = jax.lax.scan(fold, state, jnp.arange(n_blocks))
