@@ -65,10 +65,16 @@ def update(state: SoftmaxState, s_bkms: jnp.ndarray, v_bksh: jnp.ndarray,
                       state.acc_bkmh * correction[..., None] + pv_bkmh)
 
 
+def visible(idx_bc: jnp.ndarray, idx_bs: jnp.ndarray, window: int = FUTURE) -> jnp.ndarray:
+  """[B, C, S]: query i sees key j iff 0 <= i-j < window and j is a real key (0 <= j < FUTURE)."""
+  dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
+  return (dist_bcs >= 0) & (dist_bcs < window) & ((idx_bs >= 0) & (idx_bs < FUTURE))[:, None, :]
+
+
 def fold_block(state: SoftmaxState, scores_and_values, idx_bc: jnp.ndarray, idx_bs: jnp.ndarray,
                window: int = FUTURE) -> SoftmaxState:
   """Folds a key block (sequence indices idx_bs [B, S]) into a query chunk's softmax (idx_bc [B, C]),
-  where query i sees key j iff 0 <= i-j < window and j is a real key (0 <= j < FUTURE).
+  each query seeing the keys `visible` says.
 
   `scores_and_values() -> (logits [B,K,M,S], values [B,K,S,H])` runs only if some query may see
   the block; when every query sees every key (most blocks of a long band), the block is folded
@@ -81,8 +87,7 @@ def fold_block(state: SoftmaxState, scores_and_values, idx_bc: jnp.ndarray, idx_
   all_seen = jnp.all(real_bs.all(axis=1) & (q_lo_b >= k_hi_b) & (q_hi_b - k_lo_b < window))
 
   def masked(st):
-    dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
-    return update(st, *scores_and_values(), (dist_bcs >= 0) & (dist_bcs < window) & real_bs[:, None, :])
+    return update(st, *scores_and_values(), visible(idx_bc, idx_bs, window))
 
   def fold(st):
     return jax.lax.cond(all_seen, lambda st: update(st, *scores_and_values(), None), masked, st)

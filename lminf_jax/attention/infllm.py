@@ -83,7 +83,6 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   kv = context.k_bklh.shape[1]
   g = n // kv
   n_local, bs = spec.n_local, spec.block_size
-  real_bc = idx_bc >= 0
   pending = Keys(*(x[:, :, :bs + c] for x in context[:2]), *(x[:, :bs + c] for x in context[2:]))
   state = add_far_keys(bw.init_state(b, kv, g * c, h), q_bcnh, pos_bc, idx_bc, pending, starts, pool, inv_freq_h,
                        spec)
@@ -96,16 +95,15 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   ref_b1 = pos_bc[:, -1:]
   q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
 
-  def block(kb):
+  def block(kb):  # (logits, values) of local key block kb
     k_rot, _, v_bksh = bw.key_block(local.k_bklh, local.v_bklh, local.pos_bl, kb * s, s, ref_b1, inv_freq_h)
-    idx_bs = jax.lax.dynamic_slice_in_dim(local.idx_bl, kb * s, s, axis=1)
-    dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
-    mask_bcs = (dist_bcs >= 0) & (dist_bcs < n_local) & (idx_bs >= 0)[:, None, :] & real_bc[:, :, None]
-    return bw.scores(q_near, k_rot), v_bksh, mask_bcs
+    return bw.scores(q_near, k_rot), v_bksh
+
+  def block_idx(kb):
+    return jax.lax.dynamic_slice_in_dim(local.idx_bl, kb * s, s, axis=1)
 
   def fold(state, kb):
-    idx_bs = jax.lax.dynamic_slice_in_dim(local.idx_bl, kb * s, s, axis=1)
-    return bw.fold_block(state, lambda: block(kb)[:2], idx_bc, idx_bs, n_local), None
+    return bw.fold_block(state, lambda: block(kb), idx_bc, block_idx(kb), n_local), None
 
   n_blocks = local.idx_bl.shape[1] // s
   state, _ = jax.lax.scan(fold, state, jnp.arange(n_blocks))
@@ -117,9 +115,8 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   lse_bkgc1 = jnp.where(jnp.isfinite(lse_bkgc1), lse_bkgc1, 0)
 
   def column_sums(_, kb):
-    s_bkms, _, mask_bcs = block(kb)
-    s_bkgcs = jax.lax.stop_gradient(s_bkms).reshape(b, kv, g, c, s)
-    p_bkgcs = jnp.where(mask_bcs[:, None, None], jnp.exp(s_bkgcs - lse_bkgc1), 0)
+    s_bkgcs = jax.lax.stop_gradient(block(kb)[0]).reshape(b, kv, g, c, s)
+    p_bkgcs = jnp.where(bw.visible(idx_bc, block_idx(kb), n_local)[:, None, None], jnp.exp(s_bkgcs - lse_bkgc1), 0)
     return None, p_bkgcs.sum(3).reshape(b, n, s)
 
   _, p_nbns = jax.lax.scan(column_sums, None, jnp.arange(n_blocks))
