@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp) -> config, JAX params and a Hugging Face tokenizer.
+"""GGUF files (llama.cpp) -> config and JAX params (the tokenizer: `gguf_tokenizer.py`).
 
 Reading and dequantisation use the `gguf` package. llama.cpp stores q/k projection rows
 permuted for its interleaved RoPE; we undo that to get back the Hugging Face half-split layout.
@@ -118,12 +118,3 @@ def load_gguf(path: Path, param_dtype: str = "float32") -> tuple[LlamaConfig, di
   config = gguf_config(reader, path).replace(param_dtype=param_dtype)
   return config, assemble_params(config, iter_gguf_tensors(reader, config, path))
 
-
-def gguf_tokenizer(path: Path):
-  """The GGUF's tokenizer as a transformers fast tokenizer (transformers converts the vocab)."""
-  from transformers import AutoTokenizer
-
-  try:
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  except Exception as e:
-    raise UserError(f"cannot read the tokenizer of {path}: {type(e).__name__}: {e}") from None

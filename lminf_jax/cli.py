@@ -538,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  # transformers without torch (the run time needs none) would print an advisory on every command.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   args = build_parser().parse_args(argv)
   try:
     args.func(args)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lminf_jax.convert.checkpoint import is_checkpoint, load_checkpoint, read_config, save_checkpoint
-from lminf_jax.convert.gguf_file import gguf_tokenizer, load_gguf
+from lminf_jax.convert.gguf_file import load_gguf, open_gguf
+from lminf_jax.convert.gguf_tokenizer import gguf_tokenizer
 from lminf_jax.convert.hf import load_hf
 from lminf_jax.errors import UserError
 from lminf_jax.models.config import LlamaConfig
@@ -28,7 +29,7 @@ def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict
     if src.suffix != ".gguf":
       raise UserError(f"{src} is not a .gguf file or a model dir")
     config, params = load_gguf(src, dtype)
-    return config, params, gguf_tokenizer(src)
+    return config, params, gguf_tokenizer(open_gguf(src), src)
   config, params = load_hf(src, dtype)
   return config, params, _hf_tokenizer(src)
 
@@ -50,7 +51,7 @@ def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, 
 
   from lminf_jax.sharding import param_shardings
 
-  path = Path(path)
+  path = Path(path).expanduser()
   if path.is_dir() and is_checkpoint(path):
     config = read_config(path).replace(**({"param_dtype": dtype} if dtype else {}))
     config, params = load_checkpoint(path, dtype, param_shardings(config, mesh) if mesh else None)
