@@ -1,22 +1,23 @@
 """Checkpoint dirs: Orbax params + `config.json` + tokenizer files, written atomically.
 
 A checkpoint dir is written under a temporary sibling name and renamed into place only when
-complete, so a failed or interrupted conversion never leaves a dir that looks valid.
+complete, so a failed or interrupted conversion never leaves a dir that looks valid, and the
+temporary is removed (`lminf_jax.atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from lminf_jax.atomic import atomic_dir
 from lminf_jax.convert.hf import param_shapes
-from lminf_jax.errors import UserError
+from lminf_jax.errors import UserError, without_closed_loop_reports
+from lminf_jax.files import read_json_object
 from lminf_jax.models.config import LlamaConfig
 
 CONFIG_FILE = "config.json"
@@ -28,34 +29,35 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def save_checkpoint(out: Path, config: LlamaConfig, params: dict, tokenizer=None) -> Path:
-  """Writes params (Orbax), config and tokenizer to `out`, which must not exist yet."""
+  """Writes params (Orbax), config and tokenizer to `out`, which must not exist yet (atomically:
+  `lminf_jax.atomic.atomic_dir`)."""
   import orbax.checkpoint as ocp
 
   out = Path(out).absolute()
-  if out.exists():
-    raise UserError(f"output {out} already exists")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-  try:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
+  with atomic_dir(out) as tmp:
+    # Leaving the checkpointer waits for its writer threads, also on an error, so that removing
+    # the temporary dir never races them.
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp / PARAMS_DIR, params)
+      checkpointer.wait_until_finished()
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
     # config.json last: together with params/ it marks the dir as complete.
     (tmp / CONFIG_FILE).write_text(json.dumps({"lminf_jax": config.to_dict()}, indent=2))
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 
 def read_config(path: Path) -> LlamaConfig:
+  file = path / CONFIG_FILE
+  fields = read_json_object(file).get("lminf_jax")
+  if not isinstance(fields, dict):
+    raise UserError(f"{file} is not an lminf_jax checkpoint config: no \"lminf_jax\" object")
   try:
-    return LlamaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["lminf_jax"])
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise UserError(f"{path / CONFIG_FILE} is not an lminf_jax checkpoint config: {e}") from None
+    return LlamaConfig.from_dict(fields)
+  except UserError as e:
+    raise UserError(f"{file}: {e}") from None
+  except TypeError as e:  # unknown or missing fields
+    raise UserError(f"{file} is not an lminf_jax checkpoint config: {e}") from None
 
 
 def load_checkpoint(path: Path, dtype: str | None = None, sharding=None) -> tuple[LlamaConfig, dict]:
@@ -76,9 +78,19 @@ def load_checkpoint(path: Path, dtype: str | None = None, sharding=None) -> tupl
     sharding = jax.tree.map(lambda _: sharding, shapes)
   target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, jnp.dtype(config.param_dtype), sharding=sh),
                         shapes, sharding)
+  previous_hook = sys.unraisablehook
+  sys.unraisablehook = without_closed_loop_reports(previous_hook)
   try:
-    params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
-  except Exception as e:
-    raise UserError(f"cannot restore params from {path / PARAMS_DIR}: {type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(path / PARAMS_DIR, target)
+  except Exception as e:  # (the hook stays: reads still in flight report later)
+    raise UserError(f"cannot restore params from {path / PARAMS_DIR}: truncated or corrupt ({_summary(e)})") from None
+  sys.unraisablehook = previous_hook
   return config, params
+
+
+def _summary(error: Exception, limit: int = 200) -> str:
+  """'Type: first line of the message', cut to `limit` characters (tensorstore's run to 2 KB)."""
+  line = (str(error).splitlines() or [""])[0]
+  return f"{type(error).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
+

@@ -14,6 +14,7 @@ import numpy as np
 
 from lminf_jax.convert.hf import assemble_params
 from lminf_jax.errors import UserError
+from lminf_jax.files import readable_file
 from lminf_jax.models.config import LlamaConfig
 
 _GGUF_TO_HF = {
@@ -32,8 +33,7 @@ _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 def open_gguf(path: Path):
   import gguf
 
-  if not path.is_file():
-    raise UserError(f"no such file: {path}")
+  readable_file(path)
   try:
     return gguf.GGUFReader(str(path))
   except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
@@ -54,15 +54,16 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
   num_heads = get("attention.head_count")
   hidden = get("embedding_length")
   eos = _field(reader, "tokenizer.ggml.eos_token_id")
+  tokens = reader.fields.get("tokenizer.ggml.tokens")
   hf = {
       "model_type": arch,
-      "vocab_size": get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
+      "vocab_size": get("vocab_size") or (len(tokens.data) if tokens else None),
       "hidden_size": hidden,
       "intermediate_size": get("feed_forward_length"),
       "num_hidden_layers": get("block_count"),
       "num_attention_heads": num_heads,
       "num_key_value_heads": get("attention.head_count_kv", num_heads),
-      "head_dim": get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads,
+      "head_dim": get("attention.key_length") or get("rope.dimension_count"),  # absent: hidden // heads
       "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
       "rope_theta": get("rope.freq_base", 10000.0),
       "max_position_embeddings": get("context_length", 2048),
@@ -74,10 +75,14 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
   }
   if (kind := get("rope.scaling.type")) not in (None, "none"):
     hf["rope_scaling"] = {"rope_type": kind, "factor": get("rope.scaling.factor", 1.0)}
-  missing = [k for k, v in hf.items() if v is None and k not in ("bos_token_id", "eos_token_id", "sliding_window")]
+  optional = ("head_dim", "bos_token_id", "eos_token_id", "sliding_window")
+  missing = [k for k, v in hf.items() if v is None and k not in optional]
   if missing:
     raise UserError(f"{path} lacks metadata for {', '.join(missing)}")
-  return LlamaConfig.from_hf(hf)
+  try:
+    return LlamaConfig.from_hf(hf)
+  except UserError as e:
+    raise UserError(f"{path} (as Hugging Face config fields): {e}") from None
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

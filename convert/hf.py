@@ -6,8 +6,9 @@ params plus one source tensor.
 
 from __future__ import annotations
 
-import json
 import re
+import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.errors import UserError
+from lminf_jax.files import read_json_object
+from lminf_jax.limits import check_fits, host_memory_bytes
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.llama import Llama
 
@@ -74,10 +77,15 @@ def _expected_source_shape(layout: str, target_shape: tuple[int, ...]) -> tuple[
 def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]]) -> dict:
   """Fills a params tree from (HF name, array) pairs, one tensor at a time.
 
-  Raises UserError naming the tensor on a shape mismatch, and naming the first missing one.
+  Raises UserError naming the tensor on a shape mismatch, and naming the first missing one, and
+  before allocating params bigger than this machine's memory. Warns (stderr, one line per tensor)
+  about NaN or Inf weights.
   """
   shapes = param_shapes(config)
   dtype = jnp.dtype(config.param_dtype)
+  nbytes = sum(s.size for s in jax.tree.leaves(shapes)) * dtype.itemsize
+  check_fits(f"holding the params ({config.num_params()} parameters as {dtype})", nbytes,
+             ("this machine", host_memory_bytes()))
   params = jax.tree.map(lambda s: np.empty(s.shape, dtype), shapes)
   filled: set[tuple] = set()
   for name, array in tensors:
@@ -106,6 +114,9 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
       raise UserError(f"tensor {name} has shape {tuple(array.shape)}, "
                       f"expected {expected} from the model config")
     converted = _to_layout(np.asarray(array), layout, target_shape).astype(dtype)
+    if not np.isfinite(converted).all():
+      bad = converted.size - int(np.count_nonzero(np.isfinite(converted)))
+      print(f"lminf: warning: tensor {name} has {bad} NaN or Inf values", file=sys.stderr)
     if layer is None:
       target[...] = converted
     else:
@@ -126,21 +137,32 @@ def _check_complete(config: LlamaConfig, shapes: dict, filled: set[tuple]) -> No
 
 def read_hf_config(model_dir: Path) -> dict:
   path = model_dir / "config.json"
-  if not path.is_file():
-    raise UserError(f"{model_dir} is not a model dir: no config.json")
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON: {e}") from None
+    path.stat()
+  except (FileNotFoundError, NotADirectoryError):
+    raise UserError(f"{model_dir} is not a model dir: no config.json") from None
+  except OSError:
+    pass  # read_json_object says why it cannot read it
+  return read_json_object(path)
+
+
+def hf_config(model_dir: Path) -> LlamaConfig:
+  """The LlamaConfig of an HF model dir; errors name its config.json."""
+  hf = read_hf_config(model_dir)
+  try:
+    return LlamaConfig.from_hf(hf)
+  except UserError as e:
+    raise UserError(f"{model_dir / 'config.json'}: {e}") from None
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
   index = model_dir / "model.safetensors.index.json"
   if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise UserError(f"{index} is not a valid safetensors index: {e}") from None
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+      raise UserError(f"{index} is not a valid safetensors index: its weight_map must map tensor names to "
+                      f"file names, got a {type(weight_map).__name__}")
     files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
   else:
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
@@ -163,15 +185,28 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     raise UserError(f"{path} is truncated or corrupt: {e}") from None
 
 
-def _iter_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-  import pickle
-
-  import torch
-
+def _load_torch_bin(path: Path) -> dict:
+  """The state dict in a PyTorch .bin, unpickled with torch's weights-only unpickler (never
+  arbitrary objects); memory-mapped unless it is in the legacy (pre-1.6, non-zip) format."""
   try:
-    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-  except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
-    raise UserError(f"{path} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+    import torch
+  except ImportError:
+    raise UserError(f"reading {path} needs PyTorch: pip install torch (or convert the model to safetensors)") from None
+  try:
+    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+  except Exception as e:  # the unpickler raises UnpicklingError, RuntimeError, EOFError, ... on bad bytes
+    line = (str(e).splitlines() or [type(e).__name__])[0]
+    raise UserError(f"{path} is truncated or corrupt: {line[:200]}") from None
+  if not isinstance(state, dict):
+    raise UserError(f"{path} holds a {type(state).__name__}, not a dict of tensors")
+  for name, value in state.items():
+    if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+      raise UserError(f"{path} holds {name!r} of type {type(value).__name__}, not a tensor")
+  return state
+
+
+def _iter_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+  state = _load_torch_bin(path)
   for name in list(state):
     yield name, state.pop(name).float().numpy()
 
@@ -184,5 +219,5 @@ def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def load_hf(model_dir: Path, param_dtype: str = "float32") -> tuple[LlamaConfig, dict]:
   """HF model dir -> (config, params as numpy arrays)."""
-  config = LlamaConfig.from_hf(read_hf_config(model_dir)).replace(param_dtype=param_dtype)
+  config = hf_config(model_dir).replace(param_dtype=param_dtype)
   return config, assemble_params(config, iter_hf_tensors(model_dir))

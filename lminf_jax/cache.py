@@ -4,6 +4,8 @@
 ring; `dense` is a ring of a chosen maximum length with no slots (feeding more tokens than it
 holds is an error). Given a maximum length below the window, a lambda or streaming ring is that
 long (a decode step reads only those slots) and, like dense, refuses more. Cache memory never grows.
+Refusing is `check_room`'s one-line error, or, under a caller's jit, where it cannot look at the
+cache, NaN outputs from then on for each row that overflowed (`capacity`, `attend_cached`).
 
 RoPE angles stay small however long the stream (DESIGN.md section 5). Slots hold keys before
 RoPE with their positions. The ring (W slots) holds each key rotated by its position modulo W
@@ -110,20 +112,30 @@ def init_cache(config, spec, batch: int, max_len: int | None = None) -> Cache:
                jnp.zeros((batch,), jnp.int32))
 
 
-def check_room(cache: Cache, spec, new_tokens_b) -> None:
-  """Raises UserError if feeding `new_tokens_b` more real tokens per row overflows a cache that
-  must not drop them (a dense cache, a ring shorter than its window, an infllm block pool)
-  instead of wrapping or dropping blocks. A no-op when traced."""
+def capacity(spec, cache: Cache, kv: LayerKV) -> int | None:
+  """Real tokens a row of the cache holds before it would wrap (a dense cache, a ring shorter
+  than its window: the ring length) or drop blocks (infllm: up to the first token whose block
+  the pool has no room for); None for a ring as long as its window, which takes any number."""
   ring_len = cache.ring_idx.shape[1]
-  bounded = isinstance(spec, (Dense, InfLLM)) or ring_len < band_shape(spec)[1]
-  if not bounded or any(isinstance(x, jax.core.Tracer) for x in (cache.next_idx, new_tokens_b)):
-    return  # (a ring as long as the window takes any number of tokens: no need to wait for next_idx)
+  if isinstance(spec, InfLLM):  # the inverse of pool_blocks
+    return spec.n_init + spec.n_local + (kv.pool_rk.shape[-2] + 1) * spec.block_size
+  return ring_len if isinstance(spec, Dense) or ring_len < band_shape(spec)[1] else None
+
+
+def check_room(cache: Cache, spec, new_tokens_b) -> None:
+  """Raises UserError if feeding `new_tokens_b` more real tokens per row overflows the cache's
+  `capacity`. Traced (under a caller's jit) it cannot look: then the cached forward refuses
+  itself, with NaN outputs for the rows that overflow (`attend_cached`)."""
+  room = capacity(spec, cache, cache.kv)
+  if room is None or any(isinstance(x, jax.core.Tracer) for x in (cache.next_idx, new_tokens_b)):
+    return
   need = int(np.max(np.asarray(cache.next_idx) + np.asarray(new_tokens_b)))
+  if need <= room:
+    return
   if isinstance(spec, InfLLM):  # names the capacity and the blocks needed (the last block is never attended)
     pool_blocks(need, dataclasses.replace(spec, capacity_blocks=cache.kv.pool_rk.shape[-2]))
-  elif need > ring_len:
-    raise UserError(f"{type(spec).__name__.lower()} cache full: it holds {ring_len} tokens, but this call needs "
-                    f"{need} (init_cache's max_len)")
+  raise UserError(f"{type(spec).__name__.lower()} cache full: it holds {room} tokens, but this call needs "
+                  f"{need} (init_cache's max_len)")
 
 
 def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> jnp.ndarray:
@@ -135,21 +147,31 @@ def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> jnp.nda
 
 def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, idx_bc, kv: LayerKV, cache: Cache, inv_freq_h, spec):
   """Attention [B, C, N, H] of a chunk over one layer's cache (not yet holding the chunk) and
-  itself, and (infllm) the local probability sums [B, N, W+C] of the ring and chunk keys, else None."""
+  itself, and (infllm) the local probability sums [B, N, W+C] of the ring and chunk keys, else None.
+  A row whose chunk overflows the cache's `capacity` (which `check_room` refuses before, unless
+  traced) gets NaN, and so does every later chunk of it: `write` drops what does not fit."""
   new = Keys(jnp.swapaxes(k_bckh, 1, 2), jnp.swapaxes(v_bckh, 1, 2), positions_bc, idx_bc)
   # The chunk's first tokens of a sequence are starting keys of its later queries.
   starts = _write_slots(cache.slots(kv), new)
+  colsum = None
   if isinstance(spec, InfLLM):
     pool = Pool(kv.pool_k, kv.pool_v, kv.pool_rk, cache.formed)
     if q_bcnh.shape[1] == 1:
-      return _infllm_one(q_bcnh, new, cache, kv, pool, inv_freq_h, spec)
-    return infllm_chunk(q_bcnh, positions_bc, idx_bc, _ordered(cache, cache.ring(kv), new), starts, pool, inv_freq_h,
-                        spec)
-  window = cache.ring_idx.shape[1] if isinstance(spec, Dense) else band_shape(spec)[1]
-  if q_bcnh.shape[1] == 1:
-    return _attend_one(q_bcnh, new, cache.slots(kv), cache.ring(kv), inv_freq_h, window, spec), None
-  return band_attention(q_bcnh, positions_bc, idx_bc, _ordered(cache, cache.ring(kv), new), starts, inv_freq_h,
-                        spec.chunk, spec.key_block, window, band_rotation(spec))[0], None
+      out_bcnh, colsum = _infllm_one(q_bcnh, new, cache, kv, pool, inv_freq_h, spec)
+    else:
+      out_bcnh, colsum = infllm_chunk(q_bcnh, positions_bc, idx_bc, _ordered(cache, cache.ring(kv), new), starts, pool,
+                                      inv_freq_h, spec)
+  else:
+    window = cache.ring_idx.shape[1] if isinstance(spec, Dense) else band_shape(spec)[1]
+    if q_bcnh.shape[1] == 1:
+      out_bcnh = _attend_one(q_bcnh, new, cache.slots(kv), cache.ring(kv), inv_freq_h, window, spec)
+    else:
+      out_bcnh = band_attention(q_bcnh, positions_bc, idx_bc, _ordered(cache, cache.ring(kv), new), starts,
+                                inv_freq_h, spec.chunk, spec.key_block, window, band_rotation(spec))[0]
+  room = capacity(spec, cache, kv)
+  if room is not None:
+    out_bcnh = jnp.where((jnp.max(idx_bc, axis=1) >= room)[:, None, None, None], jnp.nan, out_bcnh)
+  return out_bcnh, colsum
 
 
 def _ring_order(cache: Cache) -> jnp.ndarray:
@@ -245,7 +267,8 @@ def _infllm_one(q_b1nh, new: Keys, cache: Cache, kv: LayerKV, pool: Pool, inv_fr
 def write(cache: Cache, k_lbckh, v_lbckh, colsum_lbnx, positions_bc, idx_bc, inv_freq_h, spec) -> Cache:
   """Stores a chunk's keys and values of every layer [L, B, C, K, H]: a token goes to slot idx
   (if idx < G) and to ring slot idx % W (only the chunk's last W tokens: no slot is written
-  twice). Padding (idx -1) is dropped. infllm also adds the chunk's probability sums
+  twice). Padding (idx -1) is dropped, and so is a token past the capacity of a ring that must
+  not wrap (its row's outputs are NaN: `attend_cached`). infllm also adds the chunk's probability sums
   [L, B, N, W+C] (from `attend_cached`) and forms the blocks the chunk completes."""
   ring_len = cache.ring_idx.shape[1]
   valid_bc = idx_bc >= 0
@@ -253,7 +276,10 @@ def write(cache: Cache, k_lbckh, v_lbckh, colsum_lbnx, positions_bc, idx_bc, inv
   slots = _write_slots(cache.slots(cache.kv), new)
   next_idx = cache.next_idx + jnp.sum(valid_bc, axis=1, dtype=jnp.int32)
   last_b1 = jnp.max(idx_bc, axis=1, keepdims=True)
-  ring_at = jnp.where(valid_bc & (idx_bc > last_b1 - ring_len), idx_bc % ring_len, ring_len)
+  keep_bc = valid_bc & (idx_bc > last_b1 - ring_len)
+  if capacity(spec, cache, cache.kv) == ring_len:  # a ring that must not wrap (dense, short)
+    keep_bc &= idx_bc < ring_len
+  ring_at = jnp.where(keep_bc, idx_bc % ring_len, ring_len)
   kv, formed = cache.kv, cache.formed
   if isinstance(spec, InfLLM):  # raw keys (the far branch needs them unrotated) with their positions
     kv, formed = _form_blocks(cache, new, colsum_lbnx, next_idx, spec)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
+import math
+import logging
 import os
 import sys
 import time
@@ -11,7 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lminf_jax.errors import UserError
+from lminf_jax import interrupt
+from lminf_jax.atomic import atomic_file, check_output_dir, check_output_file, disk_full
+from lminf_jax.errors import UserError, without_closed_loop_reports
+from lminf_jax.files import read_text, readable_file
+from lminf_jax.limits import INT32_MAX, check_fits, device_memory
 from lminf_jax.texts import builtin_text
 
 
@@ -21,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
     sys.exit(2)
 
 
-def _int_at_least(minimum: int, what: str):
+def _int_at_least(minimum: int, what: str, maximum: int = INT32_MAX, why: str = "int32 positions"):
+  """An argparse type: an integer in [minimum, maximum] (by default what int32 positions hold)."""
   def parse(text: str) -> int:
     try:
       value = int(text)
@@ -29,6 +37,8 @@ def _int_at_least(minimum: int, what: str):
       raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < minimum:
       raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    if value > maximum:
+      raise argparse.ArgumentTypeError(f"must be at most {maximum} ({why}), got {value}")
     return value
 
   return parse
@@ -36,6 +46,25 @@ def _int_at_least(minimum: int, what: str):
 
 positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, ">= 0")
+seed_int = _int_at_least(0, f"in [0, {2**32 - 1}] (a 32-bit PRNG seed)", 2**32 - 1, "a 32-bit PRNG seed")
+
+
+def _finite_float(accept, what: str):
+  """An argparse type: a finite float for which `accept` holds."""
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and accept(value)):
+      raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+  return parse
+
+
+temperature_float = _finite_float(lambda t: t >= 0, "a finite number >= 0 (0: greedy)")
+top_p_float = _finite_float(lambda p: 0 < p <= 1, "in (0, 1]")
 
 
 def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -86,8 +115,13 @@ def mesh_from_args(args: argparse.Namespace):
   if args.distributed or args.coordinator or args.num_processes:
     import jax
 
-    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
+    try:
+      jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                 process_id=args.process_id)
+    except Exception as e:  # off Cloud TPU and without settings: a long ValueError / RuntimeError
+      line = (str(e).splitlines() or [""])[0][:120]
+      raise UserError(f"cannot start the multi-host runtime ({type(e).__name__}: {line}); pass --coordinator, "
+                      f"--num-processes and --process-id") from None
   if not args.mesh:
     return None
   from lminf_jax.sharding import make_mesh, parse_mesh
@@ -114,28 +148,53 @@ def attention_from_args(args: argparse.Namespace, name: str):
   raise UserError(f"unknown attention method {name!r} (choose from dense, lambda, streaming, infllm)")
 
 
-def _existing_file(path: str) -> Path:
-  p = Path(path)
-  if not p.is_file():
-    raise UserError(f"no such file: {p}")
-  return p
+def _window(spec) -> int:
+  """The keys besides its own that a chunk of a resolved banded or infllm spec attends (dense: 0)."""
+  from lminf_jax.attention import InfLLM, Lambda, Streaming
+  from lminf_jax.attention.infllm import context_window
+  from lminf_jax.attention.methods import band_shape
+
+  if isinstance(spec, InfLLM):
+    return spec.n_init + context_window(spec)
+  return sum(band_shape(spec)) if isinstance(spec, (Lambda, Streaming)) else 0
 
 
-def read_text(path: str) -> str:
-  try:
-    return _existing_file(path).read_text(encoding="utf-8")
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8 text: {e}") from None
+def check_memory(config, attention, max_len: int | None = None, batch: int = 1) -> None:
+  """Refuses, from sizes alone (nothing allocated), what would not fit in the device's memory:
+  one layer's keys and values over the attention's window (banded attention pads a chunk's keys
+  to it, however few tokens there are), and a cache for `max_len` tokens, if given (refused, too,
+  beyond int32 positions)."""
+  import jax
+  import jax.numpy as jnp
+
+  from lminf_jax.cache import init_cache
+
+  spec = config.resolve_attention(attention)
+  name, memory = type(spec).__name__.lower(), device_memory()
+  if window := _window(spec):
+    per_token = 2 * batch * config.num_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
+    check_fits(f"{name} attention over a window of {window} tokens", (window + spec.chunk) * per_token, memory)
+  if max_len is None:
+    return
+  if max_len > INT32_MAX:
+    raise UserError(f"{max_len} tokens are more than int32 positions hold (at most {INT32_MAX})")
+  shapes = jax.eval_shape(lambda: init_cache(config, spec, batch, max_len=max_len))
+  nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  check_fits(f"a {name} cache for {max_len} tokens", nbytes, memory)
 
 
 def read_token_ids(args: argparse.Namespace, tokenizer, vocab_size: int) -> np.ndarray:
   """1-D int32 token ids from --tokens-file, else --text-file (default: the built-in text),
   tokenized without special tokens."""
   if args.tokens_file:
+    path = readable_file(args.tokens_file)
     try:
-      ids = np.load(_existing_file(args.tokens_file), allow_pickle=False)
+      ids = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
       raise UserError(f"{args.tokens_file} is not a valid .npy file: {e}") from None
+    if not isinstance(ids, np.ndarray):  # an .npz archive
+      ids.close()
+      raise UserError(f"{args.tokens_file} is an .npz archive; give a 1-D .npy of token ids")
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
       raise UserError(f"{args.tokens_file} must hold a 1-D integer array, got {ids.dtype} {ids.shape}")
   else:
@@ -148,19 +207,6 @@ def read_token_ids(args: argparse.Namespace, tokenizer, vocab_size: int) -> np.n
   if args.max_tokens:
     ids = ids[: args.max_tokens]
   return ids.astype(np.int32)
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path):
-  """Yields a temporary sibling path; renames it onto `path` only if the block succeeds."""
-  if not path.parent.is_dir():
-    raise UserError(f"output directory {path.parent} does not exist")
-  tmp = path.with_name(f".{path.name}.partial{path.suffix}")
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -181,12 +227,10 @@ def cmd_fetch(args: argparse.Namespace) -> None:
   print(fetch_smollm2(Path(args.out) if args.out else None))
 
 
-def load_model_and_tokens(args: argparse.Namespace, out: Path) -> tuple:
-  """After checking that `out`'s parent exists: (mesh, config, params placed on it, token ids, tokenizer)."""
+def load_model_and_tokens(args: argparse.Namespace) -> tuple:
+  """(mesh, config, params placed on it, token ids, tokenizer); check the output paths first."""
   from lminf_jax.loading import load
 
-  if not out.parent.is_dir():
-    raise UserError(f"output directory {out.parent} does not exist")
   mesh = mesh_from_args(args)
   config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
   return mesh, config, params, read_token_ids(args, tokenizer, config.vocab_size), tokenizer
@@ -200,10 +244,11 @@ def cmd_nll(args: argparse.Namespace) -> None:
   attention = attention_from_args(args, args.attention)
   if args.cached and args.mesh:
     raise UserError("--cached runs on one device; drop --mesh")
-  out = Path(args.out)
-  mesh, config, params, ids, _ = load_model_and_tokens(args, out)
+  out = check_output_file(Path(args.out), ".npy")
+  mesh, config, params, ids, _ = load_model_and_tokens(args)
   if ids.size < 2:
     raise UserError(f"need at least 2 tokens, got {ids.size}")
+  check_memory(config, attention, int(ids.size) if args.cached else None)
   start = time.perf_counter()
   with mesh_context(mesh):
     tokens = place_tokens(jnp.asarray(ids)[None], mesh)
@@ -212,8 +257,10 @@ def cmd_nll(args: argparse.Namespace) -> None:
     else:
       nll = np.asarray(token_nll(params, config, tokens, attention=attention))[0]
   seconds = time.perf_counter() - start
-  with atomic_output(out) as tmp:
-    np.save(tmp, nll.astype(np.float32))
+  buffer = io.BytesIO()  # np.save to a file writes from C, whose errors carry no errno (a full disk)
+  np.save(buffer, nll.astype(np.float32))
+  with atomic_file(out) as tmp:
+    tmp.write_bytes(buffer.getvalue())
   mean = float(nll.mean())
   print(f"{ids.size} tokens  mean NLL {mean:.4f}  perplexity {np.exp(mean):.3f}  "
         f"({ids.size / seconds:.0f} tokens/s, {args.attention})")
@@ -240,24 +287,26 @@ def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: in
   from lminf_jax import evaluate
   from lminf_jax.loading import load
 
-  for out in (json_out, plot_out):
-    if out is not None and not out.parent.is_dir():
-      raise UserError(f"output directory {out.parent} does not exist")
+  for out, suffix in ((json_out, None), (plot_out, ".png")):
+    if out is not None:
+      check_output_file(out, suffix)
   config, params, tokenizer = load(ckpt, mesh=mesh)
   if tokenizer is None:
     raise UserError(f"{ckpt} has no tokenizer")
+  for spec in methods.values():
+    check_memory(config, spec)
   ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
   with mesh_context(mesh):
     results = evaluate.perplexity_vs_length(params, config, ids, lengths, methods, offset, bucket,
                                             place=lambda tokens: place_tokens(tokens, mesh))
   print(evaluate.format_table(results, bucket))
   if json_out is not None:
-    with atomic_output(json_out) as tmp:
+    with atomic_file(json_out) as tmp:
       evaluate.write_json(tmp, results, bucket, dict(checkpoint=str(ckpt), offset=offset,
                                                      methods={k: repr(v) for k, v in methods.items()}))
     print(f"wrote {json_out}")
   if plot_out is not None:
-    with atomic_output(plot_out) as tmp:
+    with atomic_file(plot_out) as tmp:
       evaluate.plot(tmp, results, bucket, title)
     print(f"wrote {plot_out}")
 
@@ -282,7 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
   from lminf_jax.attention import Dense, Lambda
   from lminf_jax.fetch import fetch_smollm2
 
-  out = Path(args.out)
+  out = check_output_dir(Path(args.out), exist_ok=True)
   out.mkdir(parents=True, exist_ok=True)
   ckpt = fetch_smollm2()
   methods = {"dense": Dense(), "lambda": Lambda(n_global=10, n_local=8192)}
@@ -307,6 +356,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
   ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
   if not ids:
     raise UserError("empty prompt")
+  check_memory(config, attention, len(ids) + args.max_new_tokens)
   generated: list[int] = []
   printed = [0]
 
@@ -315,7 +365,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     text = tokenizer.decode(generated, skip_special_tokens=True)
     print(text[printed[0]:], end="", flush=True)
     printed[0] = len(text)
-    return np.asarray([any(stop in text for stop in args.stop)])
+    return np.asarray([interrupt.requested() or any(stop in text for stop in args.stop)])
 
   stats: dict = {}
   generate(params, config, [ids], args.max_new_tokens, attention, sampling, jax.random.PRNGKey(args.seed),
@@ -340,6 +390,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
   ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
   if ids.size < 2:
     raise UserError("the text has fewer than 2 tokens")
+  check_memory(config, attention, args.tokens)
   cache = init_cache(config, attention, 1, max_len=args.tokens)
   total = args.tokens
   chunks = document_stream(ids, total, config.bos_token_id, args.chunk)
@@ -369,11 +420,13 @@ def cmd_passkey(args: argparse.Namespace) -> None:
 
   methods = methods_from_args(args)
   json_out = Path(args.json) if args.json else None
-  if json_out is not None and not json_out.parent.is_dir():
-    raise UserError(f"output directory {json_out.parent} does not exist")
+  if json_out is not None:
+    check_output_file(json_out)
   config, params, tokenizer = load(Path(args.ckpt))
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
+  for spec in methods.values():  # (each answer is 8 new tokens)
+    check_memory(config, spec, max(args.lengths) + 8, batch=args.batch)
   rng = np.random.default_rng(args.seed)
   samples = {length: [make_sample(tokenizer, length, rng) for _ in range(args.samples)] for length in args.lengths}
   results = []
@@ -402,7 +455,7 @@ def cmd_passkey(args: argparse.Namespace) -> None:
       accuracy = sum(r["correct"] for r in rows) / len(rows)
       print(f"{name:<10} {length:>7} {accuracy:>9.2f}   " + " ".join(f"{x:>7}" for x in per_bucket))
   if json_out is not None:
-    with atomic_output(json_out) as tmp:
+    with atomic_file(json_out) as tmp:
       tmp.write_text(json.dumps(dict(methods={k: repr(v) for k, v in methods.items()}, results=results), indent=2))
     print(f"wrote {json_out}")
 
@@ -417,8 +470,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                            train=args.train, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                            clip_norm=args.clip_norm, remat=not args.no_remat, bf16=args.bf16, seed=args.seed)
   attention = attention_from_args(args, args.attention)
-  out = Path(args.out)
-  mesh, config, params, ids, tokenizer = load_model_and_tokens(args, out)
+  out = check_output_dir(Path(args.out), exist_ok=True)
+  mesh, config, params, ids, tokenizer = load_model_and_tokens(args)
+  check_memory(config, attention, batch=args.batch)
   bars = []  # made at the first step, after every input check
 
   def on_step(record: dict) -> None:
@@ -469,10 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
   prompt.add_argument("--prompt")
   prompt.add_argument("--prompt-file")
   p.add_argument("--max-new-tokens", type=positive_int, default=128)
-  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-  p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+  p.add_argument("--temperature", type=temperature_float, default=0.0, help="0: greedy")
+  p.add_argument("--top-p", type=top_p_float, help="nucleus sampling mass, in (0, 1]")
   p.add_argument("--top-k-sample", dest="top_k_sample", type=positive_int, help="sample among the k likeliest")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=seed_int, default=0)
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   add_attention_args(p)
   p.set_defaults(func=cmd_generate)
@@ -480,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("stream-ppl", help="streaming perplexity through the fixed-size cache")
   p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
   p.add_argument("--text-file", help="UTF-8 text (default: the built-in text); repeats as documents if short")
-  p.add_argument("--tokens", type=positive_int, default=100_000, help="tokens to stream")
+  p.add_argument("--tokens", type=_int_at_least(2, ">= 2"), default=100_000, help="tokens to stream")
   p.add_argument("--segment", type=positive_int, default=20_000, help="tokens per reported segment")
   add_attention_args(p)
   p.set_defaults(func=cmd_stream_ppl, attention="lambda")
@@ -489,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
   p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096, 8192, 16384], help="prompt lengths in tokens")
   p.add_argument("--samples", type=positive_int, default=20, help="samples per length")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=seed_int, default=0)
   p.add_argument("--batch", type=positive_int, default=4, help="samples decoded together (left-padded)")
   p.add_argument("--depth-buckets", type=positive_int, default=5)
   p.add_argument("--json", help="write every sample's result as JSON")
@@ -521,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
   p.add_argument("--no-remat", action="store_true", help="keep every layer's activations for the backward pass (more memory)")
   p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master params")
-  p.add_argument("--seed", type=int, default=0, help="seed of the data order")
+  p.add_argument("--seed", type=seed_int, default=0, help="seed of the data order")
   p.add_argument("--out", required=True, help="output dir: checkpoints/, final/, log.json, loss.png")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
   p.add_argument("--save-every", type=positive_int, help="training checkpoint every N steps (default: at the end)")
@@ -540,16 +594,39 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   # transformers without torch (the run time needs none) would print an advisory on every command.
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  # Orbax logs each failure of its writer threads with a traceback; the error that reaches us says it in one line.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  sys.unraisablehook = without_closed_loop_reports(sys.unraisablehook)
   args = build_parser().parse_args(argv)
-  try:
-    args.func(args)
-  except UserError as e:
-    print(f"lminf: error: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("lminf: interrupted", file=sys.stderr)
-    return 130
+  with interrupt.handling():
+    try:
+      args.func(args)
+    except UserError as e:
+      return _error(str(e))
+    except Exception as e:
+      if disk_full(e):
+        return _error(f"no space left on device{_file_of(e)}")
+      if isinstance(e, OSError) and e.strerror:  # permissions, read-only file systems, ...
+        return _error(f"{e.strerror}{_file_of(e)}")
+      raise
+    finally:
+      if interrupt.requested():
+        interrupt.exit_now()
   return 0
+
+
+def _error(message: str) -> int:
+  print(f"lminf: error: {message}", file=sys.stderr)
+  return 1
+
+
+def _file_of(error: BaseException) -> str:
+  """': PATH' for the first file named by `error` or the errors it was raised from."""
+  while error is not None:
+    if isinstance(error, OSError) and error.filename:
+      return f": {error.filename}"
+    error = error.__cause__ or error.__context__
+  return ""
 
 
 if __name__ == "__main__":

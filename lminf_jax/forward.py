@@ -81,7 +81,7 @@ def forward_cached(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: j
                    attention) -> tuple[jnp.ndarray, Cache]:
   """Feeds a chunk through the cache (donated): (logits [B, T, V], updated cache). Negative
   positions: padding. More tokens than a dense cache, a ring shorter than its window or an
-  infllm pool holds is an error."""
+  infllm pool holds is an error (under the caller's jit: NaN logits for the rows that overflow)."""
   attention = config.resolve_attention(attention)
   check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
   return _forward_cached(params, config, cache, tokens_bt, positions_bt, attention)

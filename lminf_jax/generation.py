@@ -36,8 +36,8 @@ class Sampling:
   top_p: float | None = None
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise UserError(f"temperature must be >= 0, got {self.temperature}")
+    if not 0 <= self.temperature < float("inf"):  # (also refuses NaN)
+      raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
     if self.top_k is not None and self.top_k <= 0:
       raise UserError(f"top_k must be positive, got {self.top_k}")
     if self.top_p is not None and not 0 < self.top_p <= 1:

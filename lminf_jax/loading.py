@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lminf_jax.atomic import check_output_dir
 from lminf_jax.convert.checkpoint import is_checkpoint, load_checkpoint, read_config, save_checkpoint
 from lminf_jax.convert.gguf_file import load_gguf, open_gguf
 from lminf_jax.convert.gguf_tokenizer import gguf_tokenizer
@@ -12,12 +13,21 @@ from lminf_jax.errors import UserError
 from lminf_jax.models.config import LlamaConfig
 
 
+def _auto_tokenizer(model_dir: Path):
+  """transformers' AutoTokenizer of `model_dir`; any failure (a corrupt tokenizer.json, ...) is one line."""
+  from transformers import AutoTokenizer
+
+  try:
+    return AutoTokenizer.from_pretrained(str(model_dir))
+  except Exception as e:
+    line = (str(e).splitlines() or [""])[0][:200]
+    raise UserError(f"cannot read the tokenizer of {model_dir}: {type(e).__name__}: {line}") from None
+
+
 def _hf_tokenizer(model_dir: Path):
   if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
     return None
-  from transformers import AutoTokenizer
-
-  return AutoTokenizer.from_pretrained(str(model_dir))
+  return _auto_tokenizer(model_dir)
 
 
 def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict, object]:
@@ -36,8 +46,7 @@ def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict
 
 def convert(src: Path, out: Path, dtype: str = "float32") -> Path:
   """Converts an HF dir or .gguf file into a checkpoint dir at `out` (atomically)."""
-  if Path(out).exists():
-    raise UserError(f"output {out} already exists")
+  check_output_dir(out)  # before the conversion's work
   config, params, tokenizer = convert_source(src, dtype)
   return save_checkpoint(out, config, params, tokenizer)
 
@@ -55,9 +64,7 @@ def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, 
   if path.is_dir() and is_checkpoint(path):
     config = read_config(path).replace(**({"param_dtype": dtype} if dtype else {}))
     config, params = load_checkpoint(path, dtype, param_shardings(config, mesh) if mesh else None)
-    from transformers import AutoTokenizer
-
     has_tokenizer = (path / "tokenizer_config.json").is_file()
-    return config, params, AutoTokenizer.from_pretrained(str(path)) if has_tokenizer else None
+    return config, params, _auto_tokenizer(path) if has_tokenizer else None
   config, params, tokenizer = convert_source(path, dtype or "float32")
   return config, jax.device_put(params, param_shardings(config, mesh) if mesh else None), tokenizer

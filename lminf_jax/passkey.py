@@ -9,6 +9,8 @@ import re
 
 import numpy as np
 
+from lminf_jax.errors import UserError
+
 PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
           "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -25,10 +27,13 @@ class PasskeySample:
 
 
 def make_sample(tokenizer, length: int, rng: np.random.Generator) -> PasskeySample:
-  """A prompt of about `length` tokens (never more) with the needle at a random depth."""
+  """A prompt of about `length` tokens (never more) with the needle at a random depth. Raises
+  UserError if `length` is shorter than the prompt without filler."""
   key = int(rng.integers(10000, 100000))
   count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-  fixed = count(" ".join([PREFIX, NEEDLE.format(key=key)]) + QUESTION)
+  fixed = count(" ".join([PREFIX, NEEDLE.format(key=key)]) + QUESTION)  # the prompt without filler
+  if fixed > length:
+    raise UserError(f"passkey length {length} is too short: the prompt without filler takes {fixed} tokens")
   per_filler = count(" ".join([FILLER] * 10)) / 10
   fillers = max(0, int((length - fixed) / per_filler))
   while True:

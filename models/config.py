@@ -3,13 +3,46 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
 from typing import Any
 
 from lminf_jax.errors import UserError
+from lminf_jax.limits import INT32_MAX, gib
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
+MAX_PARAMS = 10**12  # far above any model this runs; a bigger config is a typo (or a hostile file)
+
+# Integer (positive, at most INT32_MAX) and float (positive, finite) fields, by the names of a
+# Hugging Face config.json and of LlamaConfig (a checkpoint's config.json).
+_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_HF_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+_OPTIONAL_INTS = ("max_position_embeddings", "sliding_window")
+_FLOATS = ("rms_norm_eps", "rope_theta")
+
+
+def check_fields(d: Mapping[str, Any], ints: tuple[str, ...], optional_ints: tuple[str, ...] = (),
+                 floats: tuple[str, ...] = ()) -> None:
+  """Raises UserError naming the field and its value unless each of `ints` is an integer in
+  [1, INT32_MAX], each of `optional_ints` too (or absent / null), and each of `floats` present a
+  positive finite number."""
+  for name in ints + optional_ints:
+    value = d.get(name)
+    if value is None:
+      if name in ints:
+        raise UserError(f"the config lacks {name}")
+      continue
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < value <= INT32_MAX:
+      raise UserError(f"{name} must be an integer in [1, {INT32_MAX}], got {value!r}")
+  for name in floats:
+    value = d.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                              or not math.isfinite(value) or value <= 0):
+      raise UserError(f"{name} must be a positive number, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +86,22 @@ class LlamaConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
+    if (n := self.num_params()) > MAX_PARAMS:
+      raise UserError(f"the config describes {n:.3g} parameters ({gib(4 * n)} as float32), "
+                      f"more than the limit of {MAX_PARAMS:.0e}")
     if self.num_heads % self.num_kv_heads:
       raise UserError(f"num_attention_heads {self.num_heads} is not a multiple of "
                       f"num_key_value_heads {self.num_kv_heads}")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         raise UserError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+
+  def num_params(self) -> int:
+    """The number of parameters (computed from the sizes, nothing allocated)."""
+    d, h, n, k = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
+    bias = (n + 2 * k) * h * self.qkv_bias + d * self.o_bias
+    layer = 2 * d * h * (n + k) + bias + 3 * d * self.intermediate_size + 2 * d
+    return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
 
   @property
   def heads_per_kv(self) -> int:  # G
@@ -79,6 +122,8 @@ class LlamaConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+    """From `to_dict`'s output (a checkpoint's config.json)."""
+    check_fields(d, _INTS, _OPTIONAL_INTS, _FLOATS)
     d = dict(d)
     d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
     d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
@@ -95,26 +140,32 @@ class LlamaConfig:
       raise UserError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
     if hf.get("mlp_bias"):
       raise UserError("unsupported mlp_bias=True")
+    check_fields(hf, _HF_INTS, _HF_OPTIONAL_INTS, _FLOATS)
     num_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-    # transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in `rope_theta` / `rope_scaling`.
-    rope = dict(hf.get("rope_scaling") or {})
-    rope.update(hf.get("rope_parameters") or {})
+    if not head_dim:
+      raise UserError(f"hidden_size {hf['hidden_size']} is smaller than num_attention_heads {num_heads}")
+    rope = _rope_dict(hf)
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    check_fields({"rope_theta": theta}, (), (), ("rope_theta",))
+    kind = rope.get("rope_type", "default")
     if kind not in SUPPORTED_ROPE_TYPES:
       raise UserError(f"unsupported rope scaling {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    scaling = RopeScaling(
-        kind=kind,
-        factor=float(rope.get("factor", 1.0)),
-        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
-    )
+    try:
+      scaling = RopeScaling(
+          kind=kind,
+          factor=float(rope.get("factor", 1.0)),
+          low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+          high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+          original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+      )
+    except (TypeError, ValueError) as e:
+      raise UserError(f"bad rope scaling {rope}: {e}") from None
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     attention_bias = bool(hf.get("attention_bias", False))
     sliding_window = _sliding_window(hf)
+    check_fields({"sliding_window": sliding_window}, (), ("sliding_window",))
     return cls(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -135,6 +186,27 @@ class LlamaConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
+  """The RoPE settings: transformers 5 keeps theta and scaling in `rope_parameters`, 4.x in
+  `rope_theta` / `rope_scaling` (whose `type` is the older name of `rope_type`). A key that both
+  give must have one value."""
+  parts = {}
+  for name in ("rope_scaling", "rope_parameters"):
+    part = hf.get(name) or {}
+    if not isinstance(part, dict):
+      raise UserError(f"{name} must be an object, got {part!r}")
+    part = dict(part)
+    if "type" in part:
+      part.setdefault("rope_type", part.pop("type"))
+    parts[name] = part
+  scaling, parameters = parts["rope_scaling"], parts["rope_parameters"]
+  for key in sorted(scaling.keys() & parameters.keys()):
+    if scaling[key] != parameters[key]:
+      raise UserError(f"rope_scaling and rope_parameters disagree: {key} {scaling[key]!r} in rope_scaling, "
+                      f"{parameters[key]!r} in rope_parameters")
+  return {**scaling, **parameters}
 
 
 def _sliding_window(hf: dict[str, Any]) -> int | None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import feed_cached, run_cli
 
-from lminf_jax.attention import Dense, Lambda, Streaming, resolve
+from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming, resolve
 from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
 from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
@@ -155,6 +155,59 @@ def test_ring_shorter_than_window_for_a_short_stream(model, method, gaps):
   np.testing.assert_allclose(np.concatenate(logits, axis=1), expected, atol=1e-4)
   with pytest.raises(UserError, match=f"{method} cache full: it holds 90 tokens, but this call needs 91"):
     forward_cached(params, config, cache, TOKENS[:, :1], positions[:, -1:] + 1, spec)
+
+
+CAPACITY = 42  # init_cache's max_len for each of these caches, which must neither wrap nor drop a block
+BOUNDED = {
+    "dense": Dense(chunk=8, key_block=8),
+    "lambda_short_ring": Lambda(n_global=3, n_local=128, chunk=8, key_block=8),
+    "streaming_short_ring": Streaming(n_sink=2, n_recent=128, chunk=8, key_block=8),
+    # a pool of (42 - 1 - 2 - 8) // 4 = 7 blocks: token 43 would need an 8th
+    "infllm_pool": InfLLM(n_init=2, n_local=8, block_size=4, repr_tokens=2, top_k=2, chunk=8, key_block=8),
+}
+
+
+def _feed_under_jit(params, config, spec, tokens, positions, chunks: list[int]) -> list[np.ndarray]:
+  """Logits of each chunk fed through a fresh cache of CAPACITY by forward_cached under the
+  caller's jit (where check_room cannot look at the cache)."""
+  step = jax.jit(forward_cached, static_argnames=("config", "attention"))
+  cache = init_cache(config, spec, tokens.shape[0], max_len=CAPACITY)
+  outs, start = [], 0
+  for size in chunks:
+    logits, cache = step(params, config, cache, tokens[:, start:start + size], positions[:, start:start + size], spec)
+    outs.append(np.asarray(logits))
+    start += size
+  return outs
+
+
+@pytest.mark.parametrize("method", sorted(BOUNDED))
+def test_under_jit_a_full_cache_gives_nan_from_then_on(model, method):
+  """Under jit, the CAPACITY tokens a cache holds get the one-shot logits; the call that would
+  overflow it and every later one get NaN, never logits of a cache that wrapped or lost a block."""
+  config, params, _ = model
+  spec = resolve(BOUNDED[method], config.max_position_embeddings)
+  positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32), TOKENS.shape)
+  outs = _feed_under_jit(params, config, spec, TOKENS, positions, [8] * 5 + [2, 1, 8])
+  expected = np.asarray(forward(params, config, TOKENS[:, :CAPACITY], attention=spec))
+  np.testing.assert_allclose(np.concatenate(outs[:6], axis=1), expected, atol=1e-4)
+  assert np.isnan(outs[6]).all() and np.isnan(outs[7]).all()
+
+
+@pytest.mark.parametrize("method", ["dense", "lambda_short_ring"])
+def test_under_jit_only_the_rows_that_overflow_get_nan(model, method):
+  """Row 0, left-padded by 6, fills the cache 6 tokens after row 1: until then its logits are
+  the one-shot ones, while row 1's are NaN."""
+  config, params, _ = model
+  spec = resolve(BOUNDED[method], config.max_position_embeddings)
+  pad, tokens = 6, TOKENS[:, :50]
+  positions = jnp.stack([jnp.arange(50) - pad, jnp.arange(50)]).astype(jnp.int32)
+  got = np.concatenate(_feed_under_jit(params, config, spec, tokens, positions, [16, 16, 10, 4, 4]), axis=1)
+  np.testing.assert_allclose(got[1, :CAPACITY], np.asarray(forward(params, config, tokens[1:, :CAPACITY],
+                                                                   attention=spec))[0], atol=1e-4)
+  assert np.isnan(got[1, CAPACITY:]).all()
+  np.testing.assert_allclose(got[0, pad:46], np.asarray(forward(params, config, tokens[:1, pad:46],
+                                                                attention=spec))[0], atol=1e-4)
+  assert np.isnan(got[0, 46:]).all()
 
 
 def test_cli_nll_cached_equals_one_shot(model, tmp_path, capsys):

@@ -159,6 +159,11 @@ def _copy(params):
 
 
 def test_accumulation_equals_one_big_batch(tiny_model):
+  """The averaged microbatch gradient (Adam's first moment after one step) equals the big batch's.
+  The first AdamW update itself is about lr * sign(g): its near-zero gradients flip sign with the
+  summation order, which differs between CPUs (1.45e-4 on an AMD EPYC), hence its looser check."""
+  from optax import tree_utils
+
   config, params, _ = tiny_model
   tokens = _tokens(4, 24, seed=4)
   results = []
@@ -167,10 +172,12 @@ def test_accumulation_equals_one_big_batch(tiny_model):
     step, state = _step(config, _copy(params), settings)
     state, metrics = step(state, tokens.reshape(accum, batch, 24))
     update = jax.tree.map(jnp.subtract, state.params, params)
-    results.append((update, float(metrics["loss"]), float(metrics["grad_norm"])))
-  for update, loss, norm in results[1:]:
-    np.testing.assert_allclose([loss, norm], results[0][1:], rtol=1e-6)
-    _assert_grads_close(update, results[0][0], rtol=1e-4)
+    moment = tree_utils.tree_get(state.opt_state, "mu")
+    results.append((moment, update, float(metrics["loss"]), float(metrics["grad_norm"])))
+  for moment, update, loss, norm in results[1:]:
+    np.testing.assert_allclose([loss, norm], results[0][2:], rtol=1e-6)
+    _assert_grads_close(moment, results[0][0], rtol=1e-5)
+    _assert_grads_close(update, results[0][1], rtol=1e-3)
 
 
 def test_clipping_bounds_the_first_update(tiny_model):

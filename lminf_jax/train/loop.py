@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lminf_jax.atomic import atomic_file, disk_full
 from lminf_jax.attention import Dense
 from lminf_jax.convert.checkpoint import save_checkpoint
 from lminf_jax.errors import UserError
@@ -94,8 +95,9 @@ def finetune(config: LlamaConfig, params: dict, ids: np.ndarray, settings: Train
       if on_step is not None:
         on_step(history[-1])
       if (step + 1) % save_every == 0 or step + 1 == settings.steps:
-        _save(manager, step + 1, state, dict(position=position, settings=expected, history=history))
-        _write_log(out, history, expected)
+        _save(manager, out / CHECKPOINTS, step + 1, state, dict(position=position, settings=expected,
+                                                                history=history))
+        _write_log(out, history, expected)  # after the commit: the log records only committed steps
   if not (out / FINAL).exists():
     save_checkpoint(out / FINAL, config, jax.device_get(state.params), tokenizer)
   return history
@@ -108,11 +110,21 @@ def _place(tokens_abt: np.ndarray, mesh):
                                                                      mesh)))
 
 
-def _save(manager, step: int, state: TrainState, meta: dict) -> None:
+def _save(manager, directory: Path, step: int, state: TrainState, meta: dict) -> None:
+  """Saves `step` and waits for its commit. On a failure (a full disk) the step's temporary dirs
+  are removed; after a kill, the next run's manager removes them (`cleanup_tmp_directories`)."""
   import orbax.checkpoint as ocp
 
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
-                                             meta=ocp.args.JsonSave(meta)))
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
+                                               meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+  except Exception as e:
+    for tmp in directory.glob("*.orbax-checkpoint-tmp*"):
+      shutil.rmtree(tmp, ignore_errors=True)
+    if disk_full(e):
+      raise UserError(f"no space left on device while writing {directory / str(step)}") from None
+    raise
 
 
 def _fresh_state(params: dict, tx, seed: int, mesh) -> TrainState:
@@ -135,10 +147,9 @@ def _restore(manager, step: int, fresh: TrainState) -> tuple[TrainState, dict]:
 
 
 def _write_log(out: Path, history: list[dict], settings: dict) -> None:
-  """log.json and loss.png, each written to a temporary name and renamed."""
-  tmp = out / f".{LOG}.partial"
-  tmp.write_text(json.dumps(dict(settings=settings, history=history), indent=2))
-  os.replace(tmp, out / LOG)
+  """log.json and loss.png, each written atomically (`lminf_jax.atomic`)."""
+  with atomic_file(out / LOG) as tmp:
+    tmp.write_text(json.dumps(dict(settings=settings, history=history), indent=2))
   import matplotlib
 
   matplotlib.use("Agg")
@@ -151,7 +162,8 @@ def _write_log(out: Path, history: list[dict], settings: dict) -> None:
   ax.set_title(f"seq-len {settings['seq_len']}, {settings['attention']}, train {settings['train']!r}")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  tmp = out / f".{PLOT}.partial.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, out / PLOT)
+  try:
+    with atomic_file(out / PLOT) as tmp:
+      fig.savefig(tmp, dpi=120)
+  finally:
+    plt.close(fig)
