@@ -126,7 +126,8 @@ def test_checkpoint_tokenizer_loads_with_autotokenizer(smollm2_gguf, tmp_path):
 
 
 def test_commands_run_without_torch(smollm2_gguf, tmp_path):
-  """convert, nll and generate on the real GGUF in a process where `import torch` fails."""
+  """Every command on the real GGUF in processes where `import torch` fails (fetch and demo:
+  CI runs the README's first command in a venv without torch)."""
   script = ("import sys; sys.modules['torch'] = None\n"
             "from lminf_jax.cli import main\n"
             "sys.exit(main(sys.argv[1:]))")
@@ -143,3 +144,11 @@ def test_commands_run_without_torch(smollm2_gguf, tmp_path):
   assert "mean NLL" in lminf("nll", ckpt, "--max-tokens", 64, "--out", tmp_path / "nll.npy")
   assert np.load(tmp_path / "nll.npy").shape == (63,)
   assert "decode 4 tokens" in lminf("generate", ckpt, "--prompt", "The capital of France is", "--max-new-tokens", 4)
+  assert "lambda" in lminf("ppl", ckpt, "--lengths", 128, "--bucket", 64, "--attention", "dense,lambda",
+                           "--n-local", 64)
+  assert "overall: mean NLL" in lminf("stream-ppl", ckpt, "--tokens", 96, "--segment", 48, "--chunk", 32,
+                                      "--n-local", 32)
+  assert "accuracy" in lminf("passkey", ckpt, "--lengths", 200, "--samples", 1, "--batch", 1, "--attention", "lambda")
+  lminf("finetune", ckpt, "--max-tokens", 256, "--seq-len", 64, "--steps", 1, "--lr", 1e-5, "--train", "final_norm",
+        "--out", tmp_path / "ft")
+  assert (tmp_path / "ft" / "final" / "config.json").is_file()
