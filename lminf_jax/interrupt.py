@@ -65,8 +65,10 @@ def exit_now() -> None:
   with _lock:
     for path in list(_partial):
       shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    print("\nlminf: interrupted", file=sys.stderr, flush=True)
-    sys.stdout.flush()
+    with contextlib.suppress(OSError, ValueError):  # (a closed pipe must not stop the exit)
+      sys.stdout.flush()
+    with contextlib.suppress(OSError, ValueError):
+      print("\nlminf: interrupted", file=sys.stderr, flush=True)
     os._exit(128 + (_signal_number[0] if _signal_number else signal.SIGINT))
 
 
