@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.atomic import atomic_dir
-from lminf_jax.convert.hf import param_shapes
 from lminf_jax.errors import UserError, without_closed_loop_reports
 from lminf_jax.files import read_json_object
 from lminf_jax.models.config import LlamaConfig
+from lminf_jax.models.params import abstract_params
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -62,7 +62,7 @@ def read_config(path: Path) -> LlamaConfig:
 
 def load_checkpoint(path: Path, dtype: str | None = None, sharding=None) -> tuple[LlamaConfig, dict]:
   """Restores (config, params). `dtype` casts the params. `sharding` is one Sharding for every
-  array or a tree of them (e.g. `lminf_jax.sharding.param_shardings`): each host then reads
+  array or a tree of them (e.g. `lminf_jax.models.params.param_shardings`): each host then reads
   only its shards, the full params never exist on one device."""
   import orbax.checkpoint as ocp
 
@@ -72,7 +72,7 @@ def load_checkpoint(path: Path, dtype: str | None = None, sharding=None) -> tupl
   config = read_config(path)
   if dtype is not None:
     config = config.replace(param_dtype=dtype)
-  shapes = param_shapes(config)
+  shapes = abstract_params(config)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):
     sharding = jax.tree.map(lambda _: sharding, shapes)

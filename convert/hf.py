@@ -20,7 +20,7 @@ from lminf_jax.errors import UserError
 from lminf_jax.files import read_json_object
 from lminf_jax.limits import check_fits, host_memory_bytes
 from lminf_jax.models.config import LlamaConfig
-from lminf_jax.models.llama import Llama
+from lminf_jax.models.params import abstract_params
 
 # HF name -> (params path, layout). Layouts turn an HF [out, in] matrix into our einsum axes.
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -45,14 +45,6 @@ _GLOBAL_TENSORS = {
     "lm_head.weight": (("w_unembed_dv",), "transpose"),
 }
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def param_shapes(config: LlamaConfig) -> dict:
-  """The params tree of `config` as ShapeDtypeStructs (no memory allocated)."""
-  import flax.linen as nn
-
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return nn.meta.unbox(jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), tokens)["params"])
 
 
 def _to_layout(w: np.ndarray, layout: str, target_shape: tuple[int, ...]) -> np.ndarray:
@@ -81,7 +73,7 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
   before allocating params bigger than this machine's memory. Warns (stderr, one line per tensor)
   about NaN or Inf weights.
   """
-  shapes = param_shapes(config)
+  shapes = abstract_params(config)
   dtype = jnp.dtype(config.param_dtype)
   nbytes = sum(s.size for s in jax.tree.leaves(shapes)) * dtype.itemsize
   check_fits(f"holding the params ({config.num_params()} parameters as {dtype})", nbytes,

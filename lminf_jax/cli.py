@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import math
 import logging
@@ -67,28 +68,62 @@ temperature_float = _finite_float(lambda t: t >= 0, "a finite number >= 0 (0: gr
 top_p_float = _finite_float(lambda p: 0 < p <= 1, "in (0, 1]")
 
 
-def add_attention_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+def _attention_flags() -> list[tuple[str, str, tuple[str, ...] | None]]:
+  """The attention flags, generated from the built-in methods' options: (flag, option name,
+  methods it sets or None for any method with that option). An option with the same help text
+  in every method that has it is one flag (--n-local); otherwise each method has its own
+  (--lambda-top-k, --infllm-top-k)."""
+  from lminf_jax.attention import ATTENTION_METHODS
+
+  by_name: dict[str, dict[str, dataclasses.Field]] = {}
+  for method, cls in ATTENTION_METHODS.items():
+    for field in dataclasses.fields(cls):
+      by_name.setdefault(field.name, {})[method] = field
+  flags = []
+  for name, fields in by_name.items():
+    if len({f.metadata["help"] for f in fields.values()}) == 1:
+      flags.append((name.replace("_", "-"), name, None))
+    else:
+      flags += [(f"{method}-{name}".replace("_", "-"), name, (method,)) for method in fields]
+  return flags
+
+
+def add_attention_args(p: argparse.ArgumentParser, several: bool = False, feeds: bool = False) -> None:
+  """--attention, a flag per built-in method option (`_attention_flags`), --attn-opt for any
+  method's options, and, for commands that feed a cache (`feeds`), --prefill-chunk."""
+  import typing
+
+  from lminf_jax.attention import ATTENTION_METHODS
+
   p.add_argument("--attention", default="dense",
-                 help=f"attention method{'s, comma-separated' if several else ''}: dense | lambda | streaming | infllm")
-  p.add_argument("--chunk", type=positive_int, default=512,
-                 help="query chunk length of the blockwise attention (infllm: also how often it retrieves)")
-  p.add_argument("--key-block", type=positive_int, default=512, help="key block length of the blockwise attention")
-  p.add_argument("--n-global", type=non_negative_int, default=10, help="lambda: starting tokens")
-  p.add_argument("--n-local", type=positive_int, help="lambda, infllm: window (default: the model's training length)")
-  p.add_argument("--limit", type=positive_int, help="lambda: distance limit (default: n_local)")
-  p.add_argument("--top-k", type=positive_int,
-                 help="lambda: top-k middle tokens for the last query (off by default); infllm: blocks retrieved "
-                      "per chunk (default 16)")
-  p.add_argument("--no-mask", action="store_true", help="lambda ablation: distance limit without the mask")
-  p.add_argument("--no-distance-limit", action="store_true", help="lambda ablation: mask without the limit")
-  p.add_argument("--n-sink", type=non_negative_int, default=4, help="streaming: attention sinks")
-  p.add_argument("--n-recent", type=positive_int, help="streaming: recent window (default: training length - n_sink)")
-  p.add_argument("--n-init", type=non_negative_int, default=128, help="infllm: starting tokens")
-  p.add_argument("--block-size", type=positive_int, default=128, help="infllm: tokens per memory block")
-  p.add_argument("--repr-tokens", type=positive_int, default=4,
-                 help="infllm: tokens behind a block's representative key")
-  p.add_argument("--capacity-blocks", type=non_negative_int,
-                 help="infllm: block pool size (default: every block the input forms)")
+                 help=f"attention method{'s, comma-separated' if several else ''}: "
+                      f"{' | '.join(ATTENTION_METHODS)} | package.module:ClassName (your own AttentionMethod)")
+  group = p.add_argument_group("attention method options (each sets the option of the chosen methods that have it)")
+  for flag, name, methods in _attention_flags():
+    cls = ATTENTION_METHODS[methods[0]] if methods else next(c for c in ATTENTION_METHODS.values()
+                                                             if name in {f.name for f in dataclasses.fields(c)})
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kind = typing.get_type_hints(cls)[name]
+    having = [m for m, c in ATTENTION_METHODS.items() if name in {f.name for f in dataclasses.fields(c)}]
+    scope = "" if len(having) == len(ATTENTION_METHODS) else ", ".join(methods or having) + ": "
+    default = f" (default {field.default})" if field.default is not None and kind is not bool else ""
+    dest = "opt_" + flag.replace("-", "_")
+    if kind is bool:
+      p_flag = f"--no-{flag}" if field.default else f"--{flag}"
+      group.add_argument(p_flag, dest=dest, action="store_const", const=not field.default,
+                         help=scope + field.metadata["help"])
+    else:
+      minimum = field.metadata["minimum"]
+      parse = int if minimum is None else _int_at_least(minimum, "positive" if minimum == 1 else f">= {minimum}")
+      group.add_argument(f"--{flag}", dest=dest, type=parse, metavar=name.upper(),
+                         help=scope + field.metadata["help"] + default)
+  group.add_argument("--top-k", dest="legacy_top_k", type=positive_int,
+                     help="the old spelling of --lambda-top-k or --infllm-top-k, for whichever of the two is chosen")
+  group.add_argument("--attn-opt", action="append", default=[], metavar="NAME=VALUE",
+                     help="any option of the chosen methods, yours included (repeatable), e.g. --attn-opt stride=4")
+  if feeds:
+    p.add_argument("--prefill-chunk", type=positive_int,
+                   help="tokens fed through the cache at a time (default: the method's chunk; infllm: always its chunk)")
 
 
 def add_token_source_args(p: argparse.ArgumentParser, text_help: str) -> None:
@@ -130,33 +165,61 @@ def mesh_from_args(args: argparse.Namespace):
 
 
 def attention_from_args(args: argparse.Namespace, name: str):
-  """The attention spec named `name`, with the method's options from the command line."""
-  from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming
+  """The attention spec named `name` (built in, or package.module:ClassName), with its options
+  from the generated flags and --attn-opt."""
+  from lminf_jax.attention import method_class
 
-  if name == "dense":
-    return Dense(chunk=args.chunk, key_block=args.key_block)
-  if name == "lambda":
-    return Lambda(n_global=args.n_global, n_local=args.n_local, limit=args.limit, top_k=args.top_k,
-                  mask=not args.no_mask, distance_limit=not args.no_distance_limit, chunk=args.chunk,
-                  key_block=args.key_block)
-  if name == "streaming":
-    return Streaming(n_sink=args.n_sink, n_recent=args.n_recent, chunk=args.chunk, key_block=args.key_block)
-  if name == "infllm":
-    return InfLLM(n_init=args.n_init, n_local=args.n_local, block_size=args.block_size, repr_tokens=args.repr_tokens,
-                  top_k=args.top_k or InfLLM.top_k, chunk=args.chunk, capacity_blocks=args.capacity_blocks,
-                  key_block=args.key_block)
-  raise UserError(f"unknown attention method {name!r} (choose from dense, lambda, streaming, infllm)")
+  cls = method_class(name)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  given = {}
+  for flag, option, methods in _attention_flags():
+    value = getattr(args, "opt_" + flag.replace("-", "_"), None)
+    if value is not None and option in fields and (methods is None or name in methods):
+      given[option] = value
+  if args.legacy_top_k is not None and "top_k" in fields:
+    chosen = {n.strip() for n in args.attention.split(",")}
+    if {"lambda", "infllm"} <= chosen:
+      raise UserError("--top-k is ambiguous with both lambda and infllm: use --lambda-top-k and --infllm-top-k")
+    given["top_k"] = args.legacy_top_k
+  for item in args.attn_opt:
+    option, equals, text = item.partition("=")
+    option = option.strip()
+    if not equals or not option:
+      raise UserError(f"--attn-opt {item!r}: give NAME=VALUE")
+    if option not in fields:
+      if all(option not in {f.name for f in dataclasses.fields(method_class(n.strip()))}
+             for n in args.attention.split(",") if n.strip()):
+        raise UserError(f"--attn-opt {item}: {cls.__name__} has no option {option!r} (options: "
+                        f"{', '.join(fields)})")
+      continue
+    given[option] = _parse_option(cls, option, text, item)
+  try:
+    return cls(**given)
+  except UserError as e:
+    raise UserError(f"{name}: {e}") from None
 
 
-def _window(spec) -> int:
-  """The keys besides its own that a chunk of a resolved banded or infllm spec attends (dense: 0)."""
-  from lminf_jax.attention import InfLLM, Lambda, Streaming
-  from lminf_jax.attention.infllm import context_window
-  from lminf_jax.attention.methods import band_shape
+def _parse_option(cls, option: str, text: str, item: str):
+  """An --attn-opt value parsed by the type of the method's field (int, float, bool, str; "none" for None)."""
+  import types
+  import typing
 
-  if isinstance(spec, InfLLM):
-    return spec.n_init + context_window(spec)
-  return sum(band_shape(spec)) if isinstance(spec, (Lambda, Streaming)) else 0
+  kind = typing.get_type_hints(cls)[option]
+  kinds = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union \
+      else (kind,)
+  if type(None) in kinds and text.strip().lower() == "none":
+    return None
+  for k in kinds:
+    if k is bool:
+      if text.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return text.strip().lower() in ("true", "1", "yes")
+    elif k in (int, float, str):
+      try:
+        return k(text)
+      except ValueError:
+        pass
+  names = " or ".join(getattr(k, "__name__", str(k)) for k in kinds)
+  raise UserError(f"--attn-opt {item}: {cls.__name__}.{option} takes {names}, got {text!r}")
 
 
 def check_memory(config, attention, max_len: int | None = None, batch: int = 1) -> None:
@@ -170,10 +233,11 @@ def check_memory(config, attention, max_len: int | None = None, batch: int = 1) 
   from lminf_jax.cache import init_cache
 
   spec = config.resolve_attention(attention)
-  name, memory = type(spec).__name__.lower(), device_memory()
-  if window := _window(spec):
+  name, memory = spec.name.lower(), device_memory()
+  if window := spec.window_tokens():
     per_token = 2 * batch * config.num_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
-    check_fits(f"{name} attention over a window of {window} tokens", (window + spec.chunk) * per_token, memory)
+    check_fits(f"{name} attention over a window of {window} tokens", (window + getattr(spec, "chunk", 0)) * per_token,
+               memory)
   if max_len is None:
     return
   if max_len > INT32_MAX:
@@ -253,7 +317,7 @@ def cmd_nll(args: argparse.Namespace) -> None:
   with mesh_context(mesh):
     tokens = place_tokens(jnp.asarray(ids)[None], mesh)
     if args.cached:
-      nll = np.asarray(cached_token_nll(params, config, tokens, attention=attention, chunk=args.chunk))[0]
+      nll = np.asarray(cached_token_nll(params, config, tokens, attention=attention, chunk=args.prefill_chunk))[0]
     else:
       nll = np.asarray(token_nll(params, config, tokens, attention=attention))[0]
   seconds = time.perf_counter() - start
@@ -369,7 +433,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
   stats: dict = {}
   generate(params, config, [ids], args.max_new_tokens, attention, sampling, jax.random.PRNGKey(args.seed),
-           chunk=args.chunk, on_tokens=on_tokens, stats=stats)
+           chunk=args.prefill_chunk, on_tokens=on_tokens, stats=stats)
   print(f"\n[prefill {stats['prompt_tokens']} tokens at {stats['prompt_tokens'] / stats['prefill_seconds']:.1f} tok/s, "
         f"decode {stats['new_tokens']} tokens at {stats['new_tokens'] / stats['decode_seconds']:.1f} tok/s "
         f"(compile included)]")
@@ -393,8 +457,9 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
   check_memory(config, attention, args.tokens)
   cache = init_cache(config, attention, 1, max_len=args.tokens)
   total = args.tokens
-  chunks = document_stream(ids, total, config.bos_token_id, args.chunk)
-  print(f"streaming {total} tokens ({ids.size} per document) with {args.attention}, chunk {args.chunk}")
+  chunk = config.resolve_attention(attention).feed_chunk(args.prefill_chunk)
+  chunks = document_stream(ids, total, config.bos_token_id, chunk)
+  print(f"streaming {total} tokens ({ids.size} per document) with {args.attention}, chunk {chunk}")
   print(f"{'segment':>8} {'tokens':>17} {'mean NLL':>9} {'tokens/s':>9} {'peak RSS MiB':>13}")
 
   def report(index, mean, rate, rss):
@@ -436,7 +501,7 @@ def cmd_passkey(args: argparse.Namespace) -> None:
       for length, batch in samples.items():
         for start in range(0, len(batch), args.batch):
           rows = batch[start:start + args.batch]
-          outputs = generate(params, config, [s.token_ids for s in rows], 8, spec, chunk=args.chunk)
+          outputs = generate(params, config, [s.token_ids for s in rows], 8, spec, chunk=args.prefill_chunk)
           for sample, out in zip(rows, outputs):
             answer = first_integer(tokenizer.decode(out, skip_special_tokens=True))
             results.append(dict(method=name, length=length, depth=sample.depth, key=sample.key, answer=answer,
@@ -512,8 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
   add_token_source_args(p, "UTF-8 text (default: the built-in text, Python's help topics)")
   p.add_argument("--out", required=True, help="output .npy of float32 NLLs, length T-1")
   p.add_argument("--cached", action="store_true",
-                 help="feed the text through a fixed-size cache, --chunk tokens at a time (same result)")
-  add_attention_args(p)
+                 help="feed the text through a fixed-size cache, --prefill-chunk tokens at a time (same result)")
+  add_attention_args(p, feeds=True)
   add_mesh_args(p)
   p.set_defaults(func=cmd_nll)
 
@@ -528,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k-sample", dest="top_k_sample", type=positive_int, help="sample among the k likeliest")
   p.add_argument("--seed", type=seed_int, default=0)
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-  add_attention_args(p)
+  add_attention_args(p, feeds=True)
   p.set_defaults(func=cmd_generate)
 
   p = sub.add_parser("stream-ppl", help="streaming perplexity through the fixed-size cache")
@@ -536,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--text-file", help="UTF-8 text (default: the built-in text); repeats as documents if short")
   p.add_argument("--tokens", type=_int_at_least(2, ">= 2"), default=100_000, help="tokens to stream")
   p.add_argument("--segment", type=positive_int, default=20_000, help="tokens per reported segment")
-  add_attention_args(p)
+  add_attention_args(p, feeds=True)
   p.set_defaults(func=cmd_stream_ppl, attention="lambda")
 
   p = sub.add_parser("passkey", help="passkey retrieval accuracy per length and needle depth")
@@ -547,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=positive_int, default=4, help="samples decoded together (left-padded)")
   p.add_argument("--depth-buckets", type=positive_int, default=5)
   p.add_argument("--json", help="write every sample's result as JSON")
-  add_attention_args(p, several=True)
+  add_attention_args(p, several=True, feeds=True)
   p.set_defaults(func=cmd_passkey, attention="lambda,dense")
 
   p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")

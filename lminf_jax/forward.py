@@ -34,13 +34,14 @@ def token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, positio
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "chunk", "logits_chunk"))
-def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, attention=Dense(), chunk: int = 512,
-                     logits_chunk: int = 1024) -> jnp.ndarray:
+def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, attention=Dense(),
+                     chunk: int | None = None, logits_chunk: int = 1024) -> jnp.ndarray:
   """`token_nll` computed by feeding the tokens through a fixed-size cache, `chunk` at a time
-  (a `lax.scan`); dense gets a cache of length T. Equal to the one-shot result."""
+  (a `lax.scan`; default: the method's `feed_chunk`); dense gets a cache of length T. Equal to
+  the one-shot result."""
   model = Llama(config)
   b, t = tokens_bt.shape
-  chunk = min(chunk, t)
+  chunk = min(config.resolve_attention(attention).feed_chunk(chunk), t)
   cache = init_cache(config, attention, b, max_len=t)
   positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   # Padding at the end carries position -1: the cache skips it.

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from lminf_jax.attention import Dense, InfLLM
+from lminf_jax.attention import AttentionMethod, Dense
 from lminf_jax.attention.blockwise import split_chunks
 from lminf_jax.cache import Cache, check_room, init_cache
 from lminf_jax.errors import UserError
@@ -63,12 +65,37 @@ def sample(logits_bv: jnp.ndarray, key: jnp.ndarray, sampling: Sampling) -> jnp.
 
 
 def prefill(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray,
-            attention, chunk: int) -> tuple[jnp.ndarray, Cache]:
+            attention: AttentionMethod, chunk: int) -> tuple[jnp.ndarray, Cache]:
   """Feeds a left-padded prompt through the cache (donated) `chunk` tokens at a time: (last
   logits [B, V], cache). T must be a multiple of `chunk` (pad on the left with position -1)."""
   attention = config.resolve_attention(attention)
   check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
   return _prefill(params, config, cache, tokens_bt, positions_bt, attention, chunk)
+
+
+class DecodeState(NamedTuple):
+  """The decode loop's carry."""
+
+  step: jnp.ndarray  # [] tokens sampled so far
+  layer_caches: tuple  # one Cache per layer (kv leaves with a leading axis of 1)
+  logits_bv: jnp.ndarray  # [B, V] logits of the next token
+  pos_b: jnp.ndarray  # [B] position of the next token
+  key: jnp.ndarray  # PRNG key
+  done_b: jnp.ndarray  # [B] the row has stopped
+  tokens_bn: jnp.ndarray  # [B, max_new_tokens] sampled tokens
+  lengths_b: jnp.ndarray  # [B] tokens of each row up to and including its stop
+
+
+class Decoded(NamedTuple):
+  """What `decode` returns. The cache holds every sampled token (a row's tokens after its stop
+  too, as the loop ran on for the other rows): `decode(..., cache, logits_bv, next_pos_b, ...)`
+  continues the generation."""
+
+  tokens_bn: jnp.ndarray  # [B, max_new_tokens]; after a row's length, undefined
+  lengths_b: jnp.ndarray  # [B]
+  cache: Cache
+  logits_bv: jnp.ndarray  # [B, V] logits after the last sampled token
+  next_pos_b: jnp.ndarray  # [B] position of the next token
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "chunk"), donate_argnames=("cache",))
@@ -85,20 +112,27 @@ def _prefill(params, config, cache, tokens_bt, positions_bt, attention, chunk):
 
 
 def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarray, next_pos_b: jnp.ndarray,
-           key: jnp.ndarray, attention, sampling: Sampling, max_new_tokens: int, eos_ids: tuple[int, ...],
-           on_tokens: Callable | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """The decode loop (`lax.while_loop`): (tokens [B, max_new_tokens], lengths [B]).
+           key: jnp.ndarray, attention: AttentionMethod, sampling: Sampling, max_new_tokens: int,
+           eos_ids: tuple[int, ...], on_tokens: Callable | None = None) -> Decoded:
+  """The decode loop (`lax.while_loop`) after logits [B, V] of the tokens before positions next_pos [B].
 
   `on_tokens(step, tokens [B]) -> stop [B] bool` runs on the host after every step (streaming,
   stop strings); tokens after a row's end are undefined.
 
-  The cache is consumed (its buffers are freed), as `prefill` and `forward_cached` consume theirs.
-  Each layer's parameters and cache enter the loop as buffers of their own (copies made here,
+  The cache is consumed (its buffers are freed), as `prefill` and `forward_cached` consume theirs;
+  the updated one is returned. Each layer's parameters and cache enter the loop as buffers of their own (copies made here,
   once): XLA:CPU copies a layer's slice of a stacked [L, ...] array on every read, which would
   triple the memory traffic of a step, and a step's time is the time to read the weights and the
   window. The cost is one extra copy of the layer weights while decoding."""
   attention = config.resolve_attention(attention)
   check_room(cache, attention, max_new_tokens)
+  return _decode_checked(params, config, cache, logits_bv, next_pos_b, key, attention, sampling, max_new_tokens,
+                         eos_ids, on_tokens)
+
+
+def _decode_checked(params, config, cache, logits_bv, next_pos_b, key, attention, sampling, max_new_tokens, eos_ids,
+                    on_tokens) -> Decoded:
+  """`decode` under a resolved spec, for a cache with room."""
   rest = {name: x for name, x in params.items() if name != "layers"}
   layer_params = tuple(jax.tree.map(lambda x: x[layer:layer + 1], params["layers"])
                        for layer in range(config.num_layers))
@@ -108,8 +142,16 @@ def decode(params: dict, config: LlamaConfig, cache: Cache, logits_bv: jnp.ndarr
   for x in jax.tree.leaves(cache):
     if not isinstance(x, jax.core.Tracer):
       x.delete()
-  return _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key, attention, sampling,
-                 max_new_tokens, eos_ids, on_tokens)[:2]
+  state = _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key, attention, sampling,
+                  max_new_tokens, eos_ids, on_tokens)
+  return Decoded(state.tokens_bn, state.lengths_b, _stack_layers(state.layer_caches), state.logits_bv, state.pos_b)
+
+
+@jax.jit
+def _stack_layers(layer_caches: tuple) -> Cache:
+  """One cache (every kv leaf [L, ...]) from per-layer ones (the shared arrays of the first)."""
+  kv = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(c.kv for c in layer_caches))
+  return layer_caches[0]._replace(kv=kv)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "sampling", "max_new_tokens", "eos_ids",
@@ -128,27 +170,24 @@ def _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key
       updated.append(layer_cache)
     return model.apply({"params": rest}, x_b1d, method=Llama.logits)[:, 0], tuple(updated)
 
-  def cond(state):
-    step, done_b = state[0], state[5]
-    return (step < max_new_tokens) & ~jnp.all(done_b)
+  def cond(state: DecodeState):
+    return (state.step < max_new_tokens) & ~jnp.all(state.done_b)
 
-  def body(state):
-    step, layer_caches, logits_bv, pos_b, key, done_b, out_bn, lengths_b = state
-    key, sub = jax.random.split(key)
-    token_b = sample(logits_bv, sub, sampling)
-    out_bn = out_bn.at[:, step].set(token_b)
-    lengths_b = jnp.where(done_b, lengths_b, step + 1)
+  def body(state: DecodeState) -> DecodeState:
+    key, sub = jax.random.split(state.key)
+    token_b = sample(state.logits_bv, sub, sampling)
     stop_b = jnp.isin(token_b, eos)
     if on_tokens is not None:
-      stop_b |= io_callback(on_tokens, jax.ShapeDtypeStruct((b,), jnp.bool_), step, token_b, ordered=True)
-    done_b = done_b | stop_b
-    logits_bv, layer_caches = forward_one(token_b, pos_b, layer_caches)
-    return step + 1, layer_caches, logits_bv, pos_b + 1, key, done_b, out_bn, lengths_b
+      stop_b |= io_callback(on_tokens, jax.ShapeDtypeStruct((b,), jnp.bool_), state.step, token_b, ordered=True)
+    logits_bv, layer_caches = forward_one(token_b, state.pos_b, state.layer_caches)
+    return DecodeState(state.step + 1, layer_caches, logits_bv, state.pos_b + 1, key, state.done_b | stop_b,
+                       state.tokens_bn.at[:, state.step].set(token_b),
+                       jnp.where(state.done_b, state.lengths_b, state.step + 1))
 
-  state = (jnp.int32(0), layer_caches, logits_bv, next_pos_b, key, jnp.zeros((b,), bool),
-           jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), jnp.int32))
-  state = jax.lax.while_loop(cond, body, state)
-  return state[6], state[7], state[1]  # (the caches are returned so that the loop runs in their donated buffers)
+  state = DecodeState(jnp.int32(0), layer_caches, logits_bv, next_pos_b, key, jnp.zeros((b,), bool),
+                      jnp.zeros((b, max_new_tokens), jnp.int32), jnp.zeros((b,), jnp.int32))
+  # (The state, caches included, is returned whole: the loop then runs in the donated cache buffers.)
+  return jax.lax.while_loop(cond, body, state)
 
 
 def left_pad(prompts: list[list[int]], chunk: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -164,34 +203,33 @@ def left_pad(prompts: list[list[int]], chunk: int, pad_id: int = 0) -> tuple[np.
   return tokens, positions
 
 
-def generate(params: dict, config: LlamaConfig, prompts: list[list[int]], max_new_tokens: int, attention=Dense(),
-             sampling: Sampling = Sampling(), key: jnp.ndarray | None = None, eos_ids: tuple[int, ...] | None = None,
-             chunk: int = 512, on_tokens: Callable | None = None, stats: dict | None = None) -> list[list[int]]:
+def generate(params: dict, config: LlamaConfig, prompts: list[list[int]], max_new_tokens: int,
+             attention: AttentionMethod = Dense(), sampling: Sampling = Sampling(), key: jnp.ndarray | None = None,
+             eos_ids: tuple[int, ...] | None = None, chunk: int | None = None, on_tokens: Callable | None = None,
+             stats: dict | None = None) -> list[list[int]]:
   """Generates up to `max_new_tokens` after each prompt (token id lists); returns the new tokens
-  of each row, up to and including its EOS / stop. Dense attention gets a cache of prompt + new
-  tokens. `stats`, if given, receives prefill/decode seconds and token counts (compile included)."""
-  import time
-
+  of each row, up to and including its EOS / stop. The prompt is fed `chunk` tokens at a time
+  (default: the method's `feed_chunk`). Dense attention gets a cache of prompt + new tokens.
+  `stats`, if given, receives prefill/decode seconds and token counts (compile included)."""
   if max_new_tokens <= 0:
     raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
-  if chunk <= 0:
+  if chunk is not None and chunk <= 0:
     raise UserError(f"chunk must be positive, got {chunk}")
   spec = config.resolve_attention(attention)
-  if isinstance(spec, InfLLM):  # its chunk is part of its semantics (how often it retrieves)
-    chunk = spec.chunk
-  chunk = min(chunk, max(len(p) for p in prompts or [[0]]))
+  chunk = min(spec.feed_chunk(chunk), max(len(p) for p in prompts or [[0]]))
   tokens, positions = left_pad(prompts, chunk)
   cache = init_cache(config, spec, len(prompts), max_len=tokens.shape[1] + max_new_tokens)
   start = time.perf_counter()
-  logits_bv, cache = prefill(params, config, cache, jnp.asarray(tokens), jnp.asarray(positions), spec, chunk)
+  check_room(cache, spec, tokens.shape[1] + max_new_tokens)  # (once: then the unchecked prefill and decode)
+  logits_bv, cache = _prefill(params, config, cache, jnp.asarray(tokens), jnp.asarray(positions), spec, chunk)
   logits_bv.block_until_ready()
   prefilled = time.perf_counter()
   next_pos = jnp.asarray([len(p) for p in prompts], jnp.int32)
   key = jax.random.PRNGKey(0) if key is None else key
   eos = tuple(config.eos_token_ids) if eos_ids is None else tuple(eos_ids)
-  out, lengths = decode(params, config, cache, logits_bv, next_pos, key, spec, sampling, max_new_tokens, eos,
-                        on_tokens)
-  out, lengths = np.asarray(out), np.asarray(lengths)
+  decoded = _decode_checked(params, config, cache, logits_bv, next_pos, key, spec, sampling, max_new_tokens, eos,
+                            on_tokens)
+  out, lengths = np.asarray(decoded.tokens_bn), np.asarray(decoded.lengths_b)
   if stats is not None:
     stats.update(prefill_seconds=prefilled - start, decode_seconds=time.perf_counter() - prefilled,
                  prompt_tokens=sum(map(len, prompts)), new_tokens=int(lengths.sum()))

@@ -54,11 +54,11 @@ def convert(src: Path, out: Path, dtype: str = "float32") -> Path:
 def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, dict, object]:
   """Loads (config, params, tokenizer) from a checkpoint dir, an HF dir or a .gguf file.
 
-  `dtype` casts the params; with a `mesh` they are placed by `lminf_jax.sharding.param_shardings`
+  `dtype` casts the params; with a `mesh` they are placed by `lminf_jax.models.params.param_shardings`
   (a checkpoint is restored straight into that sharding)."""
   import jax
 
-  from lminf_jax.sharding import param_shardings
+  from lminf_jax.models.params import param_shardings
 
   path = Path(path).expanduser()
   if path.is_dir() and is_checkpoint(path):

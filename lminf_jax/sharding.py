@@ -5,7 +5,8 @@ One table maps the model's logical axes onto the mesh axes `data`, `fsdp`, `tens
 (SmolLM2's 9 heads over tensor=2, say) instead of failing.
 
 Use: `mesh = make_mesh({"sequence": 8})`, then run the jitted forward under
-`jax.set_mesh(mesh)` with params placed by `param_shardings(config, mesh)`.
+`jax.set_mesh(mesh)` with params placed by `lminf_jax.models.params.param_shardings(config, mesh)`.
+This module is a leaf: it imports neither flax nor the model (which imports it).
 Multi-host: call `jax.distributed.initialize()` first (on TPU pods it reads its settings from
 the environment); every host then sees the global mesh.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
@@ -33,6 +33,11 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
+    # The KV cache's [B, S, K, H] arrays. Not used yet: lminf_jax.cache places no constraints.
+    "cache_batch": ("data", "fsdp"),
+    "cache_length": (),
+    "cache_heads": ("tensor",),
+    "cache_head_dim": (),
 }
 
 
@@ -77,13 +82,22 @@ def mesh_axis_size(axis: str) -> int:
   return dict(mesh.shape).get(axis, 1) if not mesh.empty else 1
 
 
+def _rule(name: str | None) -> tuple[str, ...]:
+  """The mesh axes of a logical axis (None: replicated); ValueError for a name not in the rules."""
+  if name is None:
+    return ()
+  if name not in LOGICAL_AXIS_RULES:
+    raise ValueError(f"unknown logical axis {name!r} (known: {', '.join(LOGICAL_AXIS_RULES)}; None replicates)")
+  return LOGICAL_AXIS_RULES[name]
+
+
 def logical_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
   """PartitionSpec for an array with these logical axes; non-dividing mesh axes are dropped."""
   mesh_shape = dict(mesh.shape)
   used: set[str] = set()
   spec = []
   for name, dim in zip(logical_axes, shape):
-    axes = [a for a in LOGICAL_AXIS_RULES.get(name, ()) if mesh_shape.get(a, 1) > 1 and a not in used]
+    axes = [a for a in _rule(name) if mesh_shape.get(a, 1) > 1 and a not in used]
     while axes and dim % math.prod(mesh_shape[a] for a in axes):
       axes.pop()
     used.update(axes)
@@ -92,28 +106,14 @@ def logical_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], m
 
 
 def constrain(x: jnp.ndarray, *logical_axes: str | None) -> jnp.ndarray:
-  """Sharding constraint by logical axes under the current mesh; a no-op without one."""
+  """Sharding constraint by logical axes under the current mesh; a no-op without one (the names
+  are checked either way)."""
+  for name in logical_axes:
+    _rule(name)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, x.shape, mesh))
-
-
-def param_logical_axes(config) -> dict:
-  """The logical axes of every parameter (from the model's `nn.with_logical_partitioning`)."""
-  from lminf_jax.models.llama import Llama
-
-  boxed = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
-def param_shardings(config, mesh) -> dict:
-  """NamedSharding for every parameter of `config` on `mesh`."""
-  from lminf_jax.convert.hf import param_shapes
-
-  return jax.tree.map(lambda names, shape: NamedSharding(mesh, logical_spec(names, shape.shape, mesh)),
-                      param_logical_axes(config), param_shapes(config),
-                      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x))
 
 
 def data_sharding(mesh, shape: tuple[int, ...]) -> NamedSharding:

@@ -15,13 +15,15 @@ only the layers' inputs [B, T, D] and recomputes the rest, layer by layer.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.attention import Dense, attend
-from lminf_jax.attention.blockwise import count_on
-from lminf_jax.cache import Cache, attend_cached, chunk_indices, write
+from lminf_jax.attention import AttentionMethod, Dense, attend
+from lminf_jax.attention.blockwise import after, count_on
+from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, write
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.rope import inv_frequencies
 from lminf_jax.sharding import constrain, mesh_axis_size
@@ -53,15 +55,28 @@ class RMSNorm(nn.Module):
     return scale_d.astype(x_btd.dtype) * normed.astype(x_btd.dtype)
 
 
+NO_CACHE = CachedInput(None, None, None)  # (the layer scan's input without a cache)
+
+
+class LayerWrite(NamedTuple):
+  """What a layer gives `lminf_jax.cache.write`: the chunk's keys and values [B, T, K, H] and
+  what the method's cached attention returned for its `write_extra`."""
+
+  k_btkh: jnp.ndarray
+  v_btkh: jnp.ndarray
+  aux: Any
+
+
 class Attention(nn.Module):
+  """Grouped-query attention; the method is the frozen spec `attention`."""
+
   config: LlamaConfig
-  attention: object
+  attention: AttentionMethod
 
   @nn.compact
-  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, cache=None):
-    """Output [B, T, D]; with `cache` = (LayerKV, Cache without kv, idx [B,T]), also what
-    `lminf_jax.cache.write` stores: the chunk's keys and values [B, T, K, H] (and infllm's
-    probability sums)."""
+  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray,
+               cached: CachedInput | None = None) -> tuple[jnp.ndarray, LayerWrite | None]:
+    """Output [B, T, D]; with `cached` (this layer's cache), also what `lminf_jax.cache.write` stores."""
     cfg = self.config
     d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
@@ -78,13 +93,11 @@ class Attention(nn.Module):
       k_btkh += self.param("bk_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
       v_btkh += self.param("bv_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
     inv_freq_h = jnp.asarray(inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling))
-    if cache is None:
+    if cached is None or cached.kv is None:
       o_btnh, new_kv = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer), None
     else:
-      layer_kv, shared, idx_bt = cache
-      o_btnh, colsum = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, idx_bt, layer_kv, shared, inv_freq_h,
-                                     self.attention)
-      new_kv = (k_btkh, v_btkh, colsum)
+      o_btnh, aux = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, cached, inv_freq_h, self.attention, layer)
+      new_kv = LayerWrite(k_btkh, v_btkh, aux)
     # One [N*H, D] contraction: XLA would otherwise transpose the weight on every call to match o's layout.
     out_btd = jnp.einsum("btx,xd->btd", o_btnh.reshape(*o_btnh.shape[:2], n * h), wo_nhd.reshape(n * h, d).astype(dt))
     if cfg.o_bias:
@@ -111,12 +124,11 @@ class DecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, attention,
-               layer_kv=None, shared=None):
+  def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, attention: AttentionMethod,
+               cached: CachedInput | None = None) -> tuple[jnp.ndarray, LayerWrite | None]:
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
-    cache = None if layer_kv is None else (layer_kv,) + shared
-    attn_btd, new_kv = Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer, cache)
+    attn_btd, new_kv = Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer, cached)
     x_btd = x_btd + attn_btd
     x_btd = x_btd + MLP(cfg, name="mlp")(norm("mlp_norm")(x_btd))
     return constrain(x_btd, "batch", "length", "embed"), new_kv
@@ -134,8 +146,11 @@ class Llama(nn.Module):
     # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged;
     # a cache's per-layer keys and values are scanned along their leading L axis.
     layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
+    # Scanned inputs: positions (broadcast), layer index (0), spec (broadcast), CachedInput (its kv
+    # along L, the rest of the cache and idx broadcast).
+    cached_axes = CachedInput(0, nn.broadcast, nn.broadcast)
     self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, 0, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
+                          in_axes=(nn.broadcast, 0, nn.broadcast, cached_axes), length=cfg.num_layers,
                           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     if not cfg.tie_word_embeddings:
       self.w_unembed_dv = self.param("w_unembed_dv", _init("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size), pdt)
@@ -159,7 +174,7 @@ class Llama(nn.Module):
     attention = cfg.resolve_attention(attention)
     x_btd = self.embed(tokens_bt)
     if cache is None:
-      x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, None, None)
+      x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, NO_CACHE)
       return self.final_norm(x_btd)[:, :t]
     x_btd, cache = self.cached_layers(x_btd, positions_bt, attention, cache)
     return self.final_norm(x_btd), cache
@@ -174,8 +189,8 @@ class Llama(nn.Module):
     resolved spec: (output, updated cache)."""
     cfg = self.config
     idx_bt = chunk_indices(cache.next_idx, positions_bt)
-    x_btd, new_kv = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, cache.kv,
-                                (cache._replace(kv=None), idx_bt))
+    x_btd, new_kv = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention,
+                                CachedInput(cache.kv, cache._replace(kv=None), idx_bt))
     return _write(cfg, x_btd, cache, new_kv, positions_bt, idx_bt, attention)
 
   def logits(self, x_btd: jnp.ndarray) -> jnp.ndarray:
@@ -204,18 +219,14 @@ def cached_layer(config: LlamaConfig, layer_params: dict, layer: int, x_btd: jnp
   idx_bt = chunk_indices(cache.next_idx, positions_bt)
   squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
   x_btd, new_kv = DecoderLayer(config).apply({"params": squeeze(layer_params)}, x_btd, positions_bt, jnp.int32(layer),
-                                             attention, squeeze(cache.kv), (cache._replace(kv=None), idx_bt))
+                                             attention, CachedInput(squeeze(cache.kv), cache._replace(kv=None), idx_bt))
   return _write(config, x_btd, cache, jax.tree.map(lambda x: x[None], new_kv), positions_bt, idx_bt, attention)
 
 
-def _write(config: LlamaConfig, x_btd: jnp.ndarray, cache: Cache, new_kv, positions_bt, idx_bt,
+def _write(config: LlamaConfig, x_btd: jnp.ndarray, cache: Cache, new_kv: LayerWrite, positions_bt, idx_bt,
            attention) -> tuple[jnp.ndarray, Cache]:
-  """(x, the cache with the layers' keys and values [L, B, T, K, H] (and infllm's probability
-  sums) stored). The stores wait for the layers' output x, so they follow every read of the
-  cache and update it in place; XLA would otherwise be free to order them first, and copy the
-  cache to keep the old one for the reads."""
-  k_lbtkh, v_lbtkh, colsum_lbnx = new_kv
-  after_bt11 = 0 * x_btd[:, :, :1, None]  # (an optimization barrier does not order XLA:CPU's copy insertion)
-  k_lbtkh, v_lbtkh = k_lbtkh + after_bt11, v_lbtkh + after_bt11
+  """(x, the cache with the layers' keys and values [L, B, T, K, H] stored). The stores wait for
+  the layers' output x (`after`), so they follow every read of the cache and update it in place."""
+  k_lbtkh, v_lbtkh = after(new_kv.k_btkh, x_btd), after(new_kv.v_btkh, x_btd)
   inv_freq_h = jnp.asarray(inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))
-  return x_btd, write(cache, k_lbtkh, v_lbtkh, colsum_lbnx, positions_bt, idx_bt, inv_freq_h, attention)
+  return x_btd, write(cache, k_lbtkh, v_lbtkh, new_kv.aux, positions_bt, idx_bt, inv_freq_h, attention)

@@ -38,18 +38,18 @@ def run_lminf(method: str, length: int, new_tokens: int) -> dict:
   from lminf_jax.attention import Dense, InfLLM, Lambda
   from lminf_jax.cache import init_cache
   from lminf_jax.fetch import fetch_smollm2
-  from lminf_jax.generation import Sampling, decode, prefill
+  from lminf_jax.generation import Sampling, decode, left_pad, prefill
   from lminf_jax.loading import load
 
   config, params, _ = load(fetch_smollm2())
   specs = {"lambda": Lambda(n_global=10, n_local=8192), "dense": Dense(), "infllm": InfLLM(n_local=8192)}
   spec = config.resolve_attention(specs[method])
   ids = prompt_ids(length)
-  chunk = 512
-  pad = -len(ids) % chunk
-  tokens = jnp.asarray(np.concatenate([np.zeros(pad, np.int32), ids]))[None]
-  positions = jnp.asarray(np.concatenate([np.full(pad, -1), np.arange(len(ids))]).astype(np.int32))[None]
+  chunk = spec.feed_chunk(None)
+  tokens, positions = (jnp.asarray(x) for x in left_pad([ids.tolist()], chunk))
   cache = init_cache(config, spec, 1, max_len=tokens.shape[1] + new_tokens)
+  # Compiles (prefill consumes its cache, so this call gets a copy), then times a second run.
+  prefill(params, config, jax.tree.map(jnp.copy, cache), tokens, positions, spec, chunk)[0].block_until_ready()
   start = time.perf_counter()
   logits, cache = prefill(params, config, cache, tokens, positions, spec, chunk)
   logits.block_until_ready()
@@ -57,10 +57,9 @@ def run_lminf(method: str, length: int, new_tokens: int) -> dict:
   args = (params, config, cache, logits, jnp.asarray([len(ids)], jnp.int32), jax.random.PRNGKey(0), spec, Sampling(),
           new_tokens, ())
   # Compiles; decode consumes its cache, so this call gets a copy.
-  decode(*args[:2], jax.tree.map(jnp.copy, cache), *args[3:])[0].block_until_ready()
+  decode(*args[:2], jax.tree.map(jnp.copy, cache), *args[3:]).tokens_bn.block_until_ready()
   start = time.perf_counter()
-  out, _ = decode(*args)
-  out.block_until_ready()
+  decode(*args).tokens_bn.block_until_ready()
   decode_s = time.perf_counter() - start
   window = len(ids) if method == "dense" else min(len(ids), 8192 + 10)  # (infllm: without its far keys)
   kv_bytes = config.num_layers * window * config.num_kv_heads * config.head_dim * 2 * 4

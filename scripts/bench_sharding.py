@@ -23,17 +23,17 @@ import numpy as np  # noqa: E402
 
 from lminf_jax.attention import Lambda  # noqa: E402
 from lminf_jax.convert.checkpoint import read_config  # noqa: E402
-from lminf_jax.convert.hf import param_shapes  # noqa: E402
 from lminf_jax.fetch import fetch_smollm2  # noqa: E402
 from lminf_jax.forward import token_nll  # noqa: E402
 from lminf_jax.loading import load  # noqa: E402
-from lminf_jax.sharding import data_sharding, make_mesh, param_shardings  # noqa: E402
+from lminf_jax.models.params import abstract_params, param_shardings  # noqa: E402
+from lminf_jax.sharding import data_sharding, make_mesh  # noqa: E402
 
 
 def compiled_memory(config, t: int, spec, mesh) -> int:
   """Per-device bytes (arguments + outputs + temporaries) of the compiled NLL forward."""
   shardings = param_shardings(config, mesh)
-  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), param_shapes(config),
+  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params(config),
                         shardings)
   tokens = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=data_sharding(mesh, (1, t)))
   with jax.set_mesh(mesh):

@@ -477,9 +477,9 @@ def test_num_params_counts_every_param(changes):
   """The size check of configs (LlamaConfig.num_params) agrees with the params the model makes."""
   import jax
 
-  from lminf_jax.convert.hf import param_shapes
   from lminf_jax.models.config import LlamaConfig
+  from lminf_jax.models.params import abstract_params
 
   config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=80, num_layers=2, num_heads=8,
                        num_kv_heads=2, head_dim=8, tie_word_embeddings=True).replace(**changes)
-  assert config.num_params() == sum(s.size for s in jax.tree.leaves(param_shapes(config)))
+  assert config.num_params() == sum(s.size for s in jax.tree.leaves(abstract_params(config)))

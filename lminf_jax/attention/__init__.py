@@ -1,25 +1,41 @@
-"""Attention methods as pure functions over arrays, selected by a frozen spec.
+"""Attention methods as pure functions over arrays, selected by a frozen spec (`AttentionMethod`).
 
-`attend(q, k, v, positions, inv_freq, spec, layer)` is the one entry point the model calls.
+`attend(q, k, v, positions, inv_freq, spec, layer)` is the one entry point the model calls for
+a one-shot forward; lminf_jax.cache calls a spec's cached attention. A new method is one
+subclass of `AttentionMethod` (lminf_jax.attention.method), in any module.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from lminf_jax.attention.methods import METHOD_FUNCTIONS
-from lminf_jax.attention.specs import ATTENTION_METHODS, Dense, InfLLM, Lambda, Streaming, resolve
+from lminf_jax.attention.band_method import BandMethod
+from lminf_jax.attention.banded import AtDistance, Band, InCache, TrueDistance
+from lminf_jax.attention.blockwise import Keys
+from lminf_jax.attention.dense import Dense, SlidingWindow
+from lminf_jax.attention.infllm import InfLLM
+from lminf_jax.attention.lminfinite import Lambda
+from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, option
+from lminf_jax.attention.methods import ATTENTION_METHODS, method_class, resolve
+from lminf_jax.attention.streaming import Streaming
+from lminf_jax.errors import UserError
+from lminf_jax.sharding import mesh_axis_size
 
-__all__ = ["ATTENTION_METHODS", "Dense", "InfLLM", "Lambda", "Streaming", "attend", "resolve"]
+__all__ = ["ATTENTION_METHODS", "AtDistance", "AttentionMethod", "Band", "BandMethod", "CacheLayout", "CachedLayer",
+           "Dense", "InCache", "InfLLM", "Keys", "Lambda", "SlidingWindow", "Streaming", "TrueDistance", "attend",
+           "method_class", "option", "resolve"]
 
 
 def attend(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-           inv_freq_h: jnp.ndarray, spec, layer: jnp.ndarray | int = 0) -> jnp.ndarray:
-  """Attention of method `spec` (resolved: no None lengths). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
+           inv_freq_h: jnp.ndarray, spec: AttentionMethod, layer: jnp.ndarray | int = 0) -> jnp.ndarray:
+  """Attention of method `spec` (resolved). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
 
   q, k are projections before RoPE; `positions` [B, T] are RoPE positions, negative for left
   padding; `layer` is the layer index (a traced scalar inside the layer scan).
   """
-  if spec.resolve(0) != spec:  # resolving is a no-op exactly when every length is set
+  if not spec.resolved:
     raise ValueError(f"unresolved attention spec {spec}: call resolve(spec, max_position_embeddings) first")
-  return METHOD_FUNCTIONS[type(spec)](q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, layer)
+  if mesh_axis_size("sequence") > 1 and not spec.sequence_parallel:
+    raise UserError(f"{spec.name} does not support sequence parallelism (a mesh with a sequence axis); "
+                    f"run it without one")
+  return spec.attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer)

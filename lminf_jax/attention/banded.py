@@ -1,7 +1,7 @@
 """Starting tokens + a sliding band: the O(T) core of LM-Infinite and StreamingLLM.
 
 Query i attends (a) the band of keys with 0 <= i-j < window at true relative distance and
-(b) the first `n_start` tokens that are not in its band, rotated as the method says.
+(b) the first `n_start` tokens that are not in its band, rotated as the method's `Rotation` says.
 Each query chunk touches only the starting keys and the key blocks of its band:
 O(T * (n_start + window + C)) time, O(C * (n_start + window + C)) memory per head.
 
@@ -12,34 +12,65 @@ are passed in, so the same code serves one device, many devices and caches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import blockwise as bw
+from lminf_jax.attention import ring
+from lminf_jax.attention.blockwise import Keys
 from lminf_jax.rope import apply_rope
 
-# (positions [B,C], idx [B,C] of the queries, ref [B,1]) -> query RoPE offsets [B,C] for starting keys;
-# (positions [B,G], idx [B,G] of the starting keys, ref [B,1]) -> their key RoPE offsets [B,G].
-StartRotation = tuple[Callable, Callable]
+
+@dataclasses.dataclass(frozen=True)
+class AtDistance:
+  """Starting keys seen at a fixed distance: the query rotated at `distance`, the keys unrotated
+  (LM-Infinite's distance limit)."""
+
+  distance: int
+
+  def query_offsets(self, pos_bc, idx_bc, ref_b1):
+    return jnp.full_like(pos_bc, self.distance)
+
+  def key_offsets(self, pos_bg, idx_bg, ref_b1):
+    return jnp.zeros_like(pos_bg)
 
 
-class Keys(NamedTuple):
-  """Keys and values [B, K, L, H] (before RoPE) with RoPE positions and sequence indices [B, L]
-  (idx < 0: not a key)."""
+@dataclasses.dataclass(frozen=True)
+class InCache:
+  """Positions inside the cache (StreamingLLM): a query at min(i, cap), a starting key at its index."""
 
-  k_bklh: jnp.ndarray
-  v_bklh: jnp.ndarray
-  pos_bl: jnp.ndarray
-  idx_bl: jnp.ndarray
+  cap: int
 
-  def pad(self, before: int, after: int) -> "Keys":
-    """Adds invalid slots: idx -1 before, FUTURE after (in every query's future)."""
-    return Keys(bw.pad_axis(self.k_bklh, 2, before, after), bw.pad_axis(self.v_bklh, 2, before, after),
-                bw.pad_axis(self.pos_bl, 1, before, after),
-                bw.pad_axis(bw.pad_axis(self.idx_bl, 1, before, 0, -1), 1, 0, after, bw.FUTURE))
+  def query_offsets(self, pos_bc, idx_bc, ref_b1):
+    return jnp.minimum(idx_bc, self.cap)
+
+  def key_offsets(self, pos_bg, idx_bg, ref_b1):
+    return idx_bg
+
+
+@dataclasses.dataclass(frozen=True)
+class TrueDistance:
+  """Starting keys at their true distance (LM-Infinite's "mask without the limit" ablation)."""
+
+  def query_offsets(self, pos_bc, idx_bc, ref_b1):
+    return pos_bc - ref_b1
+
+  def key_offsets(self, pos_bg, idx_bg, ref_b1):
+    return pos_bg - ref_b1
+
+
+Rotation = AtDistance | InCache | TrueDistance
+
+
+class Band(NamedTuple):
+  """A query sees the `n_start` first tokens (rotated by `rotation`) and its `window` latest keys."""
+
+  n_start: int
+  window: int
+  rotation: Rotation
 
 
 def starting_keys(keys: Keys, n_start: int) -> Keys:
@@ -56,19 +87,18 @@ def starting_keys(keys: Keys, n_start: int) -> Keys:
 
 def add_starting_keys(state: bw.SoftmaxState, q_bcnh: jnp.ndarray, pos_bc: jnp.ndarray, idx_bc: jnp.ndarray,
                       ref_b1: jnp.ndarray, starts: Keys, inv_freq_h: jnp.ndarray, window: int,
-                      start_rotation: StartRotation) -> bw.SoftmaxState:
+                      rotation: Rotation) -> bw.SoftmaxState:
   """Folds the starting keys a query does not see in its band (distance >= window) into its softmax."""
   if not starts.idx_bl.shape[1]:
     return state
-  q_offsets, k_offsets = start_rotation
-  q_far = bw.query_tile(q_bcnh, q_offsets(pos_bc, idx_bc, ref_b1), inv_freq_h, starts.k_bklh.shape[1])
-  k_far = apply_rope(starts.k_bklh, k_offsets(starts.pos_bl, starts.idx_bl, ref_b1)[:, None], inv_freq_h)
-  mask_bcg = (idx_bc[:, :, None] - starts.idx_bl[:, None, :] >= window) & (starts.idx_bl >= 0)[:, None, :]
+  q_far = bw.query_tile(q_bcnh, rotation.query_offsets(pos_bc, idx_bc, ref_b1), inv_freq_h, starts.k_bklh.shape[1])
+  k_far = apply_rope(starts.k_bklh, rotation.key_offsets(starts.pos_bl, starts.idx_bl, ref_b1)[:, None], inv_freq_h)
+  mask_bcg = bw.visible(idx_bc, starts.idx_bl, min_dist=window)
   return bw.update(state, bw.scores(q_far, k_far), starts.v_bklh, mask_bcg)
 
 
 def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray, keys: Keys, starts: Keys,
-                   inv_freq_h: jnp.ndarray, chunk: int, key_block: int, window: int, start_rotation: StartRotation):
+                   inv_freq_h: jnp.ndarray, chunk: int, key_block: int, window: int, rotation: Rotation):
   """Queries q [B,T,N,H] (positions, idx [B,T]) over `keys` = a context of L-T keys followed by the
   queries' own T keys, plus `starts`. Returns (out [B,T,N,H], lse [B,T,N])."""
   b, t, _, _ = q_btnh.shape
@@ -88,7 +118,7 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
     ref_b1 = pos_bc[:, -1:]
     q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
     state = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
-    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, ref_b1, starts, inv_freq_h, window, start_rotation)
+    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, ref_b1, starts, inv_freq_h, window, rotation)
 
     def key_step(state, kb):
       start = first_band + ci * c + kb * s
@@ -107,11 +137,25 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
 
 
 def sink_and_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-                  inv_freq_h: jnp.ndarray, chunk: int, key_block: int, n_start: int, window: int,
-                  start_rotation: StartRotation):
+                  inv_freq_h: jnp.ndarray, chunk: int, key_block: int, band: Band):
   """One device, no context: q [B,T,N,H], k/v [B,T,K,H] before RoPE -> (out [B,T,N,H], lse [B,T,N])."""
   positions_bt = positions_bt.astype(jnp.int32)
   idx_bt = bw.sequence_index(positions_bt)
   keys = Keys(jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt, idx_bt)
-  return band_attention(q_btnh, positions_bt, idx_bt, keys, starting_keys(keys, min(n_start, q_btnh.shape[1])),
-                        inv_freq_h, chunk, key_block, window, start_rotation)
+  return band_attention(q_btnh, positions_bt, idx_bt, keys, starting_keys(keys, min(band.n_start, q_btnh.shape[1])),
+                        inv_freq_h, chunk, key_block, band.window, band.rotation)
+
+
+def attend_one(q_b1nh: jnp.ndarray, new: Keys, slots: Keys, ring_keys: Keys, inv_freq_h: jnp.ndarray, window: int,
+               rotation: Rotation) -> jnp.ndarray:
+  """One query per row [B, 1, N, H] over an anchored ring in place (`ring`), its own key `new` and
+  the starting slots: [B, 1, N, H]."""
+  b, _, n, h = q_b1nh.shape
+  kv_heads = ring_keys.k_bklh.shape[1]
+  pos_b1, idx_b1 = new.pos_bl, new.idx_bl
+  state = bw.init_state(b, kv_heads, n // kv_heads, h)
+  state = add_starting_keys(state, q_b1nh, pos_b1, idx_b1, pos_b1, slots, inv_freq_h, window, rotation)
+  state = bw.update(state, ring.ring_scores(q_b1nh, pos_b1, ring_keys, inv_freq_h), ring_keys.v_bklh,
+                    bw.visible(idx_b1, ring_keys.idx_bl, window))
+  state = bw.update(state, ring.own_key_scores(q_b1nh, new, inv_freq_h), new.v_bklh, (idx_b1 >= 0)[:, :, None])
+  return bw.finish(state, 1, q_b1nh.dtype)[0]

@@ -23,6 +23,63 @@ from lminf_jax.rope import apply_rope
 FUTURE = 2**30
 
 
+class Keys(NamedTuple):
+  """Keys and values [B, K, L, H] with RoPE positions and sequence indices [B, L] (idx < 0: not a
+  key). Raw keys (before RoPE) at their positions, or keys stored rotated from an anchor position
+  (a cache's ring). With a leading layer axis, keys and values are [L', B, L, K, H] (a cache write)."""
+
+  k_bklh: jnp.ndarray
+  v_bklh: jnp.ndarray
+  pos_bl: jnp.ndarray
+  idx_bl: jnp.ndarray
+
+  def pad(self, before: int, after: int) -> "Keys":
+    """Adds invalid slots: idx -1 before, FUTURE after (in every query's future)."""
+    return Keys(pad_axis(self.k_bklh, 2, before, after), pad_axis(self.v_bklh, 2, before, after),
+                pad_axis(self.pos_bl, 1, before, after),
+                pad_axis(pad_axis(self.idx_bl, 1, before, 0, -1), 1, 0, after, FUTURE))
+
+  def slice(self, start: int, stop: int) -> "Keys":
+    """Entries [start, stop) (static bounds)."""
+    return Keys(self.k_bklh[:, :, start:stop], self.v_bklh[:, :, start:stop], self.pos_bl[:, start:stop],
+                self.idx_bl[:, start:stop])
+
+  def take(self, at_bl: jnp.ndarray) -> "Keys":
+    """Entries at_bl [B, L'] of each row."""
+    return Keys(*(jnp.take_along_axis(x, at_bl[:, None, :, None], axis=2) for x in (self.k_bklh, self.v_bklh)),
+                *(jnp.take_along_axis(x, at_bl, axis=1) for x in (self.pos_bl, self.idx_bl)))
+
+  def put(self, at_bc: jnp.ndarray, new: "Keys") -> "Keys":
+    """Entry c of `new` (keys [B, K, C, H]) written to slot at_bc[:, c] (out of range: dropped)."""
+    b_b1 = jnp.arange(at_bc.shape[0])[:, None]
+    put = lambda x, y: x.at[b_b1, :, at_bc].set(jnp.swapaxes(y, 1, 2), mode="drop")  # noqa: E731
+    return Keys(put(self.k_bklh, new.k_bklh), put(self.v_bklh, new.v_bklh),
+                self.pos_bl.at[b_b1, at_bc].set(new.pos_bl, mode="drop"),
+                self.idx_bl.at[b_b1, at_bc].set(new.idx_bl, mode="drop"))
+
+  def concat(self, other: "Keys") -> "Keys":
+    """These entries, then `other`'s."""
+    return Keys(*(jnp.concatenate([a, b], axis=2) for a, b in ((self.k_bklh, other.k_bklh),
+                                                               (self.v_bklh, other.v_bklh))),
+                *(jnp.concatenate([a, b], axis=1) for a, b in ((self.pos_bl, other.pos_bl),
+                                                               (self.idx_bl, other.idx_bl))))
+
+
+def scatter_layers(x_lbksh: jnp.ndarray, at_bc: jnp.ndarray, y_lbckh: jnp.ndarray) -> jnp.ndarray:
+  """x[:, b, :, at[b, c]] = y[:, b, c] for every layer (out-of-range slots dropped)."""
+  b_b1 = jnp.arange(at_bc.shape[0])[:, None]  # x[:, b, :, at] has shape [B, C, L, K, H]
+  return x_lbksh.at[:, b_b1, :, at_bc].set(jnp.moveaxis(y_lbckh, 0, 2), mode="drop")
+
+
+def after(x: jnp.ndarray, *deps) -> jnp.ndarray:
+  """x, with a zero data dependency on every array of `deps` (pytrees): XLA then schedules the
+  ops that consume the result after the ops that produce `deps`. Used to order a cache's in-place
+  writes after its reads; otherwise XLA may write first and copy the cache to keep the old one
+  for the reads (an optimization barrier does not order XLA:CPU's copy insertion)."""
+  zero = sum(0 * jnp.sum(leaf.reshape(-1)[:1]).astype(x.dtype) for leaf in jax.tree.leaves(deps) if leaf.size)
+  return x + zero
+
+
 class SoftmaxState(NamedTuple):
   m_bkm: jnp.ndarray
   l_bkm: jnp.ndarray
@@ -65,10 +122,10 @@ def update(state: SoftmaxState, s_bkms: jnp.ndarray, v_bksh: jnp.ndarray,
                       state.acc_bkmh * correction[..., None] + pv_bkmh)
 
 
-def visible(idx_bc: jnp.ndarray, idx_bs: jnp.ndarray, window: int = FUTURE) -> jnp.ndarray:
-  """[B, C, S]: query i sees key j iff 0 <= i-j < window and j is a real key (0 <= j < FUTURE)."""
+def visible(idx_bc: jnp.ndarray, idx_bs: jnp.ndarray, window: int = FUTURE, min_dist: int = 0) -> jnp.ndarray:
+  """[B, C, S]: query i sees key j iff min_dist <= i-j < window and j is a real key (0 <= j < FUTURE)."""
   dist_bcs = idx_bc[:, :, None] - idx_bs[:, None, :]
-  return (dist_bcs >= 0) & (dist_bcs < window) & ((idx_bs >= 0) & (idx_bs < FUTURE))[:, None, :]
+  return (dist_bcs >= min_dist) & (dist_bcs < window) & ((idx_bs >= 0) & (idx_bs < FUTURE))[:, None, :]
 
 
 def fold_block(state: SoftmaxState, scores_and_values, idx_bc: jnp.ndarray, idx_bs: jnp.ndarray,

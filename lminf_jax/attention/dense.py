@@ -1,5 +1,6 @@
-"""Causal attention over every earlier key block: ordinary dense attention, and LM-Infinite's
-"distance limit without the mask" ablation (all far keys attended at distance `limit`).
+"""Causal attention over every earlier key block: ordinary dense attention (the `Dense` method),
+and LM-Infinite's "distance limit without the mask" ablation (all far keys attended at distance
+`limit`). On a model with a sliding window (Mistral v0.1), `Dense` resolves to `SlidingWindow`.
 
 Flash-style: scan over query chunks, online softmax over key blocks; blocks in a chunk's
 future are skipped with `lax.cond`. O(T^2) time, O(T*C) memory.
@@ -7,10 +8,63 @@ future are skipped with `lax.cond`. O(T^2) time, O(T*C) memory.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import blockwise as bw
+from lminf_jax.attention.band_method import BandMethod
+from lminf_jax.attention.banded import Band, TrueDistance
+from lminf_jax.attention.method import CacheLayout, option
+from lminf_jax.errors import UserError
+from lminf_jax.sharding import mesh_axis_size, warn_dense_all_gather
+
+CHUNK_HELP = "query chunk length of the blockwise attention (a memory and speed knob)"
+KEY_BLOCK_HELP = "key block length of the blockwise attention (a memory and speed knob)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(BandMethod):
+  """Ordinary causal attention (flash-style blockwise, O(T^2) time, O(T*C) memory). Its cache is a
+  ring of max_len tokens that refuses more."""
+
+  chunk: int = option(512, CHUNK_HELP, minimum=1)
+  key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
+
+  def band(self) -> Band:
+    return Band(0, bw.FUTURE, TrueDistance())
+
+  def resolve(self, max_position_embeddings: int, sliding_window: int | None = None):
+    """On a model with a sliding window, each query sees its last `sliding_window` keys, as in transformers."""
+    if sliding_window:
+      return SlidingWindow(window=sliding_window, chunk=self.chunk, key_block=self.key_block)
+    return self
+
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
+    if mesh_axis_size("sequence") > 1:
+      warn_dense_all_gather()
+    return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block)[0]
+
+  def window_tokens(self) -> int:
+    return 0
+
+  def cache_layout(self, max_len: int | None) -> CacheLayout:
+    if not max_len:
+      raise UserError("a dense cache needs max_len")
+    return CacheLayout(0, max_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow(BandMethod):
+  """A model's own sliding window: each query sees its last `window` keys at true distance."""
+
+  window: int = option(4096, "keys each query sees, its own included", minimum=1)
+  chunk: int = option(512, CHUNK_HELP, minimum=1)
+  key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
+
+  def band(self) -> Band:
+    return Band(0, self.window, TrueDistance())
 
 
 def causal_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,

@@ -12,20 +12,32 @@ that received the most local attention probability while in the window ("column 
 
 `infllm_chunk` is the whole method for one chunk, given its context (the W = n_local +
 block_size keys before it, then its own), the init keys and the pool of formed blocks; the
-one-shot forward (`infllm_attention`, a scan over chunks) and the cache (lminf_jax.cache) both
-call it. Shapes are static: the pool has a fixed number of block slots and unformed blocks are
-masked out before `lax.top_k`.
+one-shot forward (`infllm_attention`, a scan over chunks) and the cached one (`InfLLM.attend_chunk`)
+both call it. Shapes are static: the pool has a fixed number of block slots and unformed blocks
+are masked out before `lax.top_k`.
+
+The cache keeps n_init slots and a ring of W = n_local + block_size raw keys (so evicted tokens
+stay until their block forms), and, of its own (`InfLLMCache`), each ring key's local attention
+probability sum, the pool of formed blocks with their representative keys, and a copy of the
+ring's keys rotated as lambda's are, so that a single decode token reads the ring in place, in
+one pass (`infllm_one`). `write_extra` forms the blocks a chunk completes (`form_blocks`). The
+pool holds every block of `max_len` tokens (or capacity_blocks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import blockwise as bw
-from lminf_jax.attention.banded import Keys
+from lminf_jax.attention import ring
+from lminf_jax.attention.blockwise import Keys
+from lminf_jax.attention.dense import CHUNK_HELP, KEY_BLOCK_HELP
+from lminf_jax.attention.lminfinite import N_LOCAL_HELP
+from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, option
 from lminf_jax.errors import UserError
 
 
@@ -37,6 +49,98 @@ class Pool(NamedTuple):
   v_bkxh: jnp.ndarray
   rk_bnph: jnp.ndarray
   formed_b: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLLM(AttentionMethod):
+  """InfLLM: n_init starting tokens + an n_local window + a memory of evicted tokens in blocks of
+  block_size, of which each query chunk attends the top_k most relevant. `chunk` is part of the
+  semantics here: retrieval happens once per query chunk, and a cache is fed `chunk` tokens at a
+  time; capacity_blocks caps the block pool (None: as many blocks as the input forms)."""
+
+  n_init: int = option(128, "starting tokens", minimum=0)
+  n_local: int | None = option(None, N_LOCAL_HELP, minimum=1, model_default=True)
+  block_size: int = option(128, "tokens per memory block", minimum=1)
+  repr_tokens: int = option(4, "tokens behind a block's representative key", minimum=1)
+  top_k: int = option(16, "memory blocks retrieved per query chunk", minimum=1)
+  chunk: int = option(512, CHUNK_HELP, minimum=1)
+  capacity_blocks: int | None = option(None, "block pool size (default: every block the input forms)",
+                                       minimum=0)
+  key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.repr_tokens > self.block_size:
+      raise UserError(f"InfLLM.repr_tokens ({self.repr_tokens}) must be <= block_size ({self.block_size})")
+
+  def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> InfLLM:
+    return dataclasses.replace(self, n_local=self.n_local or max_position_embeddings)
+
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
+    return infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self, layer)
+
+  def window_tokens(self) -> int:
+    return self.n_init + context_window(self)
+
+  def feed_chunk(self, requested: int | None) -> int:
+    return self.chunk  # (a cache retrieves once per fed chunk)
+
+  def cache_layout(self, max_len: int | None) -> CacheLayout:
+    if not max_len:
+      raise UserError("an infllm cache needs max_len (its block pool holds every block of max_len tokens)")
+    return CacheLayout(self.n_init, context_window(self))
+
+  def init_extra(self, config, batch: int, layout: CacheLayout, max_len: int | None):
+    layers, heads, kv_heads, h = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
+    dtype, w, n_pool = jnp.dtype(config.dtype), layout.ring, pool_blocks(max_len, self)
+    kv = lambda length: jnp.zeros((layers, batch, kv_heads, length, h), dtype)  # noqa: E731
+    extra = InfLLMCache(jnp.zeros((layers, batch, heads, w)), kv(n_pool * self.block_size),
+                        kv(n_pool * self.block_size), jnp.zeros((layers, batch, heads, n_pool, h)), kv(w))
+    return extra, jnp.zeros((batch,), jnp.int32)
+
+  def capacity(self, ring_len: int, extra: InfLLMCache) -> int:
+    """Up to the first token whose block the pool has no room for (the inverse of pool_blocks)."""
+    return self.n_init + self.n_local + (extra.pool_rk.shape[-2] + 1) * self.block_size
+
+  def cache_full(self, need: int, room: int, extra: InfLLMCache) -> str:
+    try:  # names the capacity and the blocks needed (the last block is never attended)
+      pool_blocks(need, dataclasses.replace(self, capacity_blocks=extra.pool_rk.shape[-2]))
+    except UserError as e:
+      return str(e)
+    return super().cache_full(need, room, extra)
+
+  def attend_chunk(self, q_bcnh, new: Keys, cached: CachedLayer, inv_freq_h, layer):
+    return infllm_chunk(q_bcnh, new.pos_bl, new.idx_bl, cached.ordered_ring().concat(new), cached.slots_with(new),
+                        _pool(cached), inv_freq_h, self)
+
+  def attend_token(self, q_b1nh, new: Keys, cached: CachedLayer, inv_freq_h, layer):
+    return infllm_one(q_b1nh, new, cached, inv_freq_h, self)
+
+  def write_extra(self, cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, ring_at_bc, inv_freq_h):
+    extra, formed_b = form_blocks(cached, new, colsum_lbnx, next_idx_b, self)
+    # The ring writes take a zero data dependency on the formation, which reads the ring.
+    ring_len = cached.ring.idx_bl.shape[1]
+    k_lbckh, colsum_lbnx = bw.after(new.k_bklh, extra.pool_rk), bw.after(colsum_lbnx, extra.pool_rk)
+    b_b1 = jnp.arange(ring_at_bc.shape[0])[:, None]
+    ring_colsum = extra.ring_colsum.at[:, b_b1, :, ring_at_bc].set(colsum_lbnx[..., ring_len:].transpose(1, 3, 0, 2),
+                                                                   mode="drop")
+    rotated_lbckh, _ = ring.anchored(k_lbckh, new.pos_bl, ring_len, inv_freq_h)
+    return extra._replace(ring_colsum=ring_colsum, ring_rk=bw.scatter_layers(extra.ring_rk, ring_at_bc,
+                                                                              rotated_lbckh)), formed_b
+
+
+class InfLLMCache(NamedTuple):
+  """InfLLM's own per-layer cache arrays (each with a leading L axis in the cache)."""
+
+  ring_colsum: jnp.ndarray  # [B, N, W] local attention probability each ring key received
+  pool_k: jnp.ndarray  # [B, K, P*bs, H] raw keys of the formed blocks
+  pool_v: jnp.ndarray
+  pool_rk: jnp.ndarray  # [B, N, P, H] their representative keys
+  ring_rk: jnp.ndarray  # [B, K, W, H] the ring keys also rotated by position % W (for decoding)
+
+
+def _pool(cached: CachedLayer) -> Pool:
+  return Pool(cached.extra.pool_k, cached.extra.pool_v, cached.extra.pool_rk, cached.shared)
 
 
 def context_window(spec) -> int:
@@ -83,12 +187,12 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   kv = context.k_bklh.shape[1]
   g = n // kv
   n_local, bs = spec.n_local, spec.block_size
-  pending = Keys(*(x[:, :, :bs + c] for x in context[:2]), *(x[:, :bs + c] for x in context[2:]))
+  pending = context.slice(0, bs + c)
   state = add_far_keys(bw.init_state(b, kv, g * c, h), q_bcnh, pos_bc, idx_bc, pending, starts, pool, inv_freq_h,
                        spec)
 
   # Local: the context from entry bs on, in key blocks of S, rotated relative to the chunk's last query.
-  local = Keys(*(x[:, :, bs:] for x in context[:2]), *(x[:, bs:] for x in context[2:]))
+  local = context.slice(bs, None)
   span = n_local + c
   s = min(spec.key_block, span)
   local = local.pad(0, -span % s)
@@ -140,8 +244,7 @@ def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, 
     far_ok.append(ok_block)
   far_k, far_v = (jnp.concatenate([x[i] for x in far], axis=2) for i in (0, 1))
   far_idx_bf = jnp.concatenate([x.idx_bl for x in far], axis=1)
-  far_ok_bf = jnp.concatenate(far_ok, axis=1) & (far_idx_bf >= 0)
-  mask_bcf = (idx_bc[:, :, None] - far_idx_bf[:, None, :] >= spec.n_local) & far_ok_bf[:, None, :] & real_bc[:, :, None]
+  mask_bcf = bw.visible(idx_bc, far_idx_bf, min_dist=spec.n_local) & jnp.concatenate(far_ok, axis=1)[:, None, :]
   return bw.update(state, bw.scores(q_far, far_k), far_v, mask_bcf)
 
 
@@ -190,7 +293,7 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, lay
   keys = Keys(*(bw.pad_axis(jnp.swapaxes(x, 1, 2), 2, w, t_pad - t + spec.n_init) for x in (k_btkh, v_btkh)),
               bw.pad_axis(pos_bt, 1, w, t_pad - t + spec.n_init),
               bw.pad_axis(idx_bt, 1, w, t_pad - t + spec.n_init, -1))
-  init = Keys(*(x[:, :, w:w + spec.n_init] for x in keys[:2]), *(x[:, w:w + spec.n_init] for x in keys[2:]))
+  init = keys.slice(w, w + spec.n_init)
   first = w + spec.n_init
   pool_k, pool_v = (x[:, :, first:first + n_pool * spec.block_size] for x in keys[:2])
 
@@ -211,3 +314,76 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, lay
   colsum_bnl = jnp.zeros((b, n, keys.idx_bl.shape[1]), jnp.float32)
   _, out_nbcnh = jax.lax.scan(jax.checkpoint(chunk_step), colsum_bnl, xs)
   return rotate(bw.unsplit_chunks(out_nbcnh, t), -pad_b)
+
+
+def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, inv_freq_h, spec: InfLLM):
+  """`infllm_chunk` for one query per row, with the ring read where it lies (its rotated copy):
+  (out [B, 1, N, H], local probability sums [B, N, W+1] of the ring, oldest first, and the query's
+  own key). One pass: a single query's softmax needs no blocks."""
+  b, _, n, h = q_b1nh.shape
+  raw = cached.ring  # raw keys at their positions
+  kv_heads, ring_len = raw.k_bklh.shape[1], raw.k_bklh.shape[2]
+  pos_b1, idx_b1 = new.pos_bl, new.idx_bl
+  order_bw = cached.ring_order()
+  pending = raw.take(order_bw[:, :spec.block_size + 1])
+  state = bw.init_state(b, kv_heads, n // kv_heads, h)
+  state = add_far_keys(state, q_b1nh, pos_b1, idx_b1, pending, cached.slots, _pool(cached), inv_freq_h, spec)
+  rotated = Keys(cached.extra.ring_rk, raw.v_bklh, raw.pos_bl - raw.pos_bl % ring_len, raw.idx_bl)
+  s_bkgw = ring.ring_scores(q_b1nh, pos_b1, rotated, inv_freq_h)
+  local_b1w = bw.visible(idx_b1, raw.idx_bl, spec.n_local)
+  state = bw.update(state, s_bkgw, raw.v_bklh, local_b1w)
+  s_own_bkg1 = ring.own_key_scores(q_b1nh, new, inv_freq_h)
+  state = bw.update(state, s_own_bkg1, new.v_bklh, (idx_b1 >= 0)[:, :, None])
+  out_b1nh, lse_b1n = bw.finish(state, 1, q_b1nh.dtype)
+  lse_bkg1 = lse_b1n.reshape(b, kv_heads, -1, 1)
+  lse_bkg1 = jnp.where(jnp.isfinite(lse_bkg1), lse_bkg1, 0)
+  p_bkgw = jnp.where(local_b1w[:, None], jnp.exp(s_bkgw - lse_bkg1), 0)
+  p_bkg1 = jnp.where((idx_b1 >= 0)[:, None, None], jnp.exp(s_own_bkg1 - lse_bkg1), 0)
+  p_bnw = jnp.take_along_axis(p_bkgw.reshape(b, n, ring_len), order_bw[:, None], axis=2)
+  return out_b1nh, jnp.concatenate([p_bnw, p_bkg1.reshape(b, n, 1)], axis=2)
+
+
+def form_blocks(cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, spec: InfLLM) -> tuple[InfLLMCache,
+                                                                                                 jnp.ndarray]:
+  """Adds the chunk's probability sums [L, B, N, W+C] to the ring's, and moves every block
+  completed by the chunk (keys [L, B, C, K, H]) to the pool with its representative keys:
+  (extra, blocks formed [B]). A block token from before the chunk is at ring slot idx % W (it is
+  still in the ring: W = n_local + block_size); one of the chunk is at its place in the chunk,
+  whose real tokens may follow padding. (X: a block's tokens; M: the blocks it may complete.)"""
+  extra, formed_b0, next_idx_b0 = cached.extra, cached.shared, cached.next_idx_b
+  ring_len, c = cached.ring.idx_bl.shape[1], new.idx_bl.shape[1]
+  n_pool, bs = extra.pool_rk.shape[3], spec.block_size
+  slot_to_entry_bw = (jnp.arange(ring_len) - next_idx_b0[:, None]) % ring_len
+  ring_colsum = extra.ring_colsum + jnp.take_along_axis(colsum_lbnx[..., :ring_len], slot_to_entry_bw[None, :, None],
+                                                        axis=-1)
+  # Blocks formed + m for m < C/bs + 2 (at most that many complete in one chunk).
+  formed_b = blocks_formed(next_idx_b, spec)
+  block_bm = formed_b0[:, None] + jnp.arange(c // bs + 2)
+  token_bx = (spec.n_init + block_bm[:, :, None] * bs + jnp.arange(bs)).reshape(block_bm.shape[0], -1)
+  in_ring_bx = token_bx < next_idx_b0[:, None]
+  first_real_b1 = jnp.argmax(new.idx_bl >= 0, axis=1)[:, None]
+  at_chunk_bx = jnp.clip(token_bx - next_idx_b0[:, None] + first_real_b1, 0, c - 1)
+
+  def gather(ring_x, chunk_x):  # [L, B, *, W or C, H] -> the block tokens [L, B, *, X, H]
+    at = lambda at_bx: at_bx[None, :, None, :, None]  # noqa: E731
+    return jnp.where(at(in_ring_bx), jnp.take_along_axis(ring_x, at(token_bx % ring_len), axis=3),
+                     jnp.take_along_axis(chunk_x, at(at_chunk_bx), axis=3))
+
+  def move(pool):  # (pool_k, pool_v, pool_rk) -> the same with the completed blocks stored
+    pool_k, pool_v, pool_rk = pool
+    k_lbkxh = gather(cached.ring.k_bklh, jnp.swapaxes(new.k_bklh, 2, 3))
+    v_lbkxh = gather(cached.ring.v_bklh, jnp.swapaxes(new.v_bklh, 2, 3))
+    block_colsum_lbnx = gather(ring_colsum[..., None], colsum_lbnx[..., ring_len:, None])[..., 0]
+    rk_lbnmh = representative_keys(block_colsum_lbnx, k_lbkxh, spec.repr_tokens, bs)
+    keep_bm = block_bm < jnp.minimum(formed_b, n_pool)[:, None]
+    b_b1 = jnp.arange(block_bm.shape[0])[:, None]
+    at_bm = jnp.where(keep_bm, block_bm, n_pool)
+    at_bx = jnp.where(jnp.repeat(keep_bm, bs, axis=1), token_bx - spec.n_init, n_pool * bs)
+    put = lambda x, at, y: x.at[:, b_b1, :, at].set(jnp.moveaxis(y, (0, 2), (2, 3)), mode="drop")  # noqa: E731
+    return put(pool_k, at_bx, k_lbkxh), put(pool_v, at_bx, v_lbkxh), put(pool_rk, at_bm, rk_lbnmh)
+
+  # Most decode steps complete no block: they skip the gathers and the pool writes. (Only the
+  # pool passes through the cond: XLA copies whatever a cond returns unchanged.)
+  pool_k, pool_v, pool_rk = jax.lax.cond(jnp.any(formed_b > formed_b0), move, lambda pool: pool,
+                                         (extra.pool_k, extra.pool_v, extra.pool_rk))
+  return extra._replace(ring_colsum=ring_colsum, pool_k=pool_k, pool_v=pool_v, pool_rk=pool_rk), formed_b

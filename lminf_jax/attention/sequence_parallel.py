@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from lminf_jax.attention.banded import Keys, StartRotation, band_attention
+from lminf_jax.attention.banded import Band, band_attention
+from lminf_jax.attention.blockwise import Keys
 from lminf_jax.sharding import logical_spec
 
 
 def sequence_parallel_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-                           inv_freq_h: jnp.ndarray, chunk: int, key_block: int, n_start: int, window: int,
-                           start_rotation: StartRotation) -> jnp.ndarray:
+                           inv_freq_h: jnp.ndarray, chunk: int, key_block: int, band: Band) -> jnp.ndarray:
   """Like `sink_and_band` (output only), with T split over the mesh's `sequence` axis."""
   mesh = jax.sharding.get_abstract_mesh()
   shards = dict(mesh.shape)["sequence"]
@@ -32,6 +32,7 @@ def sequence_parallel_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp
   heads = "tensor" if tensor > 1 and kv % tensor == 0 else None  # q and kv heads split together (GQA groups)
   qkv_spec = PartitionSpec(batch, "sequence", heads, None)
   pos_spec = PartitionSpec(batch, "sequence")
+  n_start, window = band.n_start, band.window
   t_shard = t // shards
   hops = min(shards - 1, -(-(window - 1) // t_shard))
 
@@ -68,7 +69,7 @@ def sequence_parallel_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp
     starts = Keys(gather(k_bkth, 2), gather(v_bkth, 2), gather(pos_bt, 1),
                   jnp.where(global_bg < t, jnp.broadcast_to(g, global_bg.shape), -1))
     return band_attention(q_btnh, pos_bt, idx_bt, keys, starts, inv_freq_h, chunk, key_block, window,
-                          start_rotation)[0]
+                          band.rotation)[0]
 
   return jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec), out_specs=qkv_spec)(
       q_btnh, k_btkh, v_btkh, positions_bt)

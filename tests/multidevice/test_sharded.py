@@ -185,3 +185,20 @@ def test_finetune_on_a_mesh_resumes_bit_exact_and_matches_one_device(ckpt, tmp_p
   resumed = finetune(config, load(ckpt, mesh=mesh)[1], ids, settings, tmp_path / "resumed", mesh=mesh, save_every=2,
                      resume=True)
   assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def test_own_method_under_a_mesh(ckpt, tmp_path, capsys):
+  """A method of the user's (tests/test_own_method.py) runs sharded over data where it says
+  nothing of sequence parallelism, and is refused in one line under a `sequence` axis."""
+  from helpers import run_cli
+
+  np.save(tmp_path / "tokens.npy", np.random.default_rng(2).integers(0, 97, size=64))
+  common = ("nll", ckpt, "--tokens-file", tmp_path / "tokens.npy", "--attention", "test_own_method:Dilated",
+            "--attn-opt", "stride=3", "--attn-opt", "window=11")
+  assert run_cli(capsys, *common, "--out", tmp_path / "one.npy")[0] == 0
+  code, _, err = run_cli(capsys, *common, "--out", tmp_path / "mesh.npy", "--mesh", "fsdp=2,tensor=4")
+  assert code == 0, err
+  np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
+  code, _, err = run_cli(capsys, *common, "--out", tmp_path / "seq.npy", "--mesh", "data=2,sequence=4")
+  assert code == 1 and err.count("\n") == 1 and "Dilated does not support sequence parallelism" in err, err
+  assert not (tmp_path / "seq.npy").exists()

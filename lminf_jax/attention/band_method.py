@@ -1,0 +1,60 @@
+"""`BandMethod`: the attention-method interface of every method that is a `Band` (starting tokens
+plus a window; dense, lambda, streaming). One-shot, sequence-parallel, cached and decode
+attention all follow from the spec's `band()`."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from lminf_jax.attention import ring
+from lminf_jax.attention.banded import Band, attend_one, band_attention, sink_and_band
+from lminf_jax.attention.blockwise import Keys
+from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
+from lminf_jax.attention.sequence_parallel import sequence_parallel_band
+from lminf_jax.sharding import mesh_axis_size
+
+
+class BandMethod(AttentionMethod):
+  """A method that is a `Band` (from its spec's `band()`): one-shot, sequence-parallel, cached and
+  decode attention all follow from it. Its cache keeps the n_start first tokens and a ring of
+  the window (or of `max_len` tokens, if fewer: then it refuses more)."""
+
+  sequence_parallel = True
+
+  def band(self) -> Band:
+    raise NotImplementedError
+
+  def band_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """(out [B,T,N,H], lse [B,T,N]): on one device, or split over the mesh's `sequence` axis (then lse is None)."""
+    if mesh_axis_size("sequence") > 1:
+      return sequence_parallel_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block,
+                                    self.band()), None
+    return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block, self.band())
+
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
+    return self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)[0]
+
+  def window_tokens(self) -> int:
+    return self.band().n_start + self.band().window
+
+  def cache_layout(self, max_len: int | None) -> CacheLayout:
+    band = self.band()
+    return CacheLayout(band.n_start, min(band.window, max_len or band.window))
+
+  def capacity(self, ring_len: int, extra) -> int | None:
+    return None if ring_len >= self.band().window else ring_len
+
+  def ring_entries(self, k_lbckh, positions_bc, ring_len, inv_freq_h):
+    return ring.anchored(k_lbckh, positions_bc, ring_len, inv_freq_h)
+
+  def attend_chunk(self, q_bcnh, new: Keys, cached: CachedLayer, inv_freq_h, layer):
+    # (A ring shorter than the window holds every token: no key is ever farther than its length.)
+    band = self.band()
+    window = min(band.window, cached.ring.idx_bl.shape[1])
+    return band_attention(q_bcnh, new.pos_bl, new.idx_bl, cached.ordered_ring().concat(new), cached.slots_with(new),
+                          inv_freq_h, self.chunk, self.key_block, window, band.rotation)[0], None
+
+  def attend_token(self, q_b1nh, new: Keys, cached: CachedLayer, inv_freq_h, layer):
+    band = self.band()
+    window = min(band.window, cached.ring.idx_bl.shape[1])
+    return attend_one(q_b1nh, new, cached.slots, cached.ring, inv_freq_h, window, band.rotation), None

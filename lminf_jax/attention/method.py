@@ -1,0 +1,170 @@
+"""The attention-method interface: everything that differs between methods, defined once.
+
+A method is one frozen dataclass that subclasses `AttentionMethod`: its fields are its options
+(declared with `option`, which carries the default, the help text and the bounds the command line
+uses), and its methods are its math. It is a static pytree, so it passes to `jax.jit` as a plain
+static argument. Only `attend` is required:
+
+    attend(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], positions [B,T], inv_freq [H/2], layer) -> o [B,T,N,H]
+
+q and k are projections before RoPE; positions are RoPE positions, negative for left padding;
+`layer` is the layer index (a traced scalar inside the layer scan). With only `attend`, a method
+runs every one-shot path (forward, token_nll, ppl, finetune). To run through a fixed-size cache
+(prefill, decode, generate, stream_nll, cached_token_nll) it also defines `cache_layout` and
+`attend_chunk`; `attend_token`, `capacity`, `ring_entries`, `init_extra` and `write_extra` have
+defaults. The cache (lminf_jax.cache) stores, per layer, `slots` starting tokens forever and a
+ring of the latest `ring` tokens, plus any arrays of the method's own (`init_extra`), and hands a
+layer's part to the method as a `CachedLayer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lminf_jax.attention.blockwise import Keys
+from lminf_jax.errors import UserError
+from lminf_jax.limits import INT32_MAX
+
+
+def option(default, help: str, minimum: int | None = None, model_default: bool = False):
+  """A method option: a dataclass field with its help text (the CLI's flag help), the least value
+  an integer may take, and whether None means "filled from the model by `resolve`"."""
+  return dataclasses.field(default=default, metadata=dict(help=help, minimum=minimum, model_default=model_default))
+
+
+class CacheLayout(NamedTuple):
+  """The storage a method's cache has per layer: `slots` starting tokens kept for good, and a
+  ring of the latest `ring` tokens (W)."""
+
+  slots: int
+  ring: int
+
+
+class CachedLayer(NamedTuple):
+  """One layer's cache as a method reads it, before the chunk's own keys are stored. (In
+  `write_extra`, every layer's: key and value arrays have a leading L axis.)"""
+
+  slots: Keys  # [B, K, G, H] the first G tokens, raw, at their positions; idx -1 while empty
+  ring: Keys  # [B, K, W, H] the latest W tokens as `ring_entries` stored them; ring slot idx % W
+  extra: Any  # the method's own per-layer arrays (`init_extra`)
+  shared: Any  # the method's own arrays shared by every layer
+  next_idx_b: jnp.ndarray  # [B] the sequence index of the row's next real token
+
+  def slots_with(self, new: Keys) -> Keys:
+    """The slots with the chunk's own starting tokens (idx < G) written in: a chunk's first
+    tokens of a sequence are starting keys of its later queries."""
+    n_slots = self.slots.idx_bl.shape[1]
+    return self.slots.put(jnp.where((new.idx_bl >= 0) & (new.idx_bl < n_slots), new.idx_bl, n_slots), new)
+
+  def ring_order(self) -> jnp.ndarray:
+    """[B, W]: ring slot (next_idx + w) % W holds the w-th oldest token."""
+    ring_len = self.ring.idx_bl.shape[1]
+    return (self.next_idx_b[:, None] + jnp.arange(ring_len, dtype=jnp.int32)) % ring_len
+
+  def ordered_ring(self) -> Keys:
+    """The ring oldest first [B, K, W, H]."""
+    return self.ring.take(self.ring_order())
+
+
+class AttentionMethod:
+  """Base class of attention methods (subclass it with `@dataclasses.dataclass(frozen=True)`).
+
+  Every method has `chunk` and `key_block` options by convention: the query-chunk and key-block
+  lengths of a blockwise computation."""
+
+  # Whether `attend` works with T split over the mesh's `sequence` axis.
+  sequence_parallel: ClassVar[bool] = False
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    jax.tree_util.register_static(cls)
+
+  def __post_init__(self):
+    hints = typing.get_type_hints(type(self))
+    for field in dataclasses.fields(self):
+      value, minimum = getattr(self, field.name), field.metadata.get("minimum")
+      if hints.get(field.name) in (int, int | None) and value is not None:
+        if isinstance(value, bool) or not isinstance(value, int):
+          raise UserError(f"{self.name}.{field.name} must be an integer, got {value!r}")
+        if minimum is not None and not minimum <= value <= INT32_MAX:
+          raise UserError(f"{self.name}.{field.name} must be in [{minimum}, {INT32_MAX}], got {value}")
+
+  @property
+  def name(self) -> str:
+    return type(self).__name__
+
+  # --- the spec -------------------------------------------------------------------------------
+  def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> AttentionMethod:
+    """This spec with the model's defaults filled in (options declared `model_default`)."""
+    return self
+
+  @property
+  def resolved(self) -> bool:
+    return all(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.metadata.get("model_default"))
+
+  # --- one-shot ---------------------------------------------------------------------------------
+  def attend(self, q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
+             inv_freq_h: jnp.ndarray, layer: jnp.ndarray | int) -> jnp.ndarray:
+    raise NotImplementedError(f"{self.name} defines no attend")
+
+  def window_tokens(self) -> int:
+    """The keys besides its own that one query chunk attends at most, for memory planning (0: not bounded)."""
+    return 0
+
+  # --- through a cache --------------------------------------------------------------------------
+  def cache_layout(self, max_len: int | None) -> CacheLayout:
+    """The cache for up to `max_len` tokens (None: as many as the method takes)."""
+    raise UserError(f"{self.name} has no cached attention (it defines attend only, not cache_layout and "
+                    f"attend_chunk), so it cannot run through a cache: use one-shot paths (nll, ppl, finetune)")
+
+  def capacity(self, ring_len: int, extra) -> int | None:
+    """Real tokens a row holds before its cache must refuse more; None: any number. By default
+    the ring must not wrap."""
+    return ring_len
+
+  def cache_full(self, need: int, room: int, extra) -> str:
+    """The one-line error for a call that needs `need` tokens of a cache whose rows hold `room`."""
+    return f"{self.name.lower()} cache full: it holds {room} tokens, but this call needs {need} (init_cache's max_len)"
+
+  def attend_chunk(self, q_bcnh: jnp.ndarray, new: Keys, cached: CachedLayer, inv_freq_h: jnp.ndarray,
+                   layer: jnp.ndarray | int) -> tuple[jnp.ndarray, Any]:
+    """A chunk's queries q [B,C,N,H] over the cache and the chunk's own raw keys `new` [B,K,C,H]
+    (positions, sequence indices [B,C]; idx -1: padding): (out [B,C,N,H], what `write_extra`
+    receives for this layer, or None)."""
+    self.cache_layout(None)  # (refuses with the message above)
+    raise NotImplementedError(f"{self.name} defines cache_layout but not attend_chunk")
+
+  def attend_token(self, q_b1nh: jnp.ndarray, new: Keys, cached: CachedLayer, inv_freq_h: jnp.ndarray,
+                   layer: jnp.ndarray | int) -> tuple[jnp.ndarray, Any]:
+    """`attend_chunk` for one token per row (a decode step)."""
+    return self.attend_chunk(q_b1nh, new, cached, inv_freq_h, layer)
+
+  def ring_entries(self, k_lbckh: jnp.ndarray, positions_bc: jnp.ndarray, ring_len: int,
+                   inv_freq_h: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """What the ring stores for a chunk's raw keys [L, B, C, K, H]: (keys, their ring positions
+    [B, C]). By default the raw keys at their positions."""
+    return k_lbckh, positions_bc
+
+  def init_extra(self, config, batch: int, layout: CacheLayout, max_len: int | None) -> tuple[Any, Any]:
+    """(per-layer arrays, every leaf with a leading L axis; arrays shared by the layers) of the
+    method's own, for a cache of `batch` rows. `config` has num_layers, num_heads, num_kv_heads,
+    head_dim and dtype."""
+    return (), ()
+
+  def write_extra(self, cached: CachedLayer, new: Keys, aux, next_idx_b: jnp.ndarray, ring_at_bc: jnp.ndarray,
+                  inv_freq_h: jnp.ndarray) -> tuple[Any, Any]:
+    """(extra, shared) after a chunk: `cached` is every layer's cache before it, `new` the chunk's
+    raw keys and values [L, B, C, K, H] with positions and indices [B, C], `aux` what every
+    layer's `attend_chunk` returned (leading L axis), `ring_at_bc` the ring slot each token goes
+    to (W: not stored). Runs before the ring is overwritten."""
+    return cached.extra, cached.shared
+
+  def feed_chunk(self, requested: int | None) -> int:
+    """The chunk length to feed a prompt through the cache: `requested` (default: the method's
+    `chunk`, or 512). A method whose result depends on it returns its own."""
+    return requested or getattr(self, "chunk", 512)

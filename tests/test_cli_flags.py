@@ -1,0 +1,81 @@
+"""The attention flags come from the methods' dataclass fields: every option has a flag with the
+field's own help and default, a flag means one thing, and old spellings keep working."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lminf_jax.attention import ATTENTION_METHODS, InfLLM, Lambda, Streaming
+from lminf_jax.cli import attention_from_args, build_parser
+from lminf_jax.errors import UserError
+
+
+def _parse(*argv: str):
+  return build_parser().parse_args(["ppl", "ckpt", *argv])
+
+
+def _help_of(flag: str) -> str:
+  sub = build_parser()._subparsers._group_actions[0].choices["ppl"]
+  return next(a.help for a in sub._actions if flag in a.option_strings)
+
+
+def test_every_option_of_every_method_has_a_flag_with_its_help_and_default():
+  for name, cls in ATTENTION_METHODS.items():
+    for field in dataclasses.fields(cls):
+      flag = field.name.replace("_", "-")
+      candidates = [f"--{flag}", f"--{name}-{flag}", f"--no-{flag}"]
+      helps = [h for h in map(_help_of_or_none, candidates) if h is not None and "old spelling" not in h]
+      assert len(helps) == 1 and field.metadata["help"] in helps[0], (name, field.name, helps)
+      if field.default is not None and not isinstance(field.default, bool):
+        assert f"(default {field.default})" in helps[0]
+
+
+def _help_of_or_none(flag):
+  try:
+    return _help_of(flag)
+  except StopIteration:
+    return None
+
+
+def test_a_flag_sets_only_what_it_names():
+  args = _parse("--attention", "lambda,infllm", "--lambda-top-k", "5", "--infllm-top-k", "7", "--chunk", "64",
+                "--n-local", "100", "--no-mask")
+  with pytest.raises(UserError, match="top_k needs mask=True"):
+    attention_from_args(args, "lambda")
+  args = _parse("--attention", "lambda,infllm,streaming", "--lambda-top-k", "5", "--infllm-top-k", "7", "--chunk",
+                "64", "--n-local", "100")
+  assert attention_from_args(args, "lambda") == Lambda(top_k=5, chunk=64, n_local=100)
+  assert attention_from_args(args, "infllm") == InfLLM(top_k=7, chunk=64, n_local=100)
+  assert attention_from_args(args, "streaming") == Streaming(chunk=64)
+  assert attention_from_args(_parse("--attention", "infllm"), "infllm") == InfLLM()  # the spec's own defaults
+
+
+def test_old_top_k_spelling_works_for_one_method_and_is_refused_for_both():
+  assert attention_from_args(_parse("--attention", "infllm", "--top-k", "3"), "infllm") == InfLLM(top_k=3)
+  assert attention_from_args(_parse("--attention", "lambda", "--top-k", "3"), "lambda") == Lambda(top_k=3)
+  with pytest.raises(UserError, match="--lambda-top-k and --infllm-top-k"):
+    attention_from_args(_parse("--attention", "lambda,infllm", "--top-k", "3"), "lambda")
+
+
+def test_attn_opt_parses_by_field_type_and_names_the_field():
+  args = _parse("--attention", "lambda", "--attn-opt", "distance_limit=false", "--attn-opt", "limit=none",
+                "--attn-opt", "n_global=3")
+  assert attention_from_args(args, "lambda") == Lambda(distance_limit=False, limit=None, n_global=3)
+  with pytest.raises(UserError, match=r"Lambda.mask takes bool, got 'maybe'"):
+    attention_from_args(_parse("--attention", "lambda", "--attn-opt", "mask=maybe"), "lambda")
+  with pytest.raises(UserError, match=r"Lambda has no option 'n_sink'"):
+    attention_from_args(_parse("--attention", "lambda", "--attn-opt", "n_sink=2"), "lambda")
+  # With several methods, an option applies to those that have it.
+  args = _parse("--attention", "lambda,streaming", "--attn-opt", "n_sink=2")
+  assert attention_from_args(args, "streaming") == Streaming(n_sink=2)
+  assert attention_from_args(args, "lambda") == Lambda()
+
+
+def test_prefill_chunk_is_its_own_flag():
+  parser = build_parser()
+  args = parser.parse_args(["generate", "ckpt", "--prompt", "x", "--chunk", "64", "--prefill-chunk", "16"])
+  assert args.prefill_chunk == 16 and attention_from_args(args, "dense").chunk == 64
+  with pytest.raises(SystemExit):
+    parser.parse_args(["ppl", "ckpt", "--prefill-chunk", "16"])  # (ppl feeds no cache)
