@@ -86,16 +86,23 @@ class DecodeState(NamedTuple):
   lengths_b: jnp.ndarray  # [B] tokens of each row up to and including its stop
 
 
-class Decoded(NamedTuple):
-  """What `decode` returns. The cache holds every sampled token (a row's tokens after its stop
-  too, as the loop ran on for the other rows): `decode(..., cache, logits_bv, next_pos_b, ...)`
-  continues the generation."""
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  """What `decode` returns. `cache` holds every sampled token (a row's tokens after its stop
+  too, as the loop ran on for the other rows): `decode(..., d.cache, d.logits_bv, d.next_pos_b,
+  ...)` continues the generation."""
 
   tokens_bn: jnp.ndarray  # [B, max_new_tokens]; after a row's length, undefined
   lengths_b: jnp.ndarray  # [B]
-  cache: Cache
   logits_bv: jnp.ndarray  # [B, V] logits after the last sampled token
   next_pos_b: jnp.ndarray  # [B] position of the next token
+  layer_caches: tuple  # the loop's per-layer caches
+
+  @property
+  def cache(self) -> Cache:
+    """The updated cache, stacked from the per-layer ones when asked for (a copy of the cache:
+    a generation that does not continue never pays for it)."""
+    return _stack_layers(self.layer_caches)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "chunk"), donate_argnames=("cache",))
@@ -144,7 +151,7 @@ def _decode_checked(params, config, cache, logits_bv, next_pos_b, key, attention
       x.delete()
   state = _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key, attention, sampling,
                   max_new_tokens, eos_ids, on_tokens)
-  return Decoded(state.tokens_bn, state.lengths_b, _stack_layers(state.layer_caches), state.logits_bv, state.pos_b)
+  return Decoded(state.tokens_bn, state.lengths_b, state.logits_bv, state.pos_b, state.layer_caches)
 
 
 @jax.jit
