@@ -181,7 +181,7 @@ def _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key
     return (state.step < max_new_tokens) & ~jnp.all(state.done_b)
 
   def body(state: DecodeState) -> DecodeState:
-    key, sub = jax.random.split(state.key)
+    key, sub = jax.random.split(state.key) if sampling.temperature else (state.key, state.key)  # (greedy: no key)
     token_b = sample(state.logits_bv, sub, sampling)
     stop_b = jnp.isin(token_b, eos)
     if on_tokens is not None:

@@ -76,8 +76,8 @@ def after(x: jnp.ndarray, *deps) -> jnp.ndarray:
   ops that consume the result after the ops that produce `deps`. Used to order a cache's in-place
   writes after its reads; otherwise XLA may write first and copy the cache to keep the old one
   for the reads (an optimization barrier does not order XLA:CPU's copy insertion)."""
-  zero = sum(0 * jnp.sum(leaf.reshape(-1)[:1]).astype(x.dtype) for leaf in jax.tree.leaves(deps) if leaf.size)
-  return x + zero
+  leaves = [leaf for leaf in jax.tree.leaves(deps) if leaf.size]
+  return x + sum(0 * jnp.sum(leaf.reshape(-1)[:1]).astype(x.dtype) for leaf in leaves) if leaves else x
 
 
 class SoftmaxState(NamedTuple):
