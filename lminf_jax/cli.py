@@ -481,12 +481,15 @@ def cmd_passkey(args: argparse.Namespace) -> None:
 
   from lminf_jax.generation import generate
   from lminf_jax.loading import load
-  from lminf_jax.passkey import depth_bucket, first_integer, make_sample
+  from lminf_jax.passkey import depth_bucket, first_integer, make_sample, plot_heatmap
 
   methods = methods_from_args(args)
   json_out = Path(args.json) if args.json else None
+  plot_out = Path(args.plot) if args.plot else None
   if json_out is not None:
     check_output_file(json_out)
+  if plot_out is not None:
+    check_output_file(plot_out, ".png")
   config, params, tokenizer = load(Path(args.ckpt))
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
@@ -523,6 +526,11 @@ def cmd_passkey(args: argparse.Namespace) -> None:
     with atomic_file(json_out) as tmp:
       tmp.write_text(json.dumps(dict(methods={k: repr(v) for k, v in methods.items()}, results=results), indent=2))
     print(f"wrote {json_out}")
+  if plot_out is not None:
+    with atomic_file(plot_out) as tmp:
+      plot_heatmap(tmp, results, list(methods), args.lengths, buckets,
+                   f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
+    print(f"wrote {plot_out}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -612,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=positive_int, default=4, help="samples decoded together (left-padded)")
   p.add_argument("--depth-buckets", type=positive_int, default=5)
   p.add_argument("--json", help="write every sample's result as JSON")
+  p.add_argument("--plot", help="write a PNG heatmap: context length x needle depth, accuracy, a panel per method")
   add_attention_args(p, several=True, feeds=True)
   p.set_defaults(func=cmd_passkey, attention="lambda,dense")
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from lminf_jax.passkey import FILLER, NEEDLE, PREFIX, QUESTION, depth_bucket, first_integer, make_sample
+from lminf_jax.passkey import FILLER, NEEDLE, PREFIX, QUESTION, accuracy_grid, depth_bucket, first_integer, make_sample, \
+    plot_heatmap
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,35 @@ def test_answer_parsing_and_buckets():
 
 def test_passkey_cli_runs_and_reports(smollm2_ckpt, tmp_path, capsys):
   code, out, err = run_cli(capsys, "passkey", smollm2_ckpt, "--lengths", "200,400", "--samples", "2",
-                           "--attention", "lambda", "--n-local", "256", "--batch", "2", "--json", tmp_path / "p.json")
+                           "--attention", "lambda", "--n-local", "256", "--batch", "2", "--json", tmp_path / "p.json",
+                           "--plot", tmp_path / "p.png")
   assert code == 0, err
+  assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   results = json.loads((tmp_path / "p.json").read_text())["results"]
   assert [(r["method"], r["length"]) for r in results] == [("lambda", 200)] * 2 + [("lambda", 400)] * 2
   assert all(r["correct"] == (r["answer"] == r["key"]) and r["prompt_tokens"] <= r["length"] for r in results)
   assert "lambda" in out and "accuracy" in out
   code, _, err = run_cli(capsys, "passkey", smollm2_ckpt, "--lengths", "2k")
   assert code == 2 and "not an integer" in err
+
+
+def _png_size(path) -> tuple[int, int]:
+  header = path.read_bytes()[:24]
+  assert header[:8] == b"\x89PNG\r\n\x1a\n"
+  return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_heatmap_accuracy_per_length_and_depth(tmp_path):
+  """The heatmap's cells are the accuracy of the samples in each (depth bucket, length), counted by
+  hand here; a cell without samples is empty; one panel per method."""
+  results = [dict(method="lambda", length=1000, depth=0.1, correct=True),
+             dict(method="lambda", length=1000, depth=0.15, correct=False),
+             dict(method="lambda", length=1000, depth=0.9, correct=True),
+             dict(method="lambda", length=2000, depth=0.5, correct=False),
+             dict(method="dense", length=1000, depth=0.1, correct=False)]
+  grid = accuracy_grid(results, "lambda", [1000, 2000], 2)
+  np.testing.assert_array_equal(grid, [[0.5, np.nan], [1.0, 0.0]])
+  np.testing.assert_array_equal(accuracy_grid(results, "dense", [1000, 2000], 2), [[0.0, np.nan], [np.nan, np.nan]])
+  plot_heatmap(tmp_path / "one.png", results, ["lambda"], [1000, 2000], 2, "t")
+  plot_heatmap(tmp_path / "two.png", results, ["lambda", "dense"], [1000, 2000], 2, "t")
+  assert _png_size(tmp_path / "two.png")[0] > _png_size(tmp_path / "one.png")[0]
