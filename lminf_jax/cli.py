@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import math
 import logging
@@ -12,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,11 +70,28 @@ temperature_float = _finite_float(lambda t: t >= 0, "a finite number >= 0 (0: gr
 top_p_float = _finite_float(lambda p: 0 < p <= 1, "in (0, 1]")
 
 
-def _attention_flags() -> list[tuple[str, str, tuple[str, ...] | None]]:
-  """The attention flags, generated from the built-in methods' options: (flag, option name,
-  methods it sets or None for any method with that option). An option with the same help text
-  in every method that has it is one flag (--n-local); otherwise each method has its own
-  (--lambda-top-k, --infllm-top-k)."""
+class AttentionFlag(NamedTuple):
+  """A command-line flag generated from a built-in method's option."""
+
+  flag: str  # without the leading --
+  option: str  # the dataclass field it sets
+  methods: tuple[str, ...] | None  # the methods it is for; None: any chosen method with that option
+  field: dataclasses.Field  # (of the first built-in method that has the option)
+  kind: type  # the field's type without None: int or bool
+  scope: str  # "lambda, infllm: " where not every built-in method has the option
+
+  @property
+  def dest(self) -> str:
+    return "opt_" + self.flag.replace("-", "_")
+
+
+@functools.cache
+def _attention_flags() -> tuple[AttentionFlag, ...]:
+  """The attention flags, generated from the built-in methods' options. An option with the same
+  help text in every method that has it is one flag (--n-local); otherwise each method has its
+  own (--lambda-top-k, --infllm-top-k)."""
+  import typing
+
   from lminf_jax.attention import ATTENTION_METHODS
 
   by_name: dict[str, dict[str, dataclasses.Field]] = {}
@@ -81,42 +100,38 @@ def _attention_flags() -> list[tuple[str, str, tuple[str, ...] | None]]:
       by_name.setdefault(field.name, {})[method] = field
   flags = []
   for name, fields in by_name.items():
+    first = next(iter(fields))
+    hint = typing.get_type_hints(ATTENTION_METHODS[first])[name]
+    kind = next(k for k in typing.get_args(hint) or (hint,) if k is not type(None))
+    scoped = len(fields) < len(ATTENTION_METHODS)
     if len({f.metadata["help"] for f in fields.values()}) == 1:
-      flags.append((name.replace("_", "-"), name, None))
+      flags.append(AttentionFlag(name.replace("_", "-"), name, None, fields[first], kind,
+                                 ", ".join(fields) + ": " if scoped else ""))
     else:
-      flags += [(f"{method}-{name}".replace("_", "-"), name, (method,)) for method in fields]
-  return flags
+      flags += [AttentionFlag(f"{method}-{name}".replace("_", "-"), name, (method,), field, kind, f"{method}: ")
+                for method, field in fields.items()]
+  return tuple(flags)
 
 
 def add_attention_args(p: argparse.ArgumentParser, several: bool = False, feeds: bool = False) -> None:
   """--attention, a flag per built-in method option (`_attention_flags`), --attn-opt for any
   method's options, and, for commands that feed a cache (`feeds`), --prefill-chunk."""
-  import typing
-
   from lminf_jax.attention import ATTENTION_METHODS
 
   p.add_argument("--attention", default="dense",
                  help=f"attention method{'s, comma-separated' if several else ''}: "
                       f"{' | '.join(ATTENTION_METHODS)} | package.module:ClassName (your own AttentionMethod)")
   group = p.add_argument_group("attention method options (each sets the option of the chosen methods that have it)")
-  for flag, name, methods in _attention_flags():
-    cls = ATTENTION_METHODS[methods[0]] if methods else next(c for c in ATTENTION_METHODS.values()
-                                                             if name in {f.name for f in dataclasses.fields(c)})
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    kind = typing.get_type_hints(cls)[name]
-    having = [m for m, c in ATTENTION_METHODS.items() if name in {f.name for f in dataclasses.fields(c)}]
-    scope = "" if len(having) == len(ATTENTION_METHODS) else ", ".join(methods or having) + ": "
-    default = f" (default {field.default})" if field.default is not None and kind is not bool else ""
-    dest = "opt_" + flag.replace("-", "_")
-    if kind is bool:
-      p_flag = f"--no-{flag}" if field.default else f"--{flag}"
-      group.add_argument(p_flag, dest=dest, action="store_const", const=not field.default,
-                         help=scope + field.metadata["help"])
+  for a in _attention_flags():
+    default, help_text = a.field.default, a.scope + a.field.metadata["help"]
+    if a.kind is bool:
+      group.add_argument(f"--no-{a.flag}" if default else f"--{a.flag}", dest=a.dest, action="store_const",
+                         const=not default, help=help_text)
     else:
-      minimum = field.metadata["minimum"]
-      parse = int if minimum is None else _int_at_least(minimum, "positive" if minimum == 1 else f">= {minimum}")
-      group.add_argument(f"--{flag}", dest=dest, type=parse, metavar=name.upper(),
-                         help=scope + field.metadata["help"] + default)
+      minimum = a.field.metadata["minimum"]
+      parse = a.kind if minimum is None else _int_at_least(minimum, "positive" if minimum == 1 else f">= {minimum}")
+      group.add_argument(f"--{a.flag}", dest=a.dest, type=parse, metavar=a.option.upper(),
+                         help=help_text + (f" (default {default})" if default is not None else ""))
   group.add_argument("--top-k", dest="legacy_top_k", type=positive_int,
                      help="the old spelling of --lambda-top-k or --infllm-top-k, for whichever of the two is chosen")
   group.add_argument("--attn-opt", action="append", default=[], metavar="NAME=VALUE",
@@ -172,10 +187,10 @@ def attention_from_args(args: argparse.Namespace, name: str):
   cls = method_class(name)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   given = {}
-  for flag, option, methods in _attention_flags():
-    value = getattr(args, "opt_" + flag.replace("-", "_"), None)
-    if value is not None and option in fields and (methods is None or name in methods):
-      given[option] = value
+  for a in _attention_flags():
+    value = getattr(args, a.dest, None)
+    if value is not None and a.option in fields and (a.methods is None or name in a.methods):
+      given[a.option] = value
   if args.legacy_top_k is not None and "top_k" in fields:
     chosen = {n.strip() for n in args.attention.split(",")}
     if {"lambda", "infllm"} <= chosen:

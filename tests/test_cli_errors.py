@@ -30,9 +30,9 @@ from lminf_jax.passkey import FILLER, NEEDLE, PREFIX, QUESTION
 DELETE = object()  # a config value that removes the key
 
 
-def _assert_one_line_error(result, *needles: str, code: int | None = None):
+def _assert_one_line_error(result, *needles: str, code: int = 1):
   exit_code, out, err = result
-  assert exit_code not in (0, None) and exit_code == (code or exit_code), (exit_code, out, err)
+  assert exit_code == code, (exit_code, out, err)
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("lminf: error: "), err
   for needle in needles:

@@ -24,9 +24,10 @@ from naive_attention import default_inv_freq, rope
 
 from lminf_jax.attention import AttentionMethod, CacheLayout, Keys, option
 from lminf_jax.attention import blockwise as bw
+from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
 from lminf_jax.forward import cached_token_nll, forward, token_nll
-from lminf_jax.generation import decode, generate, prefill
+from lminf_jax.generation import Sampling, decode, generate, left_pad, prefill
 from lminf_jax.rope import apply_rope
 from lminf_jax.stream import stream_nll
 
@@ -119,15 +120,9 @@ def test_cached_in_chunks_and_token_by_token_equal_one_shot(tiny_model):
   one_shot = np.asarray(token_nll(params, config, TOKENS, attention=SPEC))
   np.testing.assert_allclose(np.asarray(cached_token_nll(params, config, TOKENS, attention=SPEC, chunk=6)), one_shot,
                              atol=1e-4)
-  streamed = stream_nll(params, config, _init(config, 1), iter(np.split(np.asarray(TOKENS[0]), [9, 10, 30])), 40,
+  streamed = stream_nll(params, config, init_cache(config, SPEC, 1), iter(np.split(np.asarray(TOKENS[0]), [9, 10, 30])), 40,
                         SPEC, 40)
   np.testing.assert_allclose(streamed, one_shot[0], atol=1e-4)
-
-
-def _init(config, batch):
-  from lminf_jax.cache import init_cache
-
-  return init_cache(config, SPEC, batch)
 
 
 def test_generate_equals_greedy_one_shot_and_decode_continues(tiny_model):
@@ -140,24 +135,12 @@ def test_generate_equals_greedy_one_shot_and_decode_continues(tiny_model):
       tokens.append(int(np.argmax(np.asarray(forward(params, config, jnp.asarray([tokens]), attention=SPEC))[0, -1])))
     assert row == tokens[len(prompt):]
   # decode returns its cache: 5 tokens, then 7 more, give the 12 of one call.
-  tokens, positions = (jnp.asarray(x) for x in _left_pad(prompts))
-  logits, cache = prefill(params, config, _init(config, 2), tokens, positions, SPEC, 4)
-  first = decode(params, config, cache, logits, jnp.asarray([12, 4]), jax.random.PRNGKey(0), SPEC, _greedy(), 5, ())
-  rest = decode(params, config, first.cache, first.logits_bv, first.next_pos_b, jax.random.PRNGKey(0), SPEC, _greedy(),
-                7, ())
+  tokens, positions = (jnp.asarray(x) for x in left_pad(prompts, 4))
+  logits, cache = prefill(params, config, init_cache(config, SPEC, 2), tokens, positions, SPEC, 4)
+  first = decode(params, config, cache, logits, jnp.asarray([12, 4]), jax.random.PRNGKey(0), SPEC, Sampling(), 5, ())
+  rest = decode(params, config, first.cache, first.logits_bv, first.next_pos_b, jax.random.PRNGKey(0), SPEC,
+                Sampling(), 7, ())
   assert np.concatenate([first.tokens_bn, rest.tokens_bn], axis=1).tolist() == generated
-
-
-def _left_pad(prompts):
-  from lminf_jax.generation import left_pad
-
-  return left_pad(prompts, 4)
-
-
-def _greedy():
-  from lminf_jax.generation import Sampling
-
-  return Sampling()
 
 
 def test_a_finetuning_step_descends_the_methods_loss(tiny_model):
@@ -181,6 +164,12 @@ def test_one_shot_only_method_runs_one_shot_and_refuses_caches(tiny_model):
                              np.asarray(token_nll(params, config, TOKENS, attention=Dilated(3, 10**6))), atol=1e-6)
   with pytest.raises(UserError, match="OneShotOnly has no cached attention .*cache_layout and attend_chunk"):
     generate(params, config, [[1, 2, 3]], 2, attention=OneShotOnly())
+  layout = {"cache_layout": lambda self, max_len: CacheLayout(slots=0, ring=8)}
+  half = dataclasses.dataclass(frozen=True)(type("HalfCached", (OneShotOnly,), layout))
+  with pytest.raises(UserError, match="HalfCached defines cache_layout but not attend_chunk"):
+    generate(params, config, [[1, 2, 3]], 2, attention=half())
+  with pytest.raises(TypeError, match="abstract"):  # attend is required
+    dataclasses.dataclass(frozen=True)(type("NoAttend", (AttentionMethod,), {}))()
 
 
 def _write_tokens(tmp_path):

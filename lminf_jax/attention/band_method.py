@@ -4,6 +4,8 @@ attention all follow from the spec's `band()`."""
 
 from __future__ import annotations
 
+import abc
+
 import jax.numpy as jnp
 
 from lminf_jax.attention import ring
@@ -21,8 +23,9 @@ class BandMethod(AttentionMethod):
 
   sequence_parallel = True
 
+  @abc.abstractmethod
   def band(self) -> Band:
-    raise NotImplementedError
+    """The method's starting tokens, window and rotation (from its resolved spec)."""
 
   def band_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """(out [B,T,N,H], lse [B,T,N]): on one device, or split over the mesh's `sequence` axis (then lse is None)."""

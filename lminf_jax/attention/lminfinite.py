@@ -66,9 +66,6 @@ class Lambda(BandMethod):
       o_btnh = o_btnh.at[:, -1].set(jnp.where(layer >= self.top_k_from_layer, o_last, o_btnh[:, -1]))
     return o_btnh
 
-  def window_tokens(self) -> int:
-    return 0 if not self.mask else super().window_tokens()
-
   def cache_layout(self, max_len: int | None) -> CacheLayout:
     if self.top_k or not self.mask:
       raise UserError("cached lambda supports neither top_k nor the no-mask ablation (both need every key)")

@@ -19,7 +19,9 @@ layer's part to the method as a `CachedLayer`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import functools
 import typing
 from typing import Any, ClassVar, NamedTuple
 
@@ -71,7 +73,14 @@ class CachedLayer(NamedTuple):
     return self.ring.take(self.ring_order())
 
 
-class AttentionMethod:
+@functools.cache
+def int_options(cls: type) -> tuple[dataclasses.Field, ...]:
+  """The fields of a method class typed int or int | None (their values are checked)."""
+  hints = typing.get_type_hints(cls)
+  return tuple(f for f in dataclasses.fields(cls) if hints.get(f.name) in (int, int | None))
+
+
+class AttentionMethod(abc.ABC):
   """Base class of attention methods (subclass it with `@dataclasses.dataclass(frozen=True)`).
 
   Every method has `chunk` and `key_block` options by convention: the query-chunk and key-block
@@ -85,10 +94,9 @@ class AttentionMethod:
     jax.tree_util.register_static(cls)
 
   def __post_init__(self):
-    hints = typing.get_type_hints(type(self))
-    for field in dataclasses.fields(self):
+    for field in int_options(type(self)):
       value, minimum = getattr(self, field.name), field.metadata.get("minimum")
-      if hints.get(field.name) in (int, int | None) and value is not None:
+      if value is not None:
         if isinstance(value, bool) or not isinstance(value, int):
           raise UserError(f"{self.name}.{field.name} must be an integer, got {value!r}")
         if minimum is not None and not minimum <= value <= INT32_MAX:
@@ -108,9 +116,10 @@ class AttentionMethod:
     return all(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.metadata.get("model_default"))
 
   # --- one-shot ---------------------------------------------------------------------------------
+  @abc.abstractmethod
   def attend(self, q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
              inv_freq_h: jnp.ndarray, layer: jnp.ndarray | int) -> jnp.ndarray:
-    raise NotImplementedError(f"{self.name} defines no attend")
+    """The one-shot attention [B,T,N,H] (required: a class without it cannot be instantiated)."""
 
   def window_tokens(self) -> int:
     """The keys besides its own that one query chunk attends at most, for memory planning (0: not bounded)."""
@@ -137,7 +146,7 @@ class AttentionMethod:
     (positions, sequence indices [B,C]; idx -1: padding): (out [B,C,N,H], what `write_extra`
     receives for this layer, or None)."""
     self.cache_layout(None)  # (refuses with the message above)
-    raise NotImplementedError(f"{self.name} defines cache_layout but not attend_chunk")
+    raise UserError(f"{self.name} defines cache_layout but not attend_chunk: it cannot run through a cache")
 
   def attend_token(self, q_b1nh: jnp.ndarray, new: Keys, cached: CachedLayer, inv_freq_h: jnp.ndarray,
                    layer: jnp.ndarray | int) -> tuple[jnp.ndarray, Any]:
