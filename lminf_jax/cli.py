@@ -130,7 +130,9 @@ def add_attention_args(p: argparse.ArgumentParser, several: bool = False, feeds:
     else:
       minimum = a.field.metadata["minimum"]
       parse = a.kind if minimum is None else _int_at_least(minimum, "positive" if minimum == 1 else f">= {minimum}")
-      group.add_argument(f"--{a.flag}", dest=a.dest, type=parse, metavar=a.option.upper(),
+      choices = a.field.metadata.get("choices")
+      group.add_argument(f"--{a.flag}", dest=a.dest, type=parse, choices=choices,
+                         metavar="{" + ",".join(choices) + "}" if choices else a.option.upper(),
                          help=help_text + (f" (default {default})" if default is not None else ""))
   group.add_argument("--top-k", dest="legacy_top_k", type=positive_int,
                      help="the old spelling of --lambda-top-k or --infllm-top-k, for whichever of the two is chosen")

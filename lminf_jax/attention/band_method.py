@@ -5,12 +5,14 @@ attention all follow from the spec's `band()`."""
 from __future__ import annotations
 
 import abc
+import functools
 
 import jax.numpy as jnp
 
 from lminf_jax.attention import ring
 from lminf_jax.attention.banded import Band, attend_one, band_attention, sink_and_band
 from lminf_jax.attention.blockwise import Keys
+from lminf_jax.attention.kernels import flash_kernel, kernel_sink_and_band, on_mesh
 from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
 from lminf_jax.attention.sequence_parallel import sequence_parallel_band
 from lminf_jax.sharding import mesh_axis_size
@@ -28,10 +30,19 @@ class BandMethod(AttentionMethod):
     """The method's starting tokens, window and rotation (from its resolved spec)."""
 
   def band_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-    """(out [B,T,N,H], lse [B,T,N]): on one device, or split over the mesh's `sequence` axis (then lse is None)."""
+    """(out [B,T,N,H], lse [B,T,N]): on one device, through the flash kernel the spec's `kernel`
+    picks or XLA, or split over the mesh's `sequence` axis (XLA; then lse is None)."""
     if mesh_axis_size("sequence") > 1:
       return sequence_parallel_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block,
                                     self.band()), None
+    kernel = flash_kernel(self.kernel, q_btnh.dtype)
+    if kernel is None:
+      return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+    return on_mesh(functools.partial(kernel_sink_and_band, self, kernel), q_btnh, k_btkh, v_btkh, positions_bt,
+                   inv_freq_h)
+
+  def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(out [B,T,N,H], lse [B,T,N]) on one device through XLA: the kernel path's reference and gradient."""
     return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block, self.band())
 
   def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.band_method import BandMethod
 from lminf_jax.attention.banded import Band, TrueDistance
+from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS
 from lminf_jax.attention.method import CacheLayout, option
 from lminf_jax.errors import UserError
 from lminf_jax.sharding import mesh_axis_size, warn_dense_all_gather
@@ -31,6 +32,7 @@ class Dense(BandMethod):
 
   chunk: int = option(512, CHUNK_HELP, minimum=1)
   key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
+  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def band(self) -> Band:
     return Band(0, bw.FUTURE, TrueDistance())
@@ -38,13 +40,17 @@ class Dense(BandMethod):
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None):
     """On a model with a sliding window, each query sees its last `sliding_window` keys, as in transformers."""
     if sliding_window:
-      return SlidingWindow(window=sliding_window, chunk=self.chunk, key_block=self.key_block)
+      return SlidingWindow(window=sliding_window, chunk=self.chunk, key_block=self.key_block, kernel=self.kernel)
     return self
 
   def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
     if mesh_axis_size("sequence") > 1:
       warn_dense_all_gather()
-    return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block)[0]
+      return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)[0]
+    return self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)[0]
+
+  def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h):
+    return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block)
 
   def window_tokens(self) -> int:
     return 0
@@ -62,6 +68,7 @@ class SlidingWindow(BandMethod):
   window: int = option(4096, "keys each query sees, its own included", minimum=1)
   chunk: int = option(512, CHUNK_HELP, minimum=1)
   key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
+  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def band(self) -> Band:
     return Band(0, self.window, TrueDistance())

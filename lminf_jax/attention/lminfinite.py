@@ -12,6 +12,7 @@ from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.band_method import BandMethod
 from lminf_jax.attention.banded import AtDistance, Band, TrueDistance
 from lminf_jax.attention.dense import CHUNK_HELP, KEY_BLOCK_HELP, causal_attention
+from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS
 from lminf_jax.attention.method import CacheLayout, option
 from lminf_jax.errors import UserError
 
@@ -25,7 +26,8 @@ class Lambda(BandMethod):
   Ablations of the paper's diagnosis: `mask=False` attends every far key (i-j >= n_local) at
   distance `limit` (O(T^2)); `distance_limit=False` keeps the mask but sees the starting
   tokens at their true distance. `top_k` adds, for layers >= top_k_from_layer and the last
-  query of a forward, the top_k middle keys at distance top_k_insert_at.
+  query of a forward, the top_k middle keys at distance top_k_insert_at. `kernel` runs the band
+  through a flash kernel; the no-mask ablation always runs through XLA.
   """
 
   n_global: int = option(10, "starting tokens every query sees", minimum=0)
@@ -40,6 +42,7 @@ class Lambda(BandMethod):
   distance_limit: bool = option(True, "ablation: without the limit the starting tokens are at their true distance")
   chunk: int = option(512, CHUNK_HELP, minimum=1)
   key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
+  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def __post_init__(self):
     super().__post_init__()

@@ -33,10 +33,13 @@ from lminf_jax.errors import UserError
 from lminf_jax.limits import INT32_MAX
 
 
-def option(default, help: str, minimum: int | None = None, model_default: bool = False):
+def option(default, help: str, minimum: int | None = None, model_default: bool = False,
+           choices: tuple[str, ...] | None = None):
   """A method option: a dataclass field with its help text (the CLI's flag help), the least value
-  an integer may take, and whether None means "filled from the model by `resolve`"."""
-  return dataclasses.field(default=default, metadata=dict(help=help, minimum=minimum, model_default=model_default))
+  an integer may take, whether None means "filled from the model by `resolve`", and the values a
+  string may take."""
+  return dataclasses.field(default=default, metadata=dict(help=help, minimum=minimum, model_default=model_default,
+                                                          choices=choices))
 
 
 class CacheLayout(NamedTuple):
@@ -101,6 +104,10 @@ class AttentionMethod(abc.ABC):
           raise UserError(f"{self.name}.{field.name} must be an integer, got {value!r}")
         if minimum is not None and not minimum <= value <= INT32_MAX:
           raise UserError(f"{self.name}.{field.name} must be in [{minimum}, {INT32_MAX}], got {value}")
+    for field in dataclasses.fields(self):
+      choices = field.metadata.get("choices")
+      if choices and getattr(self, field.name) not in choices:
+        raise UserError(f"{self.name}.{field.name} must be one of {', '.join(choices)}, got {getattr(self, field.name)!r}")
 
   @property
   def name(self) -> str:

@@ -202,3 +202,21 @@ def test_own_method_under_a_mesh(ckpt, tmp_path, capsys):
   code, _, err = run_cli(capsys, *common, "--out", tmp_path / "seq.npy", "--mesh", "data=2,sequence=4")
   assert code == 1 and err.count("\n") == 1 and "Dilated does not support sequence parallelism" in err, err
   assert not (tmp_path / "seq.npy").exists()
+
+
+@pytest.mark.parametrize("mesh_text", ["data=4,tensor=2", "fsdp=2,tensor=4"])
+def test_splash_kernel_on_a_mesh_equals_xla_on_one_device(ckpt, batch, mesh_text):
+  """The kernel path runs per shard of rows and heads (shard_map), equal to XLA on one device."""
+  import dataclasses
+
+  tokens, positions = batch
+  spec = SPECS["lambda_window_past_shard"]
+  config, params, _ = load(ckpt)
+  expected = np.asarray(token_nll(params, config, tokens, positions, attention=dataclasses.replace(spec, kernel="xla")))
+  mesh = make_mesh(parse_mesh(mesh_text))
+  _, sharded_params, _ = load(ckpt, mesh=mesh)
+  with jax.set_mesh(mesh):
+    placed = [jax.device_put(x, data_sharding(mesh, x.shape)) for x in (tokens, positions)]
+    got = np.asarray(token_nll(sharded_params, config, *placed, attention=dataclasses.replace(spec, kernel="splash")))
+  valid = np.asarray(positions)[:, 1:] > 0
+  np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4)

@@ -1,0 +1,253 @@
+"""The band of a `Band` method through the platform's flash kernel (Pallas splash on TPU, cuDNN on
+GPU), merged with its starting keys by log-sum-exp.
+
+A band method's attention splits in two softmax branches over disjoint keys:
+  - the band, keys with 0 <= i-j < window at true distance: causal sliding-window attention,
+    which is exactly what the flash kernels compute (`Splash`, `DotProductAttention`);
+  - the starting keys beyond the band, with the method's rotation: a small [T x n_start] branch
+    in XLA (`banded.add_starting_keys`).
+Each branch returns its output and log-sum-exp (float32); `merge` weighs them into one softmax.
+
+The kernels take pre-rotated queries and keys. To keep RoPE exact (rope.py: offsets below 2^16),
+a row is fed in `Segments`: windows of `length` tokens, each rotated relative to its own last
+position, that overlap by the band's context. Rows are left-padded; the kernels' masks are
+position-free (causal, left window), so each row is first rolled to put its padding at the end,
+in every real query's future. Axis letters as in blockwise.py; X: rows times segments, L: a
+segment's tokens.
+
+The gradient of the kernel path is the XLA path's (a custom VJP that recomputes it): training
+runs the kernel forward only where its result equals the XLA one, which the tests check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from lminf_jax.attention import blockwise as bw
+from lminf_jax.attention.banded import add_starting_keys, starting_keys
+from lminf_jax.attention.blockwise import Keys
+from lminf_jax.errors import UserError
+from lminf_jax.rope import apply_rope
+from lminf_jax.sharding import logical_spec
+
+KERNELS = ("auto", "xla", "splash", "cudnn")
+KERNEL_HELP = ("attention kernel: auto (splash on TPU, cudnn on GPU for bf16/fp16, else xla) | xla | splash "
+               "(interpret mode off TPU) | cudnn")
+# RoPE offsets are exact below 2^16 (rope.py): the longest span a kernel call is rotated over.
+SPAN = 2**16
+ALIGN = 128  # kernel block multiple: segment lengths are padded to it
+
+
+@dataclasses.dataclass(frozen=True)
+class Splash:
+  """Pallas splash attention (TPU; `interpret` runs it anywhere, slowly): causal, left window."""
+
+  interpret: bool
+
+  def __call__(self, q_xlnh, k_xlkh, v_xlkh, window: int | None):
+    x, length, n, h = q_xlnh.shape
+    kv = k_xlkh.shape[2]
+    kernel = _splash_kernel(length, n // kv, window, self.interpret)
+    q_xkglh = q_xlnh.reshape(x, length, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    k_xklh, v_xklh = (jnp.swapaxes(a, 1, 2) for a in (k_xlkh, v_xlkh))
+    o_xkglh, (lse_xkgl,) = jax.vmap(jax.vmap(kernel))(q_xkglh, k_xklh, v_xklh)
+    return (o_xkglh.transpose(0, 3, 1, 2, 4).reshape(x, length, n, h),
+            lse_xkgl.transpose(0, 3, 1, 2).reshape(x, length, n))
+
+
+def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  shape = (length, length)
+  mask = masks.CausalMask(shape)
+  if window is not None:  # (the left window is inclusive: window - 1 keeps `window` keys)
+    mask = mask & masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+  block = next(b for b in (512, 256, 128) if length % b == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
+  # (built per trace: splash caches the numpy processing of the mask itself)
+  return splash.make_splash_mqa_single_device(masks.MultiHeadMask([mask] * heads), block_sizes=sizes,
+                                              save_residuals=True, interpret=interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class DotProductAttention:
+  """`jax.nn.dot_product_attention`'s kernels: "cudnn" (GPU, fp16/bf16), or "xla" (the same masks
+  anywhere, for tests). cuDNN computes its log-sum-exp in float32 and jax.nn casts it to the
+  input dtype, which costs the merge about 1e-2 in bf16: "cudnn" calls the function underneath
+  jax.nn to keep the float32 one."""
+
+  implementation: str
+
+  def __call__(self, q_xlnh, k_xlkh, v_xlkh, window: int | None):
+    if self.implementation == "cudnn":
+      from jax._src.cudnn.fused_attention_stablehlo import MaskType
+      from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+      o_xlnh, lse_xnl = cudnn_attention(q_xlnh, k_xlkh, v_xlkh, scale=1.0, mask_type=MaskType.CAUSAL,
+                                        sliding_window_length=window, return_residual=True)
+      return o_xlnh, jnp.swapaxes(lse_xnl, 1, 2).astype(jnp.float32)
+    o_xlnh, lse_xln = jax.nn.dot_product_attention(
+        q_xlnh, k_xlkh, v_xlkh, scale=1.0, is_causal=True, implementation=self.implementation,
+        local_window_size=None if window is None else (window - 1, 0), return_residual=True)
+    return o_xlnh, lse_xln.astype(jnp.float32)
+
+
+FlashKernel = Splash | DotProductAttention
+
+
+def flash_kernel(kernel: str, dtype) -> FlashKernel | None:
+  """The flash kernel a method's `kernel` option picks on this platform (None: the XLA path)."""
+  platform = jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if kernel == "auto":
+    kernel = {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(platform, "xla")
+  if kernel == "xla":
+    return None
+  if kernel == "splash":
+    return Splash(interpret=platform != "tpu")
+  if kernel == "cudnn":
+    if platform != "gpu" or not half:
+      raise UserError(f"the cudnn kernel needs a GPU and bf16/fp16 activations (here: {platform}, "
+                      f"{jnp.dtype(dtype).name}): use --kernel auto or xla")
+    return DotProductAttention("cudnn")
+  raise UserError(f"unknown kernel {kernel!r} (choose from {', '.join(KERNELS)})")
+
+
+class Segments(NamedTuple):
+  """A row of T tokens as `count` kernel calls of `length` tokens: call s covers tokens
+  [begin[s], begin[s] + length) and gives the outputs of [s*step, (s+1)*step), which sit at
+  offset s*step - begin[s] in it (its first tokens are the band's context)."""
+
+  length: int
+  step: int
+  begin: tuple[int, ...]
+
+  @staticmethod
+  def plan(t: int, window: int, span: int = SPAN) -> Segments:
+    context = -(-(window - 1) // ALIGN) * ALIGN
+    if t <= span or 4 * context > span:  # one call (beyond SPAN, dense's offsets are no longer exact)
+      length = -(-t // ALIGN) * ALIGN
+      return Segments(length, length, (0,))
+    count = -(-t // (span - context))
+    step = -(-(-(-t // count)) // ALIGN) * ALIGN
+    return Segments(context + step, step, tuple(max(0, s * step - context) for s in range(count)))
+
+  def gather_columns(self) -> np.ndarray:
+    """[count, length] the token each call's slot reads."""
+    return np.asarray(self.begin)[:, None] + np.arange(self.length)
+
+  def output_slots(self) -> np.ndarray:
+    """[count * step] the flat slot of [count, length] that holds each token's output."""
+    s = np.arange(len(self.begin))
+    return (s * self.length + s * self.step - np.asarray(self.begin))[:, None] + np.arange(self.step)
+
+
+def flash_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
+               inv_freq_h: jnp.ndarray, window: int, kernel: FlashKernel,
+               span: int = SPAN) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The band alone, keys 0 <= i-j < window at true distance, through `kernel`: q [B,T,N,H], k/v
+  [B,T,K,H] before RoPE -> (out [B,T,N,H] float32, lse [B,T,N]; 0 and -inf for padding). `span`:
+  the longest call (tests make it short)."""
+  b, t, n, h = q_btnh.shape
+  idx_bt = bw.sequence_index(positions_bt)
+  plan = Segments.plan(t, window, span)
+  count = len(plan.begin)
+  # Roll each row so its real tokens come first: column c holds token (c + pads) % T.
+  pads_b = jnp.sum(idx_bt < 0, axis=1)
+  from_bt = (jnp.arange(t)[None] + pads_b[:, None]) % t
+  real_bt = jnp.arange(t)[None] < (t - pads_b)[:, None]
+  roll = lambda x: jnp.take_along_axis(x, from_bt.reshape(from_bt.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+  last_b1 = jnp.max(jnp.where(idx_bt >= 0, positions_bt, jnp.iinfo(jnp.int32).min), axis=1, keepdims=True)
+  pos_bt = jnp.where(real_bt, roll(positions_bt), last_b1)  # (padding at the row's last position: finite offsets)
+  # Each call's tokens, rotated relative to the call's last real position.
+  extent = count * plan.step
+  cols = plan.gather_columns().reshape(-1)
+
+  def segment(x_bt):
+    return bw.pad_axis(x_bt, 1, 0, extent - t)[:, cols].reshape((b * count, plan.length) + x_bt.shape[2:])
+
+  pos_xl = jnp.pad(pos_bt, ((0, 0), (0, extent - t)), mode="edge")[:, cols].reshape(b * count, plan.length)
+  offsets_xl1 = (pos_xl - jnp.max(pos_xl, axis=1, keepdims=True))[:, :, None]
+  q_xlnh = apply_rope(segment(roll(q_btnh)), offsets_xl1, inv_freq_h) * h**-0.5
+  k_xlkh = apply_rope(segment(roll(k_btkh)), offsets_xl1, inv_freq_h)
+  o_xlnh, lse_xln = kernel(q_xlnh.astype(q_btnh.dtype), k_xlkh, segment(roll(v_btkh)),
+                           window if window < plan.length else None)
+  # Back to the rows' own order; padding queries see nothing.
+  slots = plan.output_slots().reshape(-1)[:t]
+  o_btnh = o_xlnh.reshape(b, count * plan.length, n, h)[:, slots]
+  lse_btn = lse_xln.reshape(b, count * plan.length, n)[:, slots]
+  to_bt = (jnp.arange(t)[None] - pads_b[:, None]) % t
+  unroll = lambda x: jnp.take_along_axis(x, to_bt.reshape(to_bt.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+  real_bt1 = (idx_bt >= 0)[:, :, None]
+  return (jnp.where(real_bt1[..., None], unroll(o_btnh).astype(jnp.float32), 0.0),
+          jnp.where(real_bt1, unroll(lse_btn), -jnp.inf))
+
+
+def merge(o_a: jnp.ndarray, lse_a: jnp.ndarray, o_b: jnp.ndarray, lse_b: jnp.ndarray,
+          dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """One softmax from two over disjoint keys, in float32: (out [B,T,N,H] in `dtype`, lse [B,T,N])."""
+  lse = jnp.logaddexp(lse_a, lse_b)
+  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+  w_a, w_b = (jnp.where(jnp.isneginf(x), 0.0, jnp.exp(x - safe))[..., None] for x in (lse_a, lse_b))
+  return (o_a.astype(jnp.float32) * w_a + o_b.astype(jnp.float32) * w_b).astype(dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h):
+  """A `BandMethod` spec's attention with its band through `kernel`: q [B,T,N,H], k/v [B,T,K,H]
+  before RoPE -> (out [B,T,N,H], lse [B,T,N]). Its gradient is `spec.xla_attend`'s."""
+  band = spec.band()
+  o_band, lse_band = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, band.window, kernel)
+  if not band.n_start:
+    return o_band.astype(q_btnh.dtype), lse_band
+  positions_bt = positions_bt.astype(jnp.int32)
+  idx_bt = bw.sequence_index(positions_bt)
+  keys = Keys(jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt, idx_bt)
+  starts = starting_keys(keys, min(band.n_start, q_btnh.shape[1]))
+  kv, h = k_btkh.shape[2], q_btnh.shape[3]
+
+  def starts_step(ci, q_bcnh, pos_bc, idx_bc):
+    state = bw.init_state(q_bcnh.shape[0], kv, q_bcnh.shape[2] // kv * q_bcnh.shape[1], h)
+    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, pos_bc[:, -1:], starts, inv_freq_h, band.window,
+                              band.rotation)
+    return bw.finish(state, q_bcnh.shape[1], jnp.float32)
+
+  o_start, lse_start = bw.over_query_chunks(starts_step, q_btnh, positions_bt, idx_bt, spec.chunk)
+  return merge(o_band, lse_band, o_start, lse_start, q_btnh.dtype)
+
+
+def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """attend(q, k, v, positions, inv_freq) -> (out, lse) on each shard of rows and heads of the
+  current mesh (XLA does not partition a Pallas or cuDNN kernel itself); directly without one.
+  Not for a `sequence` axis (the band crosses shards)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or np.prod(list(dict(mesh.shape).values())) == 1:
+    return attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+  batch = logical_spec(("batch",), (q_btnh.shape[0],), mesh)[0]
+  tensor = dict(mesh.shape).get("tensor", 1)
+  heads = "tensor" if tensor > 1 and k_btkh.shape[2] % tensor == 0 else None  # GQA groups stay whole
+  qkv = PartitionSpec(batch, None, heads, None)
+  return jax.shard_map(attend, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None), PartitionSpec()), check_vma=False,
+                       out_specs=(qkv, PartitionSpec(batch, None, heads)))(q_btnh, k_btkh, v_btkh, positions_bt,
+                                                                            inv_freq_h)
+
+
+def _forward(spec, kernel, *inputs):
+  return kernel_sink_and_band(spec, kernel, *inputs), inputs
+
+
+def _backward(spec, kernel, inputs, cotangents):
+  q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h = inputs
+  xla = lambda q, k, v: spec.xla_attend(q, k, v, positions_bt, inv_freq_h)  # noqa: E731
+  return (*jax.vjp(xla, q_btnh, k_btkh, v_btkh)[1](cotangents), None, None)
+
+
+kernel_sink_and_band.defvjp(_forward, _backward)

@@ -1,0 +1,173 @@
+"""One accelerator benchmark, in one call: the flash-kernel path (splash on TPU, cuDNN on GPU)
+against the XLA path.
+
+    python scripts/bench_device.py            # on a GPU or TPU, in bf16 (about 3 minutes on an H200)
+    python scripts/bench_device.py --small    # anywhere (CPU: splash in interpret mode), small shapes
+
+1. Correctness first, T=1024 (--small: 256), offset 10^6, one left-padded row: each method's
+   kernel path against its float32 XLA path. On a GPU (bf16 only) the bound is the error of one
+   bf16 cuDNN dense call over the same keys (T <= n_local) against its float32 result; the
+   lambda and streaming merges must be no further off.
+2. One attention layer, bf16, SmolLM2 (9/3 heads, H=64) and a Llama-3-8B layer (32/8, H=128), at
+   T = 32K and 128K: lambda (L=8192 and 4096) through XLA and through the kernel, dense through
+   the kernel; attended (query, key) pairs per second (per query head); lambda-kernel pairs/s
+   over dense-kernel pairs/s (goal: >= 0.8).
+3. SmolLM2's shapes with random bf16 weights (no checkpoint needed; speed does not depend on
+   the weights): token_nll tokens/s at 128K, kernel vs XLA path (lambda L=8192), and decode
+   tokens/s after a 32K prompt.
+Times: compile excluded, best of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lminf_jax.attention import Dense, Lambda, Streaming, attend, resolve
+from lminf_jax.models.config import LlamaConfig, RopeScaling
+from lminf_jax.rope import inv_frequencies
+
+SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                      num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=True, param_dtype="bfloat16",
+                      dtype="bfloat16")
+
+
+def attended_pairs(spec, t: int) -> int:
+  """(query, key) pairs one query head attends over a row of t tokens."""
+  i = np.arange(t, dtype=np.int64)
+  if isinstance(spec, Dense):
+    return int((i + 1).sum())
+  local = np.minimum(i + 1, spec.n_local)
+  return int((local + np.clip(i - spec.n_local + 1, 0, spec.n_global)).sum())
+
+
+def inputs(t: int, n: int, kv: int, h: int, dtype, pad: int = 0, offset: int = 0, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((1, t, n, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((1, t, kv, h)), jnp.float32) for _ in range(2))
+  pos = jnp.asarray(np.where(np.arange(t) >= pad, np.arange(t) - pad + offset, -1)[None], jnp.int32)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype), pos
+
+
+def timed(fn, *args, repeats: int) -> float:
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def layer(spec, h: int):
+  inv_freq = jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling()))
+  return lambda q, k, v, pos: attend(q, k, v, pos, inv_freq, resolve(spec, 8192))
+
+
+def check(kernel: str, small: bool) -> None:
+  t, n, kv, h = (256, 9, 3, 64) if small else (1024, 9, 3, 64)
+  half = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if half else jnp.float32
+  window = t // 4
+  f32 = inputs(t, n, kv, h, jnp.float32, pad=t // 8, offset=10**6)
+  ours_in = tuple(x.astype(dtype) if x.dtype == jnp.float32 else x for x in f32)
+  real = np.asarray(f32[3][0] >= 0)
+  errors = {}
+  for name, spec in [("dense (T <= n_local)", Dense()), ("lambda", Lambda(n_global=10, n_local=window)),
+                     ("streaming", Streaming(n_sink=4, n_recent=window))]:
+    reference = jax.jit(layer(dataclasses.replace(spec, kernel="xla"), h))(*f32)
+    ours = jax.jit(layer(dataclasses.replace(spec, kernel=kernel), h))(*ours_in)
+    errors[name] = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - reference)[0][real]))
+  print(f"correctness ({jnp.dtype(dtype).name} kernel path vs float32 XLA path, T={t}, offset 10^6, left padding):")
+  for name, err in errors.items():
+    print(f"  {name:<22} max |diff| {err:.2e}")
+  bound = errors["dense (T <= n_local)"] if half else 1e-4
+  ok = all(err <= bound for err in errors.values())
+  print(f"  bound {bound:.2e} ({'one bf16 dense kernel call vs float32' if half else 'float32'}): "
+        f"{'PASS' if ok else 'FAIL'}")
+
+
+def layers(kernel: str, small: bool, repeats: int) -> None:
+  shapes = [("SmolLM2 9/3 H=64", 9, 3, 64), ("Llama-3-8B 32/8 H=128", 32, 8, 128)]
+  lengths = [1024, 2048] if small else [32768, 131072]
+  locals_ = [256, 128] if small else [8192, 4096]
+  dtype = jnp.float32 if small and jax.default_backend() == "cpu" else jnp.bfloat16
+  print(f"\none attention layer ({jnp.dtype(dtype).name}), best of {repeats}, compile excluded:")
+  print(f"  {'shape':<22} {'T':>7} {'method':<18} {'path':<7} {'ms':>9} {'Gpairs/s':>9}")
+  for label, n, kv, h in shapes:
+    if small:
+      n, kv, h = n // 3 or 1, kv // 3 or 1, h // 4
+    for t in lengths:
+      args = inputs(t, n, kv, h, dtype)
+      rate = {}
+      rows = [(f"lambda L={w}", Lambda(n_global=10, n_local=w), path) for w in locals_ for path in ("xla", kernel)]
+      for name, spec, path in rows + [("dense", Dense(), kernel)]:
+        seconds = timed(layer(dataclasses.replace(spec, kernel=path), h), *args, repeats=repeats)
+        rate[name, path] = attended_pairs(resolve(spec, 8192), t) * n / seconds
+        print(f"  {label:<22} {t:>7} {name:<18} {path:<7} {seconds * 1e3:>9.2f} {rate[name, path] / 1e9:>9.2f}",
+              flush=True)
+      for w in locals_:
+        print(f"  {label:<22} {t:>7} lambda L={w} kernel pairs/s over dense kernel pairs/s: "
+              f"{rate[f'lambda L={w}', kernel] / rate['dense', kernel]:.2f}")
+
+
+def model(kernel: str, small: bool, repeats: int) -> None:
+  from lminf_jax.cache import init_cache
+  from lminf_jax.forward import token_nll
+  from lminf_jax.generation import Sampling, decode, left_pad, prefill
+  from lminf_jax.models.llama import Llama
+
+  config = SMOLLM2
+  if small:
+    config = dataclasses.replace(config, num_layers=2, vocab_size=512, dtype="float32", param_dtype="float32")
+  t_nll, t_prompt, new = (512, 256, 8) if small else (131072, 32768, 32)
+  n_local = 128 if small else 8192
+  params = Llama(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, t_nll)), jnp.int32)
+  print(f"\nSmolLM2 shapes, random {config.param_dtype} weights: token_nll over {t_nll} tokens (lambda L={n_local}):")
+  rate = {}
+  for path in ("xla", kernel):
+    spec = Lambda(n_global=10, n_local=n_local, kernel=path)
+    seconds = timed(lambda p, x: token_nll(p, config, x, attention=spec), params, tokens, repeats=repeats)
+    rate[path] = t_nll / seconds
+    print(f"  {path:<7} {rate[path]:>10.0f} tokens/s", flush=True)
+  print(f"  kernel / xla: {rate[kernel] / rate['xla']:.2f}")
+  spec = config.resolve_attention(Lambda(n_global=10, n_local=n_local))
+  chunk = spec.feed_chunk(None)
+  ids = np.asarray(tokens[0, :t_prompt])
+  prompt, positions = (jnp.asarray(x) for x in left_pad([ids.tolist()], chunk))
+  cache = init_cache(config, spec, 1, max_len=prompt.shape[1] + new)
+  logits, cache = prefill(params, config, cache, prompt, positions, spec, chunk)
+  args = (params, config, cache, logits, jnp.asarray([t_prompt], jnp.int32), jax.random.PRNGKey(0), spec,
+          Sampling(), new, ())
+  decode(*args[:2], jax.tree.map(jnp.copy, cache), *args[3:]).tokens_bn.block_until_ready()  # compiles
+  start = time.perf_counter()
+  decode(*args).tokens_bn.block_until_ready()
+  print(f"  decode after a {t_prompt}-token prompt: {new / (time.perf_counter() - start):.1f} tokens/s (lambda, cached)")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--small", action="store_true", help="small shapes (runs on a CPU in interpret mode)")
+  parser.add_argument("--kernel", default=None, help="kernel path to test (default: auto; --small on CPU: splash)")
+  parser.add_argument("--repeats", type=int, default=2)
+  args = parser.parse_args()
+  kernel = args.kernel or ("splash" if args.small and jax.default_backend() == "cpu" else "auto")
+  print(f"devices: {jax.devices()}  kernel path: {kernel}")
+  start = time.perf_counter()
+  check(kernel, args.small)
+  layers(kernel, args.small, args.repeats)
+  model(kernel, args.small, args.repeats)
+  print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,138 @@
+"""The flash-kernel path (lminf_jax.attention.kernels) against the XLA path and the naive reference.
+
+Splash runs in interpret mode on the CPU; the cudnn path's masks and merge run through the same
+`jax.nn.dot_product_attention` call with implementation="xla" (cuDNN itself needs a GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import run_cli
+from naive_attention import default_inv_freq, naive_attention
+
+from lminf_jax.attention import Dense, Lambda, SlidingWindow, Streaming, attend, resolve
+from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band, kernel_sink_and_band
+from lminf_jax.errors import UserError
+from lminf_jax.forward import token_nll
+
+KERNELS = {"splash": Splash(interpret=True), "dpa_xla": DotProductAttention("xla")}
+# name -> (spec, naive method and params); T = 200 (not a multiple of 128)
+METHODS = {
+    "lambda_window_below_t": (Lambda(n_global=5, n_local=48, limit=48), ("lambda", dict(n_global=5, n_local=48))),
+    "lambda_window_above_t": (Lambda(n_global=5, n_local=300, limit=300), ("lambda", dict(n_global=5, n_local=300))),
+    "lambda_limit_and_no_limit": (Lambda(n_global=3, n_local=40, limit=57, distance_limit=False),
+                                  ("lambda", dict(n_global=3, n_local=40, use_limit=False))),
+    "streaming": (Streaming(n_sink=4, n_recent=60), ("streaming", dict(n_sink=4, n_recent=60))),
+    "dense": (Dense(), ("dense", {})),
+    "sliding_window": (SlidingWindow(window=33), ("lambda", dict(n_global=0, n_local=33))),
+}
+
+
+def _rows(seed: int, t: int, n: int, kv: int, h: int, pads: list[int], offset: int):
+  """A batch of left-padded rows: q [B,T,N,H], k/v [B,T,K,H], positions [B,T] (padding -1)."""
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((len(pads), t, n, h)).astype(np.float32)
+  k, v = (rng.standard_normal((len(pads), t, kv, h)).astype(np.float32) for _ in range(2))
+  positions = np.stack([np.where(np.arange(t) >= p, np.arange(t) - p + offset, -1) for p in pads])
+  return q, k, v, positions
+
+
+def _naive_rows(q, k, v, positions, inv_freq, method, params):
+  """The naive reference per row on its real tokens; 0 for padding."""
+  out = np.zeros(q.shape)
+  for row, pos in enumerate(positions):
+    real = pos >= 0
+    out[row, real] = naive_attention(q[row, real], k[row, real], v[row, real], pos[real], inv_freq, method,
+                                     **params)[0]
+  return out
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_kernel_path_equals_xla_and_naive(kernel, method):
+  spec, (naive_method, params) = METHODS[method]
+  spec = resolve(spec, max_position_embeddings=1)
+  q, k, v, positions = _rows(7, 200, 4, 2, 16, pads=[0, 37], offset=10**8)
+  inv_freq = default_inv_freq(16)
+  args = [jnp.asarray(a) for a in (q, k, v, positions)] + [jnp.asarray(inv_freq, jnp.float32)]
+  o_kernel, lse_kernel = kernel_sink_and_band(spec, KERNELS[kernel], *args)
+  o_xla, lse_xla = spec.xla_attend(*args)
+  real = positions >= 0
+  np.testing.assert_allclose(np.asarray(o_kernel), np.asarray(o_xla), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lse_kernel)[real], np.asarray(lse_xla)[real], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(o_kernel), _naive_rows(q, k, v, positions, inv_freq, naive_method, params),
+                             atol=1e-5)
+  assert np.all(np.asarray(o_kernel)[~real] == 0)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_segments_cover_a_long_row(kernel):
+  """A row longer than one call's span: overlapping calls, each rotated from its own reference."""
+  window, t = 100, 700
+  plan = Segments.plan(t, window, span=512)
+  assert len(plan.begin) == 2 and plan.length - plan.step >= window - 1
+  q, k, v, positions = _rows(3, t, 3, 1, 16, pads=[0, 130], offset=10**8)
+  inv_freq = default_inv_freq(16)
+  o, _ = flash_band(*(jnp.asarray(a) for a in (q, k, v, positions)), jnp.asarray(inv_freq, jnp.float32), window,
+                    KERNELS[kernel], span=512)
+  expected = _naive_rows(q, k, v, positions, inv_freq, "lambda", dict(n_global=0, n_local=window))
+  np.testing.assert_allclose(np.asarray(o), expected, atol=1e-5)
+
+
+def test_segment_plan():
+  """Calls of at most `span` tokens that together give every token's output once, each with its band's context."""
+  for t, window, span in [(700, 100, 512), (5000, 129, 1024), (100_000, 8192, 2**16), (300, 2**30, 2**16)]:
+    plan = Segments.plan(t, window, span)
+    assert plan.length % 128 == 0 and (plan.length <= span or len(plan.begin) == 1)
+    slots = plan.output_slots()
+    token = plan.gather_columns().reshape(-1)[slots.reshape(-1)]
+    np.testing.assert_array_equal(token[:t], np.arange(t))
+    offsets = slots % plan.length
+    assert len(plan.begin) == 1 or np.all(offsets[1:] >= window - 1)  # (the first call starts at token 0)
+
+
+def test_gradient_is_the_xla_paths():
+  spec = resolve(Lambda(n_global=4, n_local=40, kernel="splash"), max_position_embeddings=1)
+  q, k, v, positions = _rows(5, 130, 4, 2, 16, pads=[0, 9], offset=0)
+  inv_freq = jnp.asarray(default_inv_freq(16), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
+
+  def loss(spec):
+    f = lambda q, k, v: jnp.sum(attend(q, k, v, jnp.asarray(positions), inv_freq, spec) * weights)  # noqa: E731
+    return jax.grad(f, argnums=(0, 1, 2))(*(jnp.asarray(a) for a in (q, k, v)))
+
+  for ours, xla in zip(loss(spec), loss(dataclasses.replace(spec, kernel="xla"))):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5)
+
+
+def test_model_token_nll_with_splash_equals_xla(tiny_model):
+  config, params, _ = tiny_model
+  tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 150))
+  for spec in (Lambda(n_global=4, n_local=32, chunk=64), Streaming(n_sink=2, n_recent=40), Dense()):
+    xla = token_nll(params, config, tokens, attention=dataclasses.replace(spec, kernel="xla"))
+    splash = token_nll(params, config, tokens, attention=dataclasses.replace(spec, kernel="splash"))
+    np.testing.assert_allclose(np.asarray(splash), np.asarray(xla), atol=1e-4)
+
+
+def test_cli_kernel_flag(tiny_model, capsys, tmp_path):
+  """`lminf nll --kernel splash` writes the per-token NLL of --kernel xla."""
+  config, _, ckpt = tiny_model
+  np.save(tmp_path / "tokens.npy", np.random.default_rng(2).integers(0, config.vocab_size, 140))
+  for kernel in ("xla", "splash"):
+    code, _, err = run_cli(capsys, "nll", ckpt, "--tokens-file", tmp_path / "tokens.npy", "--attention", "lambda",
+                           "--n-local", "32", "--n-global", "4", "--kernel", kernel, "--out", tmp_path / f"{kernel}.npy")
+    assert code == 0, err
+  np.testing.assert_allclose(np.load(tmp_path / "splash.npy"), np.load(tmp_path / "xla.npy"), atol=1e-4)
+
+
+def test_kernel_refusals():
+  with pytest.raises(UserError, match="kernel must be one of"):
+    Lambda(kernel="flash")
+  spec = resolve(Dense(kernel="cudnn"), max_position_embeddings=1)
+  q, k, v, positions = _rows(0, 8, 2, 1, 8, pads=[0], offset=0)
+  with pytest.raises(UserError, match="cudnn kernel needs a GPU"):
+    attend(*(jnp.asarray(a) for a in (q, k, v, positions)), jnp.asarray(default_inv_freq(8), jnp.float32), spec)
