@@ -70,7 +70,15 @@ def prefill(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndar
   logits [B, V], cache). T must be a multiple of `chunk` (pad on the left with position -1)."""
   attention = config.resolve_attention(attention)
   check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
-  return _prefill(params, config, cache, tokens_bt, positions_bt, attention, chunk)
+  return _prefill(params, config, cache, tokens_bt, positions_bt, attention, *_feed(cache, attention, config, chunk,
+                                                                                     tokens_bt.shape[1]))
+
+
+def _feed(cache: Cache, attention: AttentionMethod, config: LlamaConfig, chunk: int, length: int) -> tuple[int, bool]:
+  """(chunk, one_shot): a prompt goes into an empty cache in one piece, attended one-shot, where
+  the method says that is its faster path (`prefill_one_shot`: a flash kernel); else `chunk` at a time."""
+  empty = not isinstance(cache.next_idx, jax.core.Tracer) and not np.any(np.asarray(cache.next_idx))
+  return (length, True) if empty and attention.prefill_one_shot(config.dtype) else (chunk, False)
 
 
 class DecodeState(NamedTuple):
@@ -105,13 +113,14 @@ class Decoded:
     return _stack_layers(self.layer_caches)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "chunk"), donate_argnames=("cache",))
-def _prefill(params, config, cache, tokens_bt, positions_bt, attention, chunk):
+@functools.partial(jax.jit, static_argnames=("config", "attention", "chunk", "one_shot"), donate_argnames=("cache",))
+def _prefill(params, config, cache, tokens_bt, positions_bt, attention, chunk, one_shot=False):
   model = Llama(config)
 
   def step(cache, xs):
     tokens_bc, positions_bc = xs
-    x_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, attention, cache, method=Llama.hidden)
+    x_bcd, cache = model.apply({"params": params}, tokens_bc, positions_bc, attention, cache, one_shot,
+                               method=Llama.hidden)
     return cache, x_bcd[:, -1]
 
   cache, last_nbd = jax.lax.scan(step, cache, (split_chunks(tokens_bt, chunk), split_chunks(positions_bt, chunk)))
@@ -228,7 +237,8 @@ def generate(params: dict, config: LlamaConfig, prompts: list[list[int]], max_ne
   cache = init_cache(config, spec, len(prompts), max_len=tokens.shape[1] + max_new_tokens)
   start = time.perf_counter()
   check_room(cache, spec, tokens.shape[1] + max_new_tokens)  # (once: then the unchecked prefill and decode)
-  logits_bv, cache = _prefill(params, config, cache, jnp.asarray(tokens), jnp.asarray(positions), spec, chunk)
+  logits_bv, cache = _prefill(params, config, cache, jnp.asarray(tokens), jnp.asarray(positions), spec,
+                              *_feed(cache, spec, config, chunk, tokens.shape[1]))
   logits_bv.block_until_ready()
   prefilled = time.perf_counter()
   next_pos = jnp.asarray([len(p) for p in prompts], jnp.int32)

@@ -93,8 +93,9 @@ class Attention(nn.Module):
       k_btkh += self.param("bk_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
       v_btkh += self.param("bv_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
     inv_freq_h = jnp.asarray(inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling))
-    if cached is None or cached.kv is None:
-      o_btnh, new_kv = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer), None
+    if cached is None or cached.kv is None:  # (one-shot; with idx, into an empty cache: `Llama.cached_layers`)
+      o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer)
+      new_kv = None if cached is None or cached.idx_bt is None else LayerWrite(k_btkh, v_btkh, None)
     else:
       o_btnh, aux = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, cached, inv_freq_h, self.attention, layer)
       new_kv = LayerWrite(k_btkh, v_btkh, aux)
@@ -156,8 +157,9 @@ class Llama(nn.Module):
       self.w_unembed_dv = self.param("w_unembed_dv", _init("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size), pdt)
 
   def hidden(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None, attention=Dense(),
-             cache: Cache | None = None):
-    """Final-normed hidden states [B, T, D] (compute dtype); with a `cache`, also the updated cache.
+             cache: Cache | None = None, one_shot: bool = False):
+    """Final-normed hidden states [B, T, D] (compute dtype); with a `cache`, also the updated cache
+    (`one_shot`: see `cached_layers`).
 
     Without a cache, under a mesh with a `sequence` axis, T is padded at the end to a multiple
     of it (padded tokens lie in every real token's future, so they change nothing) and cut back.
@@ -176,7 +178,7 @@ class Llama(nn.Module):
     if cache is None:
       x_btd, _ = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, NO_CACHE)
       return self.final_norm(x_btd)[:, :t]
-    x_btd, cache = self.cached_layers(x_btd, positions_bt, attention, cache)
+    x_btd, cache = self.cached_layers(x_btd, positions_bt, attention, cache, one_shot)
     return self.final_norm(x_btd), cache
 
   def embed(self, tokens_bt: jnp.ndarray) -> jnp.ndarray:
@@ -184,13 +186,15 @@ class Llama(nn.Module):
     x_btd = jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(self.config.dtype))
     return constrain(x_btd, "batch", "length", "embed")
 
-  def cached_layers(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, attention, cache: Cache):
+  def cached_layers(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, attention, cache: Cache,
+                    one_shot: bool = False):
     """The decoder layers (embedded input to last layer output [B, T, D]) over a cache, under a
-    resolved spec: (output, updated cache)."""
+    resolved spec: (output, updated cache). `one_shot`: the cache is empty, so each layer attends
+    the chunk one-shot (`attend`, the method's `prefill_one_shot`) and the chunk is stored after."""
     cfg = self.config
     idx_bt = chunk_indices(cache.next_idx, positions_bt)
-    x_btd, new_kv = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention,
-                                CachedInput(cache.kv, cache._replace(kv=None), idx_bt))
+    cached = CachedInput(None, None, idx_bt) if one_shot else CachedInput(cache.kv, cache._replace(kv=None), idx_bt)
+    x_btd, new_kv = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, cached)
     return _write(cfg, x_btd, cache, new_kv, positions_bt, idx_bt, attention)
 
   def logits(self, x_btd: jnp.ndarray) -> jnp.ndarray:

@@ -13,8 +13,8 @@ against the XLA path.
    the kernel; attended (query, key) pairs per second (per query head); lambda-kernel pairs/s
    over dense-kernel pairs/s (goal: >= 0.8).
 3. SmolLM2's shapes with random bf16 weights (no checkpoint needed; speed does not depend on
-   the weights): token_nll tokens/s at 128K, kernel vs XLA path (lambda L=8192), and decode
-   tokens/s after a 32K prompt.
+   the weights): token_nll tokens/s at 128K, kernel vs XLA path (lambda L=8192), the prefill of a
+   32K prompt and decode tokens/s after it.
 Times: compile excluded, best of --repeats.
 """
 
@@ -140,12 +140,17 @@ def model(kernel: str, small: bool, repeats: int) -> None:
     rate[path] = t_nll / seconds
     print(f"  {path:<7} {rate[path]:>10.0f} tokens/s", flush=True)
   print(f"  kernel / xla: {rate[kernel] / rate['xla']:.2f}")
-  spec = config.resolve_attention(Lambda(n_global=10, n_local=n_local))
+  spec = config.resolve_attention(Lambda(n_global=10, n_local=n_local, kernel=kernel))
   chunk = spec.feed_chunk(None)
   ids = np.asarray(tokens[0, :t_prompt])
   prompt, positions = (jnp.asarray(x) for x in left_pad([ids.tolist()], chunk))
   cache = init_cache(config, spec, 1, max_len=prompt.shape[1] + new)
+  prefill(params, config, jax.tree.map(jnp.copy, cache), prompt, positions, spec, chunk)[0].block_until_ready()
+  start = time.perf_counter()
   logits, cache = prefill(params, config, cache, prompt, positions, spec, chunk)
+  logits.block_until_ready()
+  print(f"  prefill of a {t_prompt}-token prompt: {time.perf_counter() - start:.2f} s "
+        f"({'one-shot through the kernel' if spec.prefill_one_shot(config.dtype) else f'chunks of {chunk} on XLA'})")
   args = (params, config, cache, logits, jnp.asarray([t_prompt], jnp.int32), jax.random.PRNGKey(0), spec,
           Sampling(), new, ())
   decode(*args[:2], jax.tree.map(jnp.copy, cache), *args[3:]).tokens_bn.block_until_ready()  # compiles

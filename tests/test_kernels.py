@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 from helpers import run_cli
 from naive_attention import default_inv_freq, naive_attention
+from naive_infllm import naive_infllm
 
-from lminf_jax.attention import Dense, Lambda, SlidingWindow, Streaming, attend, resolve
+from lminf_jax.attention import Dense, InfLLM, Lambda, SlidingWindow, Streaming, attend, resolve
+from lminf_jax.attention.infllm import infllm_attention
 from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band, kernel_sink_and_band
 from lminf_jax.errors import UserError
+from lminf_jax.cache import init_cache
 from lminf_jax.forward import token_nll
+from lminf_jax.generation import _feed, generate, left_pad, prefill
 
 KERNELS = {"splash": Splash(interpret=True), "dpa_xla": DotProductAttention("xla")}
 # name -> (spec, naive method and params); T = 200 (not a multiple of 128)
@@ -69,6 +73,23 @@ def test_kernel_path_equals_xla_and_naive(kernel, method):
   assert np.all(np.asarray(o_kernel)[~real] == 0)
 
 
+@pytest.mark.parametrize("n_local", [40, 300])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_infllm_local_branch_through_the_kernel(kernel, n_local):
+  """InfLLM with its local band from the kernel, merged with the far branch (init keys, selected
+  blocks, pending keys): equal to its XLA path (left padding, offset 10^8) and, on an unpadded
+  row at offset 0, to the naive reference; n_local below and above T."""
+  spec = resolve(InfLLM(n_init=8, n_local=n_local, block_size=16, repr_tokens=2, top_k=3, chunk=32), 1)
+  inv_freq = default_inv_freq(16)
+  for pads, offset in (([0, 37], 10**8), ([0], 0)):
+    q, k, v, positions = _rows(11, 200, 4, 2, 16, pads=pads, offset=offset)
+    args = [jnp.asarray(a) for a in (q, k, v, positions)] + [jnp.asarray(inv_freq, jnp.float32)]
+    ours = np.asarray(infllm_attention(*args, spec, KERNELS[kernel]))
+    np.testing.assert_allclose(ours, np.asarray(infllm_attention(*args, spec)), atol=1e-5)
+  expected, _ = naive_infllm(q[0], k[0], v[0], inv_freq, 8, n_local, 16, 2, 3, 32)
+  np.testing.assert_allclose(ours[0], expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_segments_cover_a_long_row(kernel):
   """A row longer than one call's span: overlapping calls, each rotated from its own reference."""
@@ -95,27 +116,54 @@ def test_segment_plan():
     assert len(plan.begin) == 1 or np.all(offsets[1:] >= window - 1)  # (the first call starts at token 0)
 
 
-def test_gradient_is_the_xla_paths():
-  spec = resolve(Lambda(n_global=4, n_local=40, kernel="splash"), max_position_embeddings=1)
+@pytest.mark.parametrize("spec", [Lambda(n_global=4, n_local=40), InfLLM(n_init=4, n_local=40, block_size=8, chunk=32)])
+def test_gradient_is_the_xla_paths(spec):
+  spec = resolve(dataclasses.replace(spec, kernel="splash"), max_position_embeddings=1)
   q, k, v, positions = _rows(5, 130, 4, 2, 16, pads=[0, 9], offset=0)
   inv_freq = jnp.asarray(default_inv_freq(16), jnp.float32)
   weights = jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
 
-  def loss(spec):
+  def grads(spec):
     f = lambda q, k, v: jnp.sum(attend(q, k, v, jnp.asarray(positions), inv_freq, spec) * weights)  # noqa: E731
     return jax.grad(f, argnums=(0, 1, 2))(*(jnp.asarray(a) for a in (q, k, v)))
 
-  for ours, xla in zip(loss(spec), loss(dataclasses.replace(spec, kernel="xla"))):
+  for ours, xla in zip(grads(spec), grads(dataclasses.replace(spec, kernel="xla"))):
+    assert np.abs(np.asarray(xla)).max() > 0
     np.testing.assert_allclose(np.asarray(ours), np.asarray(xla), atol=1e-5)
 
 
 def test_model_token_nll_with_splash_equals_xla(tiny_model):
   config, params, _ = tiny_model
   tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 150))
-  for spec in (Lambda(n_global=4, n_local=32, chunk=64), Streaming(n_sink=2, n_recent=40), Dense()):
+  for spec in (Lambda(n_global=4, n_local=32, chunk=64), Streaming(n_sink=2, n_recent=40), Dense(),
+               InfLLM(n_init=4, n_local=32, block_size=8, top_k=2, chunk=32)):
     xla = token_nll(params, config, tokens, attention=dataclasses.replace(spec, kernel="xla"))
     splash = token_nll(params, config, tokens, attention=dataclasses.replace(spec, kernel="splash"))
     np.testing.assert_allclose(np.asarray(splash), np.asarray(xla), atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [Lambda(n_global=4, n_local=32), Streaming(n_sink=2, n_recent=40), Dense()],
+                         ids=["lambda", "streaming", "dense"])
+def test_prefill_through_the_kernel_equals_chunked_xla(tiny_model, spec):
+  """With a kernel, a prompt enters an empty cache one-shot: the logits and the cache equal
+  XLA's chunked prefill, and generation goes on the same."""
+  config, params, _ = tiny_model
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, config.vocab_size, 150).tolist(), rng.integers(0, config.vocab_size, 97).tolist()]
+  tokens, positions = (jnp.asarray(x) for x in left_pad(prompts, 32))
+  results = {}
+  for kernel in ("xla", "splash"):
+    method = dataclasses.replace(spec, kernel=kernel)
+    cache = init_cache(config, method, 2, max_len=tokens.shape[1] + 8)
+    assert _feed(cache, resolve(method, 256), config, 32, tokens.shape[1]) == ((tokens.shape[1], True)
+                                                                                if kernel == "splash" else (32, False))
+    results[kernel] = prefill(params, config, cache, tokens, positions, method, 32)
+  (logits_xla, cache_xla), (logits_splash, cache_splash) = results["xla"], results["splash"]
+  np.testing.assert_allclose(np.asarray(logits_splash), np.asarray(logits_xla), atol=1e-4)
+  for got, want in zip(jax.tree.leaves(cache_splash), jax.tree.leaves(cache_xla)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  assert (generate(params, config, prompts, 6, dataclasses.replace(spec, kernel="splash"))
+          == generate(params, config, prompts, 6, dataclasses.replace(spec, kernel="xla"), chunk=32))
 
 
 def test_cli_kernel_flag(tiny_model, capsys, tmp_path):

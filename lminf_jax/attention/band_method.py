@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from lminf_jax.attention import ring
 from lminf_jax.attention.banded import Band, attend_one, band_attention, sink_and_band
 from lminf_jax.attention.blockwise import Keys
-from lminf_jax.attention.kernels import flash_kernel, kernel_sink_and_band, on_mesh
+from lminf_jax.attention.kernels import flash_kernel, kernel_sink_and_band, on_mesh, xla_gradient
 from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
 from lminf_jax.attention.sequence_parallel import sequence_parallel_band
 from lminf_jax.sharding import mesh_axis_size
@@ -38,7 +38,8 @@ class BandMethod(AttentionMethod):
     kernel = flash_kernel(self.kernel, q_btnh.dtype)
     if kernel is None:
       return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
-    return on_mesh(functools.partial(kernel_sink_and_band, self, kernel), q_btnh, k_btkh, v_btkh, positions_bt,
+    fast = functools.partial(kernel_sink_and_band, self, kernel)
+    return on_mesh(functools.partial(xla_gradient, fast, self.xla_attend), q_btnh, k_btkh, v_btkh, positions_bt,
                    inv_freq_h)
 
   def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -47,6 +48,9 @@ class BandMethod(AttentionMethod):
 
   def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
     return self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)[0]
+
+  def prefill_one_shot(self, dtype) -> bool:
+    return flash_kernel(self.kernel, dtype) is not None
 
   def window_tokens(self) -> int:
     return self.band().n_start + self.band().window

@@ -27,6 +27,7 @@ pool holds every block of `max_len` tokens (or capacity_blocks).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -36,6 +37,8 @@ from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention import ring
 from lminf_jax.attention.blockwise import Keys
 from lminf_jax.attention.dense import CHUNK_HELP, KEY_BLOCK_HELP
+from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS, FlashKernel, flash_band, flash_kernel, merge, on_mesh, \
+    xla_gradient
 from lminf_jax.attention.lminfinite import N_LOCAL_HELP
 from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, option
 from lminf_jax.errors import UserError
@@ -67,6 +70,7 @@ class InfLLM(AttentionMethod):
   capacity_blocks: int | None = option(None, "block pool size (default: every block the input forms)",
                                        minimum=0)
   key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
+  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def __post_init__(self):
     super().__post_init__()
@@ -77,7 +81,13 @@ class InfLLM(AttentionMethod):
     return dataclasses.replace(self, n_local=self.n_local or max_position_embeddings)
 
   def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
-    return infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self, layer)
+    xla = functools.partial(infllm_attention, spec=self)
+    kernel = flash_kernel(self.kernel, q_btnh.dtype)
+    if kernel is None:
+      return xla(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+    fast = functools.partial(infllm_attention, spec=self, kernel=kernel)
+    return on_mesh(functools.partial(xla_gradient, fast, xla), q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h,
+                   with_lse=False)
 
   def window_tokens(self) -> int:
     return self.n_init + context_window(self)
@@ -177,11 +187,13 @@ def representative_keys(colsum_nx: jnp.ndarray, k_kxh: jnp.ndarray, repr_tokens:
   return raw_kgxh.reshape(*lead, n, p, repr_tokens, h).astype(jnp.float32).mean(-2)
 
 
-def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool, inv_freq_h, spec):
+def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool, inv_freq_h, spec,
+                 local_branch: tuple[jnp.ndarray, jnp.ndarray] | None = None):
   """One query chunk: q [B,C,N,H] at positions / sequence indices [B,C] (idx < 0: padding; the
   chunk's first real query has index s = its row's next token). `context` [B,K,W+C,H] holds raw
   keys with entry w at sequence index s-W+w (its last C entries are the chunk's own keys; idx < 0:
-  no key), `starts` the init tokens. Returns (out [B,C,N,H], local probability column sums
+  no key), `starts` the init tokens; `local_branch`, if given, the local branch's (out [B,C,N,H],
+  lse [B,C,N]) from a flash kernel. Returns (out [B,C,N,H], local probability column sums
   [B,N,W+C] over the context, from the chunk's real queries)."""
   b, c, n, h = q_bcnh.shape
   kv = context.k_bklh.shape[1]
@@ -210,8 +222,11 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
     return bw.fold_block(state, lambda: block(kb), idx_bc, block_idx(kb), n_local), None
 
   n_blocks = local.idx_bl.shape[1] // s
-  state, _ = jax.lax.scan(fold, state, jnp.arange(n_blocks))
-  out_bcnh, lse_bcn = bw.finish(state, c, q_bcnh.dtype)
+  if local_branch is None:
+    state, _ = jax.lax.scan(fold, state, jnp.arange(n_blocks))
+    out_bcnh, lse_bcn = bw.finish(state, c, q_bcnh.dtype)
+  else:  # (the far branch alone in `state`)
+    out_bcnh, lse_bcn = merge(*local_branch, *bw.finish(state, c, jnp.float32), q_bcnh.dtype)
 
   # Column sums of P(i, j) = exp(logit - lse_i) over the chunk's queries, for the local keys.
   # (Selection is not differentiable; a padding query's lse is -inf.)
@@ -267,10 +282,15 @@ def _selected_blocks(q_far_bkmh, real_bc, pool: Pool, spec) -> tuple[Keys, jnp.n
   return Keys(k_bkxh, v_bkxh, jnp.zeros_like(idx_bx), idx_bx), ok_bx
 
 
-def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, layer) -> jnp.ndarray:
+def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec,
+                     kernel: FlashKernel | None = None) -> jnp.ndarray:
   """One-shot: q [B,T,N,H], k/v [B,T,K,H] before RoPE, positions [B,T] (negative = left padding)
-  -> [B,T,N,H]. A scan over chunks whose carry is every key's column sum [B,N,T]."""
+  -> [B,T,N,H]. A scan over chunks whose carry is every key's column sum [B,N,T]. With a flash
+  `kernel`, the local branch of every chunk is one kernel call up front; the scan merges it with
+  the far branch and still computes the local scores for the column sums."""
   b, t, n, h = q_btnh.shape
+  if kernel is not None:
+    local_btnh, local_btn = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.n_local, kernel)
   # Left-padded rows are rotated to start at index 0, so chunks and blocks line up in every row
   # (the padding, now at the end, lies in every real query's future).
   pad_b = jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)
@@ -278,6 +298,9 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, lay
       x, ((jnp.arange(t) + by[:, None]) % t).reshape((b, t) + (1,) * (x.ndim - 2)), axis=1)
   length_b = t - pad_b
   q_btnh, k_btkh, v_btkh = (rotate(x, pad_b) for x in (q_btnh, k_btkh, v_btkh))
+  local_chunks = () if kernel is None else tuple(  # (padding queries: out 0, lse -inf)
+      bw.split_chunks(bw.pad_axis(rotate(x, pad_b), 1, 0, -t % min(spec.chunk, t), fill), min(spec.chunk, t))
+      for x, fill in ((local_btnh, 0.0), (local_btn, -jnp.inf)))
   # Positions after a row's end count on from its last token (RoPE offsets stay small).
   pos_bt = rotate(positions_bt, pad_b)
   after_bt = jnp.arange(t) - length_b[:, None] + 1
@@ -298,19 +321,21 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec, lay
   pool_k, pool_v = (x[:, :, first:first + n_pool * spec.block_size] for x in keys[:2])
 
   def chunk_step(colsum_bnl, xs):
-    ci, q_bcnh, pos_bc, idx_bc = xs
+    ci, q_bcnh, pos_bc, idx_bc, *local = xs
     context = Keys(*(jax.lax.dynamic_slice_in_dim(x, ci * c, w + c, axis=2) for x in keys[:2]),
                    *(jax.lax.dynamic_slice_in_dim(x, ci * c, w + c, axis=1) for x in keys[2:]))
     rk_bnph = representative_keys(colsum_bnl[:, :, first:first + n_pool * spec.block_size], pool_k,
                                   spec.repr_tokens, spec.block_size) if n_pool else jnp.zeros((b, n, 0, h))
     pool = Pool(pool_k, pool_v, rk_bnph, jnp.full((b,), blocks_formed(ci * c, spec)))
-    out_bcnh, colsum_bnx = infllm_chunk(q_bcnh, pos_bc, idx_bc, context, init, pool, inv_freq_h, spec)
+    out_bcnh, colsum_bnx = infllm_chunk(q_bcnh, pos_bc, idx_bc, context, init, pool, inv_freq_h, spec,
+                                        tuple(local) or None)
     old_bnx = jax.lax.dynamic_slice_in_dim(colsum_bnl, ci * c, w + c, axis=2)
     return jax.lax.dynamic_update_slice_in_dim(colsum_bnl, old_bnx + colsum_bnx, ci * c, axis=2), out_bcnh
 
   pad = t_pad - t
   xs = (jnp.arange(t_pad // c), bw.split_chunks(bw.pad_axis(q_btnh, 1, 0, pad), c),
-        bw.split_chunks(bw.count_on(pos_bt, pad), c), bw.split_chunks(bw.pad_axis(idx_bt, 1, 0, pad, -1), c))
+        bw.split_chunks(bw.count_on(pos_bt, pad), c), bw.split_chunks(bw.pad_axis(idx_bt, 1, 0, pad, -1), c),
+        *local_chunks)
   colsum_bnl = jnp.zeros((b, n, keys.idx_bl.shape[1]), jnp.float32)
   _, out_nbcnh = jax.lax.scan(jax.checkpoint(chunk_step), colsum_bnl, xs)
   return rotate(bw.unsplit_chunks(out_nbcnh, t), -pad_b)

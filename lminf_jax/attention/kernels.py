@@ -200,10 +200,9 @@ def merge(o_a: jnp.ndarray, lse_a: jnp.ndarray, o_b: jnp.ndarray, lse_b: jnp.nda
   return (o_a.astype(jnp.float32) * w_a + o_b.astype(jnp.float32) * w_b).astype(dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h):
   """A `BandMethod` spec's attention with its band through `kernel`: q [B,T,N,H], k/v [B,T,K,H]
-  before RoPE -> (out [B,T,N,H], lse [B,T,N]). Its gradient is `spec.xla_attend`'s."""
+  before RoPE -> (out [B,T,N,H], lse [B,T,N])."""
   band = spec.band()
   o_band, lse_band = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, band.window, kernel)
   if not band.n_start:
@@ -224,10 +223,10 @@ def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, posi
   return merge(o_band, lse_band, o_start, lse_start, q_btnh.dtype)
 
 
-def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """attend(q, k, v, positions, inv_freq) -> (out, lse) on each shard of rows and heads of the
-  current mesh (XLA does not partition a Pallas or cuDNN kernel itself); directly without one.
-  Not for a `sequence` axis (the band crosses shards)."""
+def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, with_lse: bool = True):
+  """attend(q, k, v, positions, inv_freq) -> (out, lse) (or out alone, `with_lse=False`) on each
+  shard of rows and heads of the current mesh (XLA does not partition a Pallas or cuDNN kernel
+  itself); directly without one. Not for a `sequence` axis (the band crosses shards)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or np.prod(list(dict(mesh.shape).values())) == 1:
     return attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
@@ -235,19 +234,26 @@ def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[j
   tensor = dict(mesh.shape).get("tensor", 1)
   heads = "tensor" if tensor > 1 and k_btkh.shape[2] % tensor == 0 else None  # GQA groups stay whole
   qkv = PartitionSpec(batch, None, heads, None)
-  return jax.shard_map(attend, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None), PartitionSpec()), check_vma=False,
-                       out_specs=(qkv, PartitionSpec(batch, None, heads)))(q_btnh, k_btkh, v_btkh, positions_bt,
-                                                                            inv_freq_h)
+  out_specs = (qkv, PartitionSpec(batch, None, heads)) if with_lse else qkv
+  return jax.shard_map(attend, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None), PartitionSpec()),
+                       out_specs=out_specs, check_vma=False)(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
 
 
-def _forward(spec, kernel, *inputs):
-  return kernel_sink_and_band(spec, kernel, *inputs), inputs
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def xla_gradient(fast, reference, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h):
+  """fast(q, k, v, positions, inv_freq), differentiated (in q, k, v) as `reference`: the same
+  attention through XLA, recomputed in the backward pass."""
+  return fast(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
 
 
-def _backward(spec, kernel, inputs, cotangents):
+def _forward(fast, reference, *inputs):
+  return fast(*inputs), inputs
+
+
+def _backward(fast, reference, inputs, cotangents):
   q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h = inputs
-  xla = lambda q, k, v: spec.xla_attend(q, k, v, positions_bt, inv_freq_h)  # noqa: E731
+  xla = lambda q, k, v: reference(q, k, v, positions_bt, inv_freq_h)  # noqa: E731
   return (*jax.vjp(xla, q_btnh, k_btkh, v_btkh)[1](cotangents), None, None)
 
 
-kernel_sink_and_band.defvjp(_forward, _backward)
+xla_gradient.defvjp(_forward, _backward)

@@ -180,6 +180,12 @@ class AttentionMethod(abc.ABC):
     to (W: not stored). Runs before the ring is overwritten."""
     return cached.extra, cached.shared
 
+  def prefill_one_shot(self, dtype) -> bool:
+    """Whether a prompt fed to an empty cache is attended one-shot (`attend`) and stored at once
+    rather than chunk by chunk (equal results): where `attend` is the faster path (a flash
+    kernel). A method whose `write_extra` needs `attend_chunk`'s aux must say False."""
+    return False
+
   def feed_chunk(self, requested: int | None) -> int:
     """The chunk length to feed a prompt through the cache: `requested` (default: the method's
     `chunk`, or 512). A method whose result depends on it returns its own."""
