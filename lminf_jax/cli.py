@@ -22,6 +22,7 @@ from lminf_jax.atomic import atomic_file, check_output_dir, check_output_file, d
 from lminf_jax.errors import UserError, without_closed_loop_reports
 from lminf_jax.files import read_text, readable_file
 from lminf_jax.limits import INT32_MAX, check_fits, device_memory
+from lminf_jax.ruler import TASKS as RULER_TASKS
 from lminf_jax.texts import builtin_text
 
 
@@ -550,6 +551,93 @@ def cmd_passkey(args: argparse.Namespace) -> None:
     print(f"wrote {plot_out}")
 
 
+def _load_for_answers(args: argparse.Namespace, outputs: list[tuple[str | None, str]]):
+  """Checks the output files (path, suffix), then loads the model, which needs a tokenizer."""
+  from lminf_jax.loading import load
+
+  for path, suffix in outputs:
+    if path is not None:
+      check_output_file(Path(path), suffix)
+  config, params, tokenizer = load(Path(args.ckpt))
+  if tokenizer is None:
+    raise UserError(f"{args.ckpt} has no tokenizer")
+  return config, params, tokenizer
+
+
+def _write_json(path: str | None, report: dict) -> None:
+  import json
+
+  if path is not None:
+    with atomic_file(Path(path)) as tmp:
+      tmp.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+def cmd_ruler(args: argparse.Namespace) -> None:
+  from tqdm import tqdm
+
+  from lminf_jax import ruler
+
+  methods = methods_from_args(args)
+  tasks = ruler.task_names(args.tasks)
+  config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
+  most_new = max(ruler.TASKS[t].new_tokens for t in tasks)
+  for spec in methods.values():
+    check_memory(config, spec, max(args.lengths) + most_new, batch=args.batch)
+  essay = read_text(args.haystack_file) if args.haystack_file else builtin_text()
+  samples = ruler.generate_samples(tokenizer, tasks, args.lengths, args.samples, args.seed, essay)
+  start = time.perf_counter()
+  total = len(methods) * len(tasks) * sum(args.lengths) * args.samples
+  with tqdm(total=total, unit="tok", desc="ruler") as bar:
+    results = ruler.evaluate(params, config, tokenizer, methods, samples, args.batch, args.prefill_chunk, bar.update)
+  seconds = time.perf_counter() - start
+  print(f"RULER score (string_match_all x 100), {args.samples} samples per cell, {seconds:.0f} s")
+  print(f"{'method':<10} {'task':<16} " + " ".join(f"{n:>8}" for n in args.lengths))
+  for name in methods:
+    grid = ruler.score_grid(results, name, tasks, args.lengths)
+    for task, row in zip(tasks + ["mean"], list(grid) + [np.nanmean(grid, axis=0)]):
+      print(f"{name:<10} {task:<16} " + " ".join(f"{100 * x:>8.1f}" for x in row))
+  _write_json(args.json, dict(methods={k: repr(v) for k, v in methods.items()}, tasks=tasks, lengths=args.lengths,
+                              samples=args.samples, seed=args.seed, seconds=seconds, results=results))
+  if args.plot is not None:
+    from lminf_jax.plots import heatmap
+
+    with atomic_file(Path(args.plot)) as tmp:
+      heatmap(tmp, {m: ruler.score_grid(results, m, tasks, args.lengths) for m in methods},
+              [str(n) for n in args.lengths], tasks, "context length (tokens)", "task",
+              f"RULER: {Path(args.ckpt).name}, {args.samples} samples per cell", "score")
+    print(f"wrote {args.plot}")
+
+
+def cmd_longbench(args: argparse.Namespace) -> None:
+  from tqdm import tqdm
+
+  from lminf_jax import longbench
+
+  methods = methods_from_args(args)
+  spec = longbench.task(args.task)
+  records = longbench.read_jsonl(readable_file(args.data))
+  if args.samples:
+    records = records[:args.samples]
+  config, params, tokenizer = _load_for_answers(args, [(args.json, None)])
+  max_length = args.max_length or config.max_position_embeddings - spec.max_new_tokens
+  for attention in methods.values():  # (a chat template adds a few tokens)
+    check_memory(config, attention, max_length + spec.max_new_tokens + 64, batch=args.batch)
+  start = time.perf_counter()
+  with tqdm(total=len(methods) * len(records), unit="sample", desc=args.task) as bar:
+    results = longbench.evaluate(params, config, tokenizer, methods, args.task, records, max_length, args.batch,
+                                 args.prefill_chunk, bar.update)
+  seconds = time.perf_counter() - start
+  means = {m: 100 * float(np.mean([r["score"] for r in results if r["method"] == m])) for m in methods}
+  print(f"LongBench {args.task} ({spec.metric}, x 100), {len(records)} samples, max length {max_length}, "
+        f"{seconds:.0f} s")
+  for name, mean in means.items():
+    print(f"{name:<10} {mean:>7.2f}")
+  _write_json(args.json, dict(task=args.task, metric=spec.metric, max_length=max_length, data=str(args.data),
+                              methods={k: repr(v) for k, v in methods.items()}, mean=means, seconds=seconds,
+                              results=results))
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
   from tqdm import tqdm
 
@@ -640,6 +728,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--plot", help="write a PNG heatmap: context length x needle depth, accuracy, a panel per method")
   add_attention_args(p, several=True, feeds=True)
   p.set_defaults(func=cmd_passkey, attention="lambda,dense")
+
+  p = sub.add_parser("ruler", help="RULER's synthetic tasks: score per task, length and method")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--lengths", type=parse_lengths, default=[4096, 8192, 16384], help="prompt lengths in tokens")
+  p.add_argument("--tasks", default=",".join(RULER_TASKS), help="comma-separated RULER tasks (default: all)")
+  p.add_argument("--samples", type=positive_int, default=10, help="samples per task and length")
+  p.add_argument("--seed", type=seed_int, default=0)
+  p.add_argument("--batch", type=positive_int, default=4, help="samples decoded together")
+  p.add_argument("--haystack-file", help="UTF-8 text for the essay haystacks (default: the built-in text)")
+  p.add_argument("--json", help="write every sample's result as JSON")
+  p.add_argument("--plot", help="write a PNG heatmap: task x length, score, a panel per method")
+  add_attention_args(p, several=True, feeds=True)
+  p.set_defaults(func=cmd_ruler, attention="lambda,dense")
+
+  p = sub.add_parser("longbench", help="a LongBench task from its JSONL file: predictions and the task's metric")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--data", required=True, help="the task's LongBench JSONL file (e.g. data/qasper.jsonl)")
+  p.add_argument("--task", required=True, help="LongBench task name (e.g. qasper)")
+  p.add_argument("--max-length", type=positive_int,
+                 help="prompt tokens kept, cut in the middle (default: the training length - the task's new tokens)")
+  p.add_argument("--samples", type=positive_int, help="only the first N records")
+  p.add_argument("--batch", type=positive_int, default=1, help="records decoded together")
+  p.add_argument("--json", help="write every prediction, its score and the mean as JSON")
+  add_attention_args(p, several=True, feeds=True)
+  p.set_defaults(func=cmd_longbench, attention="lambda")
 
   p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")
   p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")

@@ -70,24 +70,8 @@ def accuracy_grid(results: list[dict], method: str, lengths: list[int], buckets:
 
 def plot_heatmap(path, results: list[dict], methods: list[str], lengths: list[int], buckets: int, title: str) -> None:
   """The needle heatmap: context length (x) by needle depth (y), colour = accuracy, one panel per method."""
-  import matplotlib
+  from lminf_jax.plots import heatmap
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, len(methods), figsize=(1.5 + (1.4 + 0.8 * len(lengths)) * len(methods), 4.2),
-                           squeeze=False, layout="constrained")
-  for ax, method in zip(axes[0], methods):
-    grid = accuracy_grid(results, method, lengths, buckets)
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-    for (row, col), value in np.ndenumerate(grid):
-      ax.text(col, row, "-" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
-    ax.set_yticks(range(buckets), [f"{b * 100 // buckets}-{(b + 1) * 100 // buckets}%" for b in range(buckets)])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(method)
-  fig.colorbar(image, ax=list(axes[0]), label="accuracy")
-  fig.suptitle(title)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  heatmap(path, {m: accuracy_grid(results, m, lengths, buckets) for m in methods}, [str(n) for n in lengths],
+          [f"{b * 100 // buckets}-{(b + 1) * 100 // buckets}%" for b in range(buckets)], "context length (tokens)",
+          "needle depth", title)

@@ -1,0 +1,245 @@
+"""LongBench (Bai et al., 2024) tasks in its own JSONL format: prompts, middle truncation,
+greedy answers and scores as LongBench's pred.py and eval.py define them (the English tasks).
+
+A record (one JSON object per line, as a user downloads `data.zip`) has `input`, `context`,
+`answers` (list), `all_classes` (list or null), `length` and `_id`. The prompt is the task's
+template filled with `context` and `input`; a prompt longer than `max_length` tokens keeps its
+first and last max_length/2 tokens (each half decoded, joined), then, except for the few-shot
+and code tasks, it is wrapped in the tokenizer's chat template. A prediction scores the best of
+its answers under the task's metric; a task's score is the mean x 100. ROUGE-L and the code
+similarity come from the packages LongBench uses (`rouge`, and `thefuzz` for fuzzywuzzy's ratio:
+the `[eval]` extra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+from lminf_jax.errors import UserError
+
+FIELDS = ("input", "context", "answers", "all_classes", "length", "_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A LongBench task: its prompt template, max new tokens, metric, whether the prediction is cut
+  to its first line before scoring, and whether the prompt is wrapped in the chat template."""
+
+  template: str
+  max_new_tokens: int
+  metric: str
+  first_line: bool = False
+  chat: bool = True
+  stop_at_newline: bool = False  # (samsum: generation stops at the first newline)
+
+
+_QA_PASSAGES = ("Answer the question based on the given passages. Only give me the answer and do not output any other "
+                "words.\n\nThe following are given passages.\n{context}\n\nAnswer the question based on the given "
+                "passages. Only give me the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:")
+_NARRATIVE = ("You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
+              "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: "
+              "{context}\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase "
+              "if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:")
+_QASPER_RULES = ("as concisely as you can, using a single phrase or sentence if possible. If the question cannot be "
+                 "answered based on the information in the article, write \"unanswerable\". If the question is a "
+                 "yes/no question, answer \"yes\", \"no\", or \"unanswerable\". Do not provide any explanation.")
+_QASPER = (f"You are given a scientific article and a question. Answer the question {_QASPER_RULES}\n\nArticle: "
+           f"{{context}}\n\n Answer the question based on the above article {_QASPER_RULES}\n\nQuestion: {{input}}"
+           f"\n\nAnswer:")
+
+# The English tasks of LongBench v1 (dataset2prompt, dataset2maxlen, dataset2metric).
+TASKS: dict[str, Task] = {
+    "narrativeqa": Task(_NARRATIVE, 128, "qa_f1"),
+    "qasper": Task(_QASPER, 128, "qa_f1"),
+    "multifieldqa_en": Task("Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following "
+                            "question based on the above text, only give me the answer and do not output any other "
+                            "words.\n\nQuestion: {input}\nAnswer:", 64, "qa_f1"),
+    "hotpotqa": Task(_QA_PASSAGES, 32, "qa_f1"),
+    "2wikimqa": Task(_QA_PASSAGES, 32, "qa_f1"),
+    "musique": Task(_QA_PASSAGES, 32, "qa_f1"),
+    "gov_report": Task("You are given a report by a government agency. Write a one-page summary of the report.\n\n"
+                       "Report:\n{context}\n\nNow, write a one-page summary of the report.\n\nSummary:", 512, "rouge_l"),
+    "qmsum": Task("You are given a meeting transcript and a query containing a question or instruction. Answer the "
+                  "query in one or more sentences.\n\nTranscript:\n{context}\n\nNow, answer the query based on the "
+                  "above meeting transcript in one or more sentences.\n\nQuery: {input}\nAnswer:", 512, "rouge_l"),
+    "multi_news": Task("You are given several news passages. Write a one-page summary of all news. \n\nNews:\n"
+                       "{context}\n\nNow, write a one-page summary of all the news.\n\nSummary:", 512, "rouge_l"),
+    "trec": Task("Please determine the type of the question below. Here are some examples of questions.\n\n{context}\n"
+                 "{input}", 64, "classification", first_line=True, chat=False),
+    "triviaqa": Task("Answer the question based on the given passage. Only give me the answer and do not output any "
+                     "other words. The following are some examples.\n\n{context}\n\n{input}", 32, "qa_f1",
+                     first_line=True, chat=False),
+    "samsum": Task("Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}"
+                   "\n\n{input}", 128, "rouge_l", first_line=True, chat=False, stop_at_newline=True),
+    "passage_count": Task("There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. "
+                          "Please carefully read these paragraphs and determine how many unique paragraphs there are "
+                          "after removing duplicates. In other words, how many non-repeating paragraphs are there in "
+                          "total?\n\n{context}\n\nPlease enter the final count of unique paragraphs after removing "
+                          "duplicates. The output format should only contain the number, such as 1, 2, 3, and so on."
+                          "\n\nThe final answer is: ", 32, "count"),
+    "passage_retrieval_en": Task("Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which "
+                                 "paragraph the abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n"
+                                 "{input}\n\nPlease enter the number of the paragraph that the abstract is from. The "
+                                 "answer format must be like \"Paragraph 1\", \"Paragraph 2\", etc.\n\nThe answer is: ",
+                                 32, "retrieval"),
+    "lcc": Task("Please complete the code given below. \n{context}Next line of code:\n", 64, "code_sim", chat=False),
+    "repobench-p": Task("Please complete the code given below. \n{context}{input}Next line of code:\n", 64, "code_sim",
+                        chat=False),
+}
+
+
+def task(name: str) -> Task:
+  if name not in TASKS:
+    raise UserError(f"unknown LongBench task {name!r} (English tasks: {', '.join(TASKS)})")
+  return TASKS[name]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  """LongBench records, each checked for the fields and types LongBench's files have."""
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"cannot read {path}: {e}") from None
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path} line {number}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+      raise UserError(f"{path} line {number}: not a JSON object")
+    missing = [f for f in FIELDS if f not in record]
+    if missing:
+      raise UserError(f"{path} line {number}: missing field {', '.join(repr(f) for f in missing)}")
+    if not (isinstance(record["answers"], list) and record["answers"]
+            and all(isinstance(a, str) for a in record["answers"])):
+      raise UserError(f"{path} line {number}: 'answers' must be a non-empty list of strings")
+    if not (isinstance(record["input"], str) and isinstance(record["context"], str)):
+      raise UserError(f"{path} line {number}: 'input' and 'context' must be strings")
+    if record["all_classes"] is not None and not isinstance(record["all_classes"], list):
+      raise UserError(f"{path} line {number}: 'all_classes' must be a list or null")
+    records.append(record)
+  if not records:
+    raise UserError(f"{path} holds no records")
+  return records
+
+
+def prompt_ids(spec: Task, record: dict, tokenizer, max_length: int) -> list[int]:
+  """The prompt's token ids: the template filled, cut in the middle to `max_length` tokens as
+  LongBench's pred.py does, then (for chat tasks, if the tokenizer has one) the chat template."""
+  prompt = spec.template.format(context=record["context"], input=record["input"])
+  ids = tokenizer(prompt)["input_ids"]
+  if len(ids) > max_length:
+    half = max_length // 2
+    prompt = (tokenizer.decode(ids[:half], skip_special_tokens=True)
+              + tokenizer.decode(ids[-half:], skip_special_tokens=True))
+  if spec.chat and getattr(tokenizer, "chat_template", None):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+  return tokenizer(prompt)["input_ids"]
+
+
+# --- metrics (LongBench's metrics.py) -----------------------------------------------------------
+def normalize_answer(text: str) -> str:
+  """Lower case, ASCII punctuation removed, articles removed, whitespace collapsed."""
+  text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+  return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def qa_f1(prediction: str, truth: str, all_classes=None) -> float:
+  """Token F1 of the normalised answers."""
+  pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+  same = sum((Counter(pred) & Counter(gold)).values())
+  if same == 0:
+    return 0.0
+  precision, recall = same / len(pred), same / len(gold)
+  return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, truth: str, all_classes=None) -> float:
+  """ROUGE-L F of the `rouge` package (LongBench's); 0 where it fails (an empty prediction)."""
+  from rouge import Rouge
+
+  try:
+    return float(Rouge().get_scores([prediction], [truth], avg=True)["rouge-l"]["f"])
+  except Exception:  # (as LongBench: any failure of the package scores 0)
+    return 0.0
+
+
+def classification(prediction: str, truth: str, all_classes) -> float:
+  """1/m if the true class is among the m classes named in the prediction (classes that are
+  substrings of the true one are not counted), else 0."""
+  named = [c for c in all_classes or [] if c in prediction]
+  named = [c for c in named if not (c in truth and c != truth)]
+  return 1.0 / len(named) if truth in named else 0.0
+
+
+def retrieval(prediction: str, truth: str, all_classes=None) -> float:
+  """The share of the numbers in the prediction that are the true paragraph's ("Paragraph N")."""
+  found = re.findall(r"Paragraph (\d+)", truth)
+  numbers = re.findall(r"\d+", prediction)
+  if not found or not numbers:
+    return 0.0
+  return sum(n == found[0] for n in numbers) / len(numbers)
+
+
+def count(prediction: str, truth: str, all_classes=None) -> float:
+  """The share of the numbers in the prediction that equal the count."""
+  numbers = re.findall(r"\d+", prediction)
+  return sum(n == str(truth) for n in numbers) / len(numbers) if numbers else 0.0
+
+
+def code_sim(prediction: str, truth: str, all_classes=None) -> float:
+  """fuzzywuzzy's ratio / 100 between the true line and the prediction's first line without `, # or //."""
+  from thefuzz import fuzz
+
+  lines = prediction.lstrip("\n").split("\n")
+  line = next((x for x in lines if not any(mark in x for mark in ("`", "#", "//"))), "")
+  return fuzz.ratio(line, truth) / 100
+
+
+METRICS = {"qa_f1": qa_f1, "rouge_l": rouge_l, "classification": classification, "retrieval": retrieval,
+           "count": count, "code_sim": code_sim}
+
+
+def score(spec: Task, prediction: str, answers: list[str], all_classes) -> float:
+  """A prediction's score in [0, 1]: the best over its answers (first line only, for the tasks that cut it)."""
+  if spec.first_line:
+    prediction = prediction.lstrip("\n").split("\n")[0]
+  metric = METRICS[spec.metric]
+  return max(metric(prediction, truth, all_classes) for truth in answers)
+
+
+def evaluate(params, config, tokenizer, methods: dict, name: str, records: list[dict], max_length: int,
+             batch: int, chunk: int | None = None, progress=None) -> list[dict]:
+  """Greedy predictions of every method for every record (`batch` at a time), scored;
+  `progress(records done)` after each batch."""
+  from lminf_jax.generation import generate
+
+  spec = task(name)
+  prompts = [prompt_ids(spec, r, tokenizer, max_length) for r in records]
+  eos = tuple(config.eos_token_ids)
+  if spec.stop_at_newline:
+    eos += (tokenizer("\n", add_special_tokens=False)["input_ids"][-1],)
+  results = []
+  for method, attention in methods.items():
+    for start in range(0, len(records), batch):
+      group = range(start, min(start + batch, len(records)))
+      outputs = generate(params, config, [prompts[i] for i in group], spec.max_new_tokens, attention, chunk=chunk,
+                         eos_ids=eos)
+      for i, out in zip(group, outputs):
+        prediction = tokenizer.decode(out, skip_special_tokens=True)
+        results.append(dict(method=method, _id=records[i]["_id"], prompt_tokens=len(prompts[i]),
+                            prediction=prediction, answers=records[i]["answers"],
+                            score=score(spec, prediction, records[i]["answers"], records[i]["all_classes"])))
+      if progress is not None:
+        progress(len(group))
+  return results
