@@ -210,7 +210,7 @@ class Words:
     if kind == "numbers":
       return str(int(rng.integers(10**6, 10**7)))
     if kind == "uuids":
-      return str(uuid.UUID(int=int(rng.integers(0, 2**63)) << 65 | int(rng.integers(0, 2**63)), version=4))
+      return str(uuid.UUID(bytes=rng.bytes(16), version=4))
     return f"{self.adjs[rng.integers(len(self.adjs))]}-{self.nouns[rng.integers(len(self.nouns))]}"
 
 
@@ -232,18 +232,17 @@ def _niah(spec: Niah, task: str, b: _Builder, words: Words, length: int, rng, es
       template, answer = template.replace(old, new), answer.replace(old, new)
     type_v = type_v[:-1]
   head, tail = template.split("{context}")
-  if spec.haystack == "essay":
-    units = _cycle(essay, int(rng.integers(len(essay))))
-    sep = ""
-  else:
-    def distractors():
-      while True:
-        yield "\n" + (NOISE if spec.haystack == "noise" else
-                      NEEDLE.format(type_v=spec.value, key=words.draw(spec.key, rng), value=words.draw(spec.value, rng)))
-    units, sep = distractors(), "\n"
+
+  def lines():  # RULER's noise or needle haystack: a unit per line
+    while True:
+      yield "\n" + (NOISE if spec.haystack == "noise" else
+                    NEEDLE.format(type_v=spec.value, key=words.draw(spec.key, rng), value=words.draw(spec.value, rng)))
+
+  essay_units = spec.haystack == "essay"
+  units = _cycle(essay, int(rng.integers(len(essay)))) if essay_units else lines()
   fill = dict(type_v=type_v, query=query)
   return _assemble(b, length, task, head.format(**fill), (tail + answer).format(**fill), units,
-                   [(" " if spec.haystack == "essay" else sep) + n for n in needles],
+                   [(" " if essay_units else "\n") + n for n in needles],
                    list(rng.choice(DEPTHS, len(needles), replace=False))), answers
 
 

@@ -130,15 +130,16 @@ def lse_precision(small: bool) -> None:
 
 
 def layers(kernel: str, small: bool, repeats: int) -> None:
-  shapes = [("SmolLM2 9/3 H=64", 9, 3, 64), ("Llama-3-8B 32/8 H=128", 32, 8, 128)]
+  shapes = [("SmolLM2", 9, 3, 64), ("Llama-3-8B", 32, 8, 128)]
   lengths = [1024, 2048] if small else [32768, 131072]
   locals_ = [256, 128] if small else [8192, 4096]
   dtype = jnp.float32 if small and jax.default_backend() == "cpu" else jnp.bfloat16
   print(f"\none attention layer ({jnp.dtype(dtype).name}), best of {repeats}, compile excluded:")
   print(f"  {'shape':<22} {'T':>7} {'method':<18} {'path':<7} {'ms':>9} {'Gpairs/s':>9}")
-  for label, n, kv, h in shapes:
-    if small:
+  for family, n, kv, h in shapes:
+    if small:  # (a third of the heads, a quarter of the head dim)
       n, kv, h = n // 3 or 1, kv // 3 or 1, h // 4
+    label = f"{family} {n}/{kv} H={h}"
     for t in lengths:
       args = inputs(t, n, kv, h, dtype)
       rate = {}

@@ -132,12 +132,12 @@ class Segments(NamedTuple):
 
   @staticmethod
   def plan(t: int, window: int, span: int = SPAN) -> Segments:
-    context = -(-(window - 1) // ALIGN) * ALIGN
+    context = _round_up(window - 1, ALIGN)
     if t <= span or 4 * context > span:  # one call (beyond SPAN, dense's offsets are no longer exact)
-      length = -(-t // ALIGN) * ALIGN
+      length = _round_up(t, ALIGN)
       return Segments(length, length, (0,))
     count = -(-t // (span - context))
-    step = -(-(-(-t // count)) // ALIGN) * ALIGN
+    step = _round_up(-(-t // count), ALIGN)
     return Segments(context + step, step, tuple(max(0, s * step - context) for s in range(count)))
 
   def gather_columns(self) -> np.ndarray:
@@ -148,6 +148,10 @@ class Segments(NamedTuple):
     """[count * step] the flat slot of [count, length] that holds each token's output."""
     s = np.arange(len(self.begin))
     return (s * self.length + s * self.step - np.asarray(self.begin))[:, None] + np.arange(self.step)
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
 
 
 def flash_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
