@@ -616,6 +616,7 @@ def cmd_longbench(args: argparse.Namespace) -> None:
 
   methods = methods_from_args(args)
   spec = longbench.task(args.task)
+  longbench.check_packages(spec)
   records = longbench.read_jsonl(readable_file(args.data))
   if args.samples:
     records = records[:args.samples]

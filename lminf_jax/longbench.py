@@ -206,6 +206,18 @@ def code_sim(prediction: str, truth: str, all_classes=None) -> float:
   return fuzz.ratio(line, truth) / 100
 
 
+PACKAGES = {"rouge_l": "rouge", "code_sim": "thefuzz"}  # (the metrics that need the `[eval]` extra)
+
+
+def check_packages(spec: Task) -> None:
+  """One-line refusal, before any work, if the task's metric needs a package that is not installed."""
+  import importlib.util
+
+  package = PACKAGES.get(spec.metric)
+  if package and importlib.util.find_spec(package) is None:
+    raise UserError(f"the {spec.metric} metric needs the {package} package: pip install 'lminf-jax[eval]'")
+
+
 METRICS = {"qa_f1": qa_f1, "rouge_l": rouge_l, "classification": classification, "retrieval": retrieval,
            "count": count, "code_sim": code_sim}
 
@@ -225,6 +237,7 @@ def evaluate(params, config, tokenizer, methods: dict, name: str, records: list[
   from lminf_jax.generation import generate
 
   spec = task(name)
+  check_packages(spec)
   prompts = [prompt_ids(spec, r, tokenizer, max_length) for r in records]
   eos = tuple(config.eos_token_ids)
   if spec.stop_at_newline:

@@ -85,6 +85,18 @@ def test_prompt_is_cut_in_the_middle(tokenizer):
   assert "A short article." in tokenizer.decode(short) and tokenizer.decode(short).rstrip().endswith("assistant")
 
 
+def test_a_missing_metric_package_is_refused(monkeypatch):
+  import importlib.util
+
+  from lminf_jax.longbench import check_packages
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge" else real(name, *a))
+  with pytest.raises(UserError, match="needs the rouge package"):
+    check_packages(TASKS["gov_report"])
+  check_packages(TASKS["qasper"])  # (qa F1 needs no package)
+
+
 def test_jsonl_checks(tmp_path):
   path = tmp_path / "x.jsonl"
   path.write_text(json.dumps(_record("c")) + "\n" + json.dumps({k: v for k, v in _record("c").items()
