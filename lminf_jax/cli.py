@@ -493,24 +493,13 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_passkey(args: argparse.Namespace) -> None:
-  import json
-
   from tqdm import tqdm
 
   from lminf_jax.generation import generate
-  from lminf_jax.loading import load
   from lminf_jax.passkey import depth_bucket, first_integer, make_sample, plot_heatmap
 
   methods = methods_from_args(args)
-  json_out = Path(args.json) if args.json else None
-  plot_out = Path(args.plot) if args.plot else None
-  if json_out is not None:
-    check_output_file(json_out)
-  if plot_out is not None:
-    check_output_file(plot_out, ".png")
-  config, params, tokenizer = load(Path(args.ckpt))
-  if tokenizer is None:
-    raise UserError(f"{args.ckpt} has no tokenizer")
+  config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
   for spec in methods.values():  # (each answer is 8 new tokens)
     check_memory(config, spec, max(args.lengths) + 8, batch=args.batch)
   rng = np.random.default_rng(args.seed)
@@ -540,15 +529,12 @@ def cmd_passkey(args: argparse.Namespace) -> None:
         per_bucket.append(f"{sum(hits)}/{len(hits)}" if hits else "-")
       accuracy = sum(r["correct"] for r in rows) / len(rows)
       print(f"{name:<10} {length:>7} {accuracy:>9.2f}   " + " ".join(f"{x:>7}" for x in per_bucket))
-  if json_out is not None:
-    with atomic_file(json_out) as tmp:
-      tmp.write_text(json.dumps(dict(methods={k: repr(v) for k, v in methods.items()}, results=results), indent=2))
-    print(f"wrote {json_out}")
-  if plot_out is not None:
-    with atomic_file(plot_out) as tmp:
+  _write_json(args.json, dict(methods={k: repr(v) for k, v in methods.items()}, results=results))
+  if args.plot is not None:
+    with atomic_file(Path(args.plot)) as tmp:
       plot_heatmap(tmp, results, list(methods), args.lengths, buckets,
                    f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
-    print(f"wrote {plot_out}")
+    print(f"wrote {args.plot}")
 
 
 def _load_for_answers(args: argparse.Namespace, outputs: list[tuple[str | None, str]]):

@@ -143,7 +143,7 @@ def prompt_ids(spec: Task, record: dict, tokenizer, max_length: int) -> list[int
   if spec.chat and getattr(tokenizer, "chat_template", None):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # (a BatchEncoding in recent transformers)
   return tokenizer(prompt)["input_ids"]
 
 

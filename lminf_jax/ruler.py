@@ -18,6 +18,8 @@ the haystack's last unit is cut to make the length exact.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import re
 import string
 import uuid
@@ -181,13 +183,7 @@ def _assemble(b: _Builder, length: int, task: str, head: str, tail: str, units, 
   return ids, at, depths
 
 
-def _cycle(texts: list[str], start: int = 0):
-  i = start
-  while True:
-    yield texts[i % len(texts)]
-    i += 1
-
-
+@functools.cache
 def _sentences(text: str) -> list[str]:
   """The text's sentences, each with its leading space (so that they join back into the text)."""
   parts = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
@@ -239,7 +235,7 @@ def _niah(spec: Niah, task: str, b: _Builder, words: Words, length: int, rng, es
                     NEEDLE.format(type_v=spec.value, key=words.draw(spec.key, rng), value=words.draw(spec.value, rng)))
 
   essay_units = spec.haystack == "essay"
-  units = _cycle(essay, int(rng.integers(len(essay)))) if essay_units else lines()
+  units = itertools.islice(itertools.cycle(essay), int(rng.integers(len(essay))), None) if essay_units else lines()
   fill = dict(type_v=type_v, query=query)
   return _assemble(b, length, task, head.format(**fill), (tail + answer).format(**fill), units,
                    [(" " if essay_units else "\n") + n for n in needles],
@@ -280,7 +276,7 @@ def _vt(spec: VariableTracking, task: str, b: _Builder, length: int, rng):
   head, tail = VT_TEMPLATE.split("{context}")
   depths = sorted(rng.choice(DEPTHS, len(statements), replace=False))  # (the chains' order kept)
   return _assemble(b, length, task, shot + "\n\n" + head, (tail + VT_ANSWER).format(query=value, **fill),
-                   _cycle([" " + NOISE]), [" " + s for s in statements], depths), answers
+                   itertools.repeat(" " + NOISE), [" " + s for s in statements], depths), answers
 
 
 def _cwe(spec: CommonWords, task: str, b: _Builder, words: Words, length: int, rng):
@@ -304,7 +300,7 @@ def _cwe(spec: CommonWords, task: str, b: _Builder, words: Words, length: int, r
   while True:
     chosen = [str(w) for w in rng.choice(words.pool, min(len(words.pool), spec.num_cw + uncommon), replace=False)]
     items, answers = numbered(chosen, spec.num_cw, freq_cw, freq_ucw)
-    tokens = sum(len(b.tokenizer(x, add_special_tokens=False)["input_ids"]) for x in items)
+    tokens = sum(len(b.ids(x)) for x in items)
     if tokens >= room or len(chosen) == len(words.pool):
       break
     uncommon = int(uncommon * 1.1 * room / tokens) + 1
