@@ -26,7 +26,10 @@ _GGUF_LAYER_TO_HF = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+_HALF_SPLIT_ROPE = ("qwen2", "qwen3")  # stored as in Hugging Face (llama.cpp's NEOX rope): no q/k permutation
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -47,8 +50,8 @@ def _field(reader, key: str, default=None):
 
 def gguf_config(reader, path: Path) -> LlamaConfig:
   arch = _field(reader, "general.architecture")
-  if arch not in ("llama", "mistral", "qwen2"):
-    raise UserError(f"unsupported model_type {arch!r} in {path} (supported: llama, mistral, qwen2)")
+  if arch not in GGUF_ARCHS:
+    raise UserError(f"unsupported model_type {arch!r} in {path} (supported: {', '.join(GGUF_ARCHS)})")
   get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
   names = {t.name for t in reader.tensors}
   num_heads = get("attention.head_count")
@@ -68,7 +71,7 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
       "rope_theta": get("rope.freq_base", 10000.0),
       "max_position_embeddings": get("context_length", 2048),
       "tie_word_embeddings": "output.weight" not in names,
-      "attention_bias": "blk.0.attn_q.bias" in names and arch != "qwen2",
+      "attention_bias": "blk.0.attn_q.bias" in names and arch != "qwen2",  # (qwen2's is implied)
       "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
       "eos_token_id": eos,
       "sliding_window": get("attention.sliding_window"),  # absent: no window
@@ -112,7 +115,7 @@ def iter_gguf_tensors(reader, config: LlamaConfig, path: Path) -> Iterator[tuple
     expected_rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else None
     if expected_rows is not None and array.shape[0] != expected_rows:
       raise UserError(f"{path}: tensor {tensor.name} is truncated or corrupt")
-    if config.model_type != "qwen2" and kind in ("attn_q", "attn_k"):
+    if config.model_type not in _HALF_SPLIT_ROPE and kind in ("attn_q", "attn_k"):
       array = _unpermute(array, config.num_heads if kind == "attn_q" else config.num_kv_heads)
     yield name, array
 

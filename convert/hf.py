@@ -33,6 +33,8 @@ _LAYER_TENSORS = {
     "self_attn.k_proj.bias": (("attn", "bk_kh"), "nh"),
     "self_attn.v_proj.bias": (("attn", "bv_kh"), "nh"),
     "self_attn.o_proj.bias": (("attn", "bo_d"), "same"),
+    "self_attn.q_norm.weight": (("attn", "q_norm", "scale_h"), "same"),
+    "self_attn.k_norm.weight": (("attn", "k_norm", "scale_h"), "same"),
     "mlp.gate_proj.weight": (("mlp", "w_gate_df"), "transpose"),
     "mlp.up_proj.weight": (("mlp", "w_up_df"), "transpose"),
     "mlp.down_proj.weight": (("mlp", "w_down_fd"), "transpose"),

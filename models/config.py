@@ -11,7 +11,7 @@ from typing import Any
 from lminf_jax.errors import UserError
 from lminf_jax.limits import INT32_MAX, gib
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 MAX_PARAMS = 10**12  # far above any model this runs; a bigger config is a typo (or a hostile file)
@@ -58,7 +58,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """A Llama-family decoder (Llama, Mistral, Qwen2).
+  """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3).
 
   `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
   activations; softmax and RMSNorm statistics are always float32.
@@ -78,6 +78,7 @@ class LlamaConfig:
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
   o_bias: bool = False
+  qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
   model_type: str = "llama"
   sliding_window: int | None = None  # each query sees only its last sliding_window keys (Mistral v0.1)
   bos_token_id: int | None = None
@@ -100,7 +101,7 @@ class LlamaConfig:
     """The number of parameters (computed from the sizes, nothing allocated)."""
     d, h, n, k = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
     bias = (n + 2 * k) * h * self.qkv_bias + d * self.o_bias
-    layer = 2 * d * h * (n + k) + bias + 3 * d * self.intermediate_size + 2 * d
+    layer = 2 * d * h * (n + k) + bias + 2 * h * self.qk_norm + 3 * d * self.intermediate_size + 2 * d
     return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
 
   @property
@@ -180,7 +181,8 @@ class LlamaConfig:
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
-        o_bias=model_type == "llama" and attention_bias,
+        o_bias=model_type in ("llama", "qwen3") and attention_bias,
+        qk_norm=model_type == "qwen3",
         model_type=model_type,
         sliding_window=sliding_window,
         bos_token_id=hf.get("bos_token_id"),
@@ -211,11 +213,11 @@ def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _sliding_window(hf: dict[str, Any]) -> int | None:
   """The window every layer applies, as transformers reads it: Mistral's `sliding_window`
-  (4096 when the key is absent); Qwen2's only with `use_sliding_window`, on the layers from
+  (4096 when the key is absent); Qwen2's and Qwen3's only with `use_sliding_window`, on the layers from
   `max_window_layers` on (`layer_types`), which must then be all of them."""
   if hf["model_type"] == "mistral":
     return hf.get("sliding_window", 4096)
-  if hf["model_type"] != "qwen2" or not hf.get("use_sliding_window") or not hf.get("sliding_window"):
+  if hf["model_type"] not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or not hf.get("sliding_window"):
     return None
   n = hf["num_hidden_layers"]
   types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"

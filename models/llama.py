@@ -1,4 +1,4 @@
-"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral and Qwen2 checkpoints.
+"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2 and Qwen3 checkpoints.
 
 Axis letters (used in parameter and variable names): B batch, T query length, S key length,
 D model width, N query heads, K kv heads, G query heads per kv head, H head dim, V vocab,
@@ -43,16 +43,20 @@ def _dtype(name: str):
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm over the last axis: the model width D (param `scale_d`), or with `axis="head_dim"`
+  each head's H (param `scale_h`, Qwen3's q/k norm)."""
+
   eps: float
   param_dtype: str
+  axis: str = "embed"
 
   @nn.compact
-  def __call__(self, x_btd: jnp.ndarray) -> jnp.ndarray:
-    scale_d = self.param("scale_d", _const(nn.initializers.ones, "embed"), (x_btd.shape[-1],),
-                         _dtype(self.param_dtype))
-    x32 = x_btd.astype(jnp.float32)
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    name = "scale_d" if self.axis == "embed" else "scale_h"
+    scale = self.param(name, _const(nn.initializers.ones, self.axis), (x.shape[-1],), _dtype(self.param_dtype))
+    x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return scale_d.astype(x_btd.dtype) * normed.astype(x_btd.dtype)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
 NO_CACHE = CachedInput(None, None, None)  # (the layer scan's input without a cache)
@@ -92,6 +96,9 @@ class Attention(nn.Module):
       q_btnh += self.param("bq_nh", _const(zeros, "heads", "head_dim"), (n, h), pdt).astype(dt)
       k_btkh += self.param("bk_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
       v_btkh += self.param("bv_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
+    if cfg.qk_norm:
+      q_btnh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="q_norm")(q_btnh)
+      k_btkh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="k_norm")(k_btkh)
     inv_freq_h = jnp.asarray(inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling))
     if cached is None or cached.kv is None:  # (one-shot; with idx, into an empty cache: `Llama.cached_layers`)
       o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer)

@@ -18,6 +18,12 @@ TINY_KINDS = {
     "qwen2_window": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                          sliding_window=8, max_window_layers=0),
     "qwen2_bias": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    # Qwen3: per-head q/k RMSNorm before RoPE; a head_dim apart from hidden/heads; attention_bias on every projection.
+    "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=12),
+    "qwen3_bias_mha": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+                           tie_word_embeddings=False),
+    "qwen3_window": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                         sliding_window=8, max_window_layers=0),
 }
 
 
@@ -71,3 +77,51 @@ def feed_cached(params, config, spec, tokens, positions, chunks: list[int], max_
     outs.append(np.asarray(logits))
     start += size
   return np.concatenate(outs, axis=1)
+
+
+def write_gguf(model, path, arch: str) -> None:
+  """Writes a transformers model as a float32 GGUF the way llama.cpp's convert_hf_to_gguf.py
+  names and lays out the tensors: llama/mistral q/k rows permuted for interleaved RoPE, qwen
+  (NEOX RoPE) as they are. Only the metadata the loader reads; no tokenizer."""
+  import gguf
+
+  cfg = model.config
+  heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_vocab_size(cfg.vocab_size)
+  writer.add_embedding_length(cfg.hidden_size)
+  writer.add_feed_forward_length(cfg.intermediate_size)
+  writer.add_block_count(cfg.num_hidden_layers)
+  writer.add_head_count(heads)
+  writer.add_head_count_kv(kv_heads)
+  writer.add_key_length(head_dim)
+  writer.add_value_length(head_dim)
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+  writer.add_context_length(cfg.max_position_embeddings)
+
+  def permute(w, n):  # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute
+    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+  names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+  layer_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                 "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                 "post_attention_layernorm": "ffn_norm"}
+  for name, tensor in model.state_dict().items():
+    w = tensor.float().numpy()
+    parts = name.removeprefix("model.").split(".")
+    if parts[0] == "layers":
+      module = ".".join(parts[2:-1])
+      kind = layer_names[module]
+      if arch in ("llama", "mistral") and kind in ("attn_q", "attn_k"):
+        w = permute(w, heads if kind == "attn_q" else kv_heads)
+      writer.add_tensor(f"blk.{parts[1]}.{kind}.{parts[-1]}", w)
+    elif not (parts[0] == "lm_head" and cfg.tie_word_embeddings):
+      writer.add_tensor(f"{names[parts[0]]}.{parts[-1]}", w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()

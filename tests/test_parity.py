@@ -74,7 +74,7 @@ def test_bfloat16_params_within_bound(compute_dtype, save_tiny, tmp_path, capsys
   assert diff <= BF16_BOUND, diff
 
 
-@pytest.mark.parametrize("kind", ["mistral_window", "qwen2_window"])
+@pytest.mark.parametrize("kind", ["mistral_window", "qwen2_window", "qwen3_window"])
 def test_sliding_window_models_match_transformers_cached_and_generating(kind, save_tiny):
   """A model's own sliding window is applied by `dense` everywhere: the one-shot forward, the cache
   (fed in chunks), and greedy generation past the window equal transformers."""
@@ -95,6 +95,23 @@ def test_sliding_window_models_match_transformers_cached_and_generating(kind, sa
     expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0)
   assert generate(params, config, [prompt], 20, attention=Dense(), eos_ids=(), chunk=5)[0] == \
       expected[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("kind, arch", [("llama_gqa", "llama"), ("mistral", "mistral"), ("qwen2_bias", "qwen2"),
+                                        ("qwen3", "qwen3"), ("qwen3_bias_mha", "qwen3")])
+def test_gguf_written_by_the_gguf_package_matches_transformers(kind, arch, tmp_path):
+  """A GGUF laid out as llama.cpp's converter writes it (q/k permuted for llama and mistral only)
+  loads to transformers' logits."""
+  from helpers import tiny_hf_model, write_gguf
+
+  from lminf_jax.convert.gguf_file import load_gguf
+
+  model = tiny_hf_model(kind)
+  write_gguf(model, tmp_path / "tiny.gguf", arch)
+  config, params = load_gguf(tmp_path / "tiny.gguf")
+  assert config.model_type == arch and config.qk_norm == (arch == "qwen3")
+  ours = np.asarray(forward(params, config, jnp.asarray(TOKENS)))
+  np.testing.assert_allclose(ours, torch_logits(model, TOKENS), atol=1e-4, rtol=0)
 
 
 def test_sliding_window_on_some_layers_only_is_refused(save_tiny):
