@@ -11,6 +11,7 @@ import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,17 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 def _to_layout(w: np.ndarray, layout: str, target_shape: tuple[int, ...]) -> np.ndarray:
   """in_nh: [N*H, D] -> [D, N, H]; nh_out: [D, N*H] -> [N, H, D]; nh: [N*H] -> [N, H]."""
   return (w.T if layout in ("in_nh", "nh_out", "transpose") else w).reshape(target_shape)
+
+
+def _from_layout(w: np.ndarray, layout: str) -> np.ndarray:
+  """The inverse of `_to_layout`: our einsum layout -> the HF tensor."""
+  if layout == "in_nh":
+    return w.reshape(w.shape[0], -1).T
+  if layout == "nh_out":
+    return w.reshape(-1, w.shape[-1]).T
+  if layout == "nh":
+    return w.reshape(-1)
+  return w.T if layout == "transpose" else w
 
 
 def _expected_source_shape(layout: str, target_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -118,6 +130,36 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
     filled.add(path + ((layer,) if layer is not None else ()))
   _check_complete(config, shapes, filled)
   return params
+
+
+class HFTensor(NamedTuple):
+  """One tensor of a Hugging Face checkpoint and where it lives in our params."""
+
+  name: str
+  path: tuple[str, ...]
+  layer: int | None
+  layout: str
+
+
+def hf_tensor_names(config: LlamaConfig) -> list[HFTensor]:
+  """Every Hugging Face tensor that `config`'s params fill (the inverse of `assemble_params`'s
+  tables; no lm_head when the embeddings are tied)."""
+  shapes = abstract_params(config)
+  present = {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  out = [HFTensor(name, path, None, layout) for name, (path, layout) in _GLOBAL_TENSORS.items() if path in present]
+  for layer in range(config.num_layers):
+    out += [HFTensor(f"model.layers.{layer}.{suffix}", ("layers",) + path, layer, layout)
+            for suffix, (path, layout) in _LAYER_TENSORS.items() if ("layers",) + path in present]
+  return out
+
+
+def hf_tensor(params: dict, tensor: HFTensor) -> np.ndarray:
+  """The Hugging Face array of one tensor of `params` (numpy, the params' dtype)."""
+  node = params
+  for key in tensor.path:
+    node = node[key]
+  w = np.asarray(node if tensor.layer is None else node[tensor.layer])
+  return np.ascontiguousarray(_from_layout(w, tensor.layout))
 
 
 def _check_complete(config: LlamaConfig, shapes: dict, filled: set[tuple]) -> None:

@@ -303,6 +303,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
   print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+  from lminf_jax.convert.export import write_hf
+  from lminf_jax.loading import load
+
+  start = time.perf_counter()
+  out = check_output_dir(Path(args.out))
+  config, params, tokenizer = load(Path(args.ckpt))
+  write_hf(out, config, params, tokenizer, args.dtype)
+  print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
 def cmd_fetch(args: argparse.Namespace) -> None:
   from lminf_jax.fetch import fetch_smollm2
 
@@ -667,6 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("out")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.set_defaults(func=cmd_convert)
+
+  p = sub.add_parser("export", help="checkpoint dir (or HF dir, .gguf) -> Hugging Face model dir (safetensors)")
+  p.add_argument("ckpt")
+  p.add_argument("out")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
+  p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("fetch", help="download and convert a real test model")
   p.add_argument("model", choices=("smollm2",))

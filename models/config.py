@@ -14,6 +14,8 @@ from lminf_jax.limits import INT32_MAX, gib
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "qwen3": "Qwen3ForCausalLM"}
 MAX_PARAMS = 10**12  # far above any model this runs; a bigger config is a typo (or a hostile file)
 
 # Integer (positive, at most INT32_MAX) and float (positive, finite) fields, by the names of a
@@ -120,6 +122,47 @@ class LlamaConfig:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  def to_hf(self) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict of this model (what `from_hf` reads back to it, with
+    RoPE settings in both transformers 5's and 4.x's keys). Raises UserError for a combination
+    that the model_type's transformers class cannot express (e.g. a GGUF llama with a window)."""
+    mt = self.model_type
+    bias_ok = {"llama": self.qkv_bias == self.o_bias, "mistral": not (self.qkv_bias or self.o_bias),
+               "qwen2": self.qkv_bias and not self.o_bias, "qwen3": self.qkv_bias == self.o_bias}[mt]
+    if not bias_ok:
+      raise UserError(f"cannot export: transformers' {mt} has no form for q/k/v bias={self.qkv_bias} "
+                      f"with o bias={self.o_bias}")
+    if self.sliding_window and mt == "llama":
+      raise UserError(f"cannot export: transformers' llama has no sliding window ({self.sliding_window})")
+    scaling = self.rope_scaling
+    rope: dict[str, Any] = {"rope_type": scaling.kind, "rope_theta": self.rope_theta}
+    if scaling.kind != "default":
+      rope["factor"] = scaling.factor
+    if scaling.kind == "llama3":
+      rope.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+                  original_max_position_embeddings=scaling.original_max_position_embeddings)
+    eos = self.eos_token_ids
+    hf = {
+        "architectures": [_HF_ARCHITECTURES[mt]], "model_type": mt, "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None),
+        "rope_parameters": rope, "rope_theta": self.rope_theta,
+        "rope_scaling": None if scaling.kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "dtype": self.param_dtype,
+    }
+    if mt in ("llama", "qwen3"):
+      hf["attention_bias"] = self.qkv_bias
+    if mt == "mistral":
+      hf["sliding_window"] = self.sliding_window
+    if mt in ("qwen2", "qwen3"):
+      hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                max_window_layers=0 if self.sliding_window else self.num_layers)
+    return hf
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
