@@ -44,8 +44,7 @@ def write_hf(out: Path, config: LlamaConfig, params: dict, tokenizer=None, dtype
   hf_config = config.to_hf()  # refuses what transformers cannot express, before any work
   np_dtype = np.dtype(ml_dtypes.bfloat16) if config.param_dtype == "bfloat16" else np.dtype(np.float32)
   tensors = hf_tensor_names(config)
-  sizes = [math.prod(_leaf(params, t.path).shape[1 if t.layer is not None else 0:]) * np_dtype.itemsize
-           for t in tensors]
+  sizes = [math.prod(t.shape) * np_dtype.itemsize for t in tensors]
   shards = _shards(tensors, sizes, max_shard_bytes)
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -61,9 +60,3 @@ def write_hf(out: Path, config: LlamaConfig, params: dict, tokenizer=None, dtype
       tokenizer.save_pretrained(str(tmp))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
   return out
-
-
-def _leaf(params: dict, path: tuple[str, ...]):
-  for key in path:
-    params = params[key]
-  return params

@@ -28,8 +28,11 @@ _GGUF_LAYER_TO_HF = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
-GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-_HALF_SPLIT_ROPE = ("qwen2", "qwen3")  # stored as in Hugging Face (llama.cpp's NEOX rope): no q/k permutation
+# Phi-3 stores fused projections: attn_qkv, and ffn_up holding gate and up (llama.cpp splits it in half).
+_PHI3_LAYER_TO_HF = {**_GGUF_LAYER_TO_HF, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+_HALF_SPLIT_ROPE = ("qwen2", "qwen3", "phi3")  # stored as in Hugging Face (llama.cpp's NEOX rope): no q/k permutation
+_ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # Phi-3's longrope, as tensors
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -66,7 +69,8 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
       "num_hidden_layers": get("block_count"),
       "num_attention_heads": num_heads,
       "num_key_value_heads": get("attention.head_count_kv", num_heads),
-      "head_dim": get("attention.key_length") or get("rope.dimension_count"),  # absent: hidden // heads
+      # absent: hidden // heads (Phi-3's rope.dimension_count is the rotated part of a head)
+      "head_dim": get("attention.key_length") or (get("rope.dimension_count") if arch != "phi3" else None),
       "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
       "rope_theta": get("rope.freq_base", 10000.0),
       "max_position_embeddings": get("context_length", 2048),
@@ -78,6 +82,21 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
   }
   if (kind := get("rope.scaling.type")) not in (None, "none"):
     hf["rope_scaling"] = {"rope_type": kind, "factor": get("rope.scaling.factor", 1.0)}
+  if arch == "phi3":
+    head_dim = hf["head_dim"] or (hidden // num_heads if hidden and num_heads else None)
+    rotary = get("rope.dimension_count")
+    hf["partial_rotary_factor"] = rotary / head_dim if rotary and head_dim else 1.0
+    factors = {t.name: t for t in reader.tensors if t.name in _ROPE_FACTORS}
+    if factors:
+      if len(factors) != 2:
+        raise UserError(f"{path} has only one of {', '.join(_ROPE_FACTORS)}")
+      hf["rope_scaling"] = {
+          "rope_type": "longrope",
+          "short_factor": np.asarray(factors[_ROPE_FACTORS[0]].data, np.float32).tolist(),
+          "long_factor": np.asarray(factors[_ROPE_FACTORS[1]].data, np.float32).tolist(),
+          "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+          "attention_factor": get("rope.scaling.attn_factor"),
+      }
   optional = ("head_dim", "bos_token_id", "eos_token_id", "sliding_window")
   missing = [k for k, v in hf.items() if v is None and k not in optional]
   if missing:
@@ -101,13 +120,14 @@ def iter_gguf_tensors(reader, config: LlamaConfig, path: Path) -> Iterator[tuple
   for tensor in reader.tensors:
     if match := _LAYER.fullmatch(tensor.name):
       layer, kind, suffix = match.groups()
-      if kind not in _GGUF_LAYER_TO_HF:
+      names = _PHI3_LAYER_TO_HF if config.model_type == "phi3" else _GGUF_LAYER_TO_HF
+      if kind not in names:
         raise UserError(f"unknown tensor {tensor.name} in {path}")
-      name = f"model.layers.{layer}.{_GGUF_LAYER_TO_HF[kind]}.{suffix}"
+      name = f"model.layers.{layer}.{names[kind]}.{suffix}"
     elif tensor.name in _GGUF_TO_HF:
       name, kind = _GGUF_TO_HF[tensor.name], None
     else:
-      continue  # e.g. rope_freqs, which we recompute from the config
+      continue  # e.g. rope_freqs or Phi-3's rope factors, which the config holds
     try:
       array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     except Exception as e:

@@ -48,6 +48,12 @@ _GLOBAL_TENSORS = {
     "lm_head.weight": (("w_unembed_dv",), "transpose"),
 }
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# Projections that some checkpoints (Phi-3) store fused: the fused name -> the parts it stacks along its rows.
+_FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+FUSED_MODEL_TYPES = ("phi3",)
 
 
 def _to_layout(w: np.ndarray, layout: str, target_shape: tuple[int, ...]) -> np.ndarray:
@@ -94,7 +100,7 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
              ("this machine", host_memory_bytes()))
   params = jax.tree.map(lambda s: np.empty(s.shape, dtype), shapes)
   filled: set[tuple] = set()
-  for name, array in tensors:
+  for name, array in _unfused(config, tensors):
     if _IGNORED.match(name):
       continue
     layer, (path, layout) = None, _GLOBAL_TENSORS.get(name, (None, None))
@@ -132,29 +138,72 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
   return params
 
 
+def _fused_parts(config: LlamaConfig, suffix: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(suffix, HF shape) of each part of a fused layer tensor."""
+  shapes = abstract_params(config)["layers"]
+  out = []
+  for part in _FUSED[suffix]:
+    node = shapes
+    path, layout = _LAYER_TENSORS[part]
+    for key in path:
+      node = node[key]
+    out.append((part, _expected_source_shape(layout, node.shape[1:])))
+  return out
+
+
+def _unfused(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+  """`tensors` with each fused projection split into its parts (their rows, in `_FUSED`'s order)."""
+  for name, array in tensors:
+    match = _LAYER.fullmatch(name)
+    if not match or match.group(2) not in _FUSED:
+      yield name, array
+      continue
+    parts = _fused_parts(config, match.group(2))
+    expected = (sum(shape[0] for _, shape in parts),) + parts[0][1][1:]
+    if tuple(array.shape) != expected:
+      raise UserError(f"tensor {name} has shape {tuple(array.shape)}, expected {expected} from the model config")
+    ends = np.cumsum([shape[0] for _, shape in parts])[:-1]
+    for (part, _), piece in zip(parts, np.split(np.asarray(array), ends)):
+      yield f"model.layers.{match.group(1)}.{part}", piece
+
+
 class HFTensor(NamedTuple):
-  """One tensor of a Hugging Face checkpoint and where it lives in our params."""
+  """One tensor of a Hugging Face checkpoint: its HF shape and where it lives in our params (a
+  fused one: the tensors it stacks, `parts`)."""
 
   name: str
-  path: tuple[str, ...]
-  layer: int | None
-  layout: str
+  shape: tuple[int, ...]
+  path: tuple[str, ...] = ()
+  layer: int | None = None
+  layout: str = "same"
+  parts: tuple[HFTensor, ...] = ()
 
 
 def hf_tensor_names(config: LlamaConfig) -> list[HFTensor]:
   """Every Hugging Face tensor that `config`'s params fill (the inverse of `assemble_params`'s
-  tables; no lm_head when the embeddings are tied)."""
-  shapes = abstract_params(config)
-  present = {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-  out = [HFTensor(name, path, None, layout) for name, (path, layout) in _GLOBAL_TENSORS.items() if path in present]
+  tables; no lm_head when the embeddings are tied; fused projections for Phi-3)."""
+  leaves = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
+      abstract_params(config))[0]}
+  out = [HFTensor(name, _expected_source_shape(layout, leaves[path].shape), path, None, layout)
+         for name, (path, layout) in _GLOBAL_TENSORS.items() if path in leaves]
   for layer in range(config.num_layers):
-    out += [HFTensor(f"model.layers.{layer}.{suffix}", ("layers",) + path, layer, layout)
-            for suffix, (path, layout) in _LAYER_TENSORS.items() if ("layers",) + path in present]
+    by_suffix = {suffix: HFTensor(f"model.layers.{layer}.{suffix}",
+                                  _expected_source_shape(layout, leaves[("layers",) + path].shape[1:]),
+                                  ("layers",) + path, layer, layout)
+                 for suffix, (path, layout) in _LAYER_TENSORS.items() if ("layers",) + path in leaves}
+    if config.model_type in FUSED_MODEL_TYPES:
+      for fused, parts in _FUSED.items():
+        stacked = tuple(by_suffix.pop(part) for part in parts)
+        shape = (sum(t.shape[0] for t in stacked),) + stacked[0].shape[1:]
+        by_suffix[fused] = HFTensor(f"model.layers.{layer}.{fused}", shape, parts=stacked)
+    out += by_suffix.values()
   return out
 
 
 def hf_tensor(params: dict, tensor: HFTensor) -> np.ndarray:
   """The Hugging Face array of one tensor of `params` (numpy, the params' dtype)."""
+  if tensor.parts:
+    return np.concatenate([hf_tensor(params, part) for part in tensor.parts])
   node = params
   for key in tensor.path:
     node = node[key]

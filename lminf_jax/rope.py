@@ -18,10 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def inv_frequencies(head_dim: int, theta: float, scaling) -> np.ndarray:
-  """Inverse frequencies [H/2], float32, for RoPE scaling kinds default / linear / llama3."""
-  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-  if scaling.kind == "linear":
+def inv_frequencies(rotary_dim: int, theta: float, scaling, long: bool = False) -> np.ndarray:
+  """Inverse frequencies [R/2], float32, for RoPE scaling kinds default / linear / llama3 /
+  longrope (its long factors with `long`, else its short ones). R, the rotated part of a head,
+  is H unless the model rotates only a part (Phi-3's partial_rotary_factor)."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim))
+  if scaling.kind == "longrope":
+    inv_freq = 1.0 / (np.asarray(scaling.long_factor if long else scaling.short_factor, np.float32)
+                      * theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim))
+  elif scaling.kind == "linear":
     inv_freq = inv_freq / scaling.factor
   elif scaling.kind == "llama3":
     old_len = scaling.original_max_position_embeddings
@@ -39,10 +44,13 @@ def inv_frequencies(head_dim: int, theta: float, scaling) -> np.ndarray:
 
 def apply_rope(x: jnp.ndarray, offsets: jnp.ndarray, inv_freq_h: jnp.ndarray) -> jnp.ndarray:
   """Rotates x [..., H] by integer position offsets broadcastable to x.shape[:-1] (small:
-  relative to a reference position). Computed in float32, cast back to x's dtype."""
+  relative to a reference position). Computed in float32, cast back to x's dtype. With R/2
+  frequencies for R < H, only the first R dims rotate (half-split within them); the rest pass."""
   cos, sin = _cos_sin(offsets.astype(jnp.float32)[..., None], inv_freq_h.astype(jnp.float32))
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  r = 2 * inv_freq_h.shape[-1]
+  x1, x2 = jnp.split(x[..., :r].astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return rotated if r == x.shape[-1] else jnp.concatenate([rotated, x[..., r:]], axis=-1)
 
 
 def _cos_sin(offsets: jnp.ndarray, inv_freq_h: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

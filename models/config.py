@@ -11,11 +11,11 @@ from typing import Any
 from lminf_jax.errors import UserError
 from lminf_jax.limits import INT32_MAX, gib
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = ("float32", "bfloat16")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "qwen3": "Qwen3ForCausalLM"}
+                     "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 MAX_PARAMS = 10**12  # far above any model this runs; a bigger config is a typo (or a hostile file)
 
 # Integer (positive, at most INT32_MAX) and float (positive, finite) fields, by the names of a
@@ -55,12 +55,15 @@ class RopeScaling:
   factor: float = 1.0
   low_freq_factor: float = 1.0  # llama3 only
   high_freq_factor: float = 4.0  # llama3 only
-  original_max_position_embeddings: int = 8192  # llama3 only
+  original_max_position_embeddings: int = 8192  # llama3, longrope
+  short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors while max position + 1 <= original
+  long_factor: tuple[float, ...] = ()  # longrope: ... beyond it
+  attention_factor: float = 1.0  # longrope: cos and sin are multiplied by it
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3).
+  """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3).
 
   `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
   activations; softmax and RMSNorm statistics are always float32.
@@ -76,6 +79,7 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = RopeScaling()
+  partial_rotary_factor: float = 1.0  # RoPE rotates the first int(H * this) dims of each head (Phi-3)
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
@@ -107,6 +111,10 @@ class LlamaConfig:
     return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
 
   @property
+  def rotary_dim(self) -> int:  # R
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  @property
   def heads_per_kv(self) -> int:  # G
     return self.num_heads // self.num_kv_heads
 
@@ -128,7 +136,8 @@ class LlamaConfig:
     RoPE settings in both transformers 5's and 4.x's keys). Raises UserError for a combination
     that the model_type's transformers class cannot express (e.g. a GGUF llama with a window)."""
     mt = self.model_type
-    bias_ok = {"llama": self.qkv_bias == self.o_bias, "mistral": not (self.qkv_bias or self.o_bias),
+    no_bias = not (self.qkv_bias or self.o_bias)
+    bias_ok = {"llama": self.qkv_bias == self.o_bias, "mistral": no_bias, "phi3": no_bias,
                "qwen2": self.qkv_bias and not self.o_bias, "qwen3": self.qkv_bias == self.o_bias}[mt]
     if not bias_ok:
       raise UserError(f"cannot export: transformers' {mt} has no form for q/k/v bias={self.qkv_bias} "
@@ -141,6 +150,10 @@ class LlamaConfig:
       rope["factor"] = scaling.factor
     if scaling.kind == "llama3":
       rope.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+                  original_max_position_embeddings=scaling.original_max_position_embeddings)
+    if scaling.kind == "longrope":
+      rope.update(short_factor=list(scaling.short_factor), long_factor=list(scaling.long_factor),
+                  attention_factor=scaling.attention_factor,
                   original_max_position_embeddings=scaling.original_max_position_embeddings)
     eos = self.eos_token_ids
     hf = {
@@ -157,8 +170,16 @@ class LlamaConfig:
     }
     if mt in ("llama", "qwen3"):
       hf["attention_bias"] = self.qkv_bias
-    if mt == "mistral":
+    if mt in ("mistral", "phi3"):
       hf["sliding_window"] = self.sliding_window
+    if mt == "phi3":
+      rope["partial_rotary_factor"] = self.partial_rotary_factor
+      hf.update(partial_rotary_factor=self.partial_rotary_factor, pad_token_id=None)
+      if scaling.kind == "longrope":
+        hf["original_max_position_embeddings"] = scaling.original_max_position_embeddings
+    elif self.partial_rotary_factor != 1:
+      raise UserError(f"cannot export: transformers' {mt} rotates whole heads "
+                      f"(partial_rotary_factor {self.partial_rotary_factor})")
     if mt in ("qwen2", "qwen3"):
       hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
                 max_window_layers=0 if self.sliding_window else self.num_layers)
@@ -169,7 +190,10 @@ class LlamaConfig:
     """From `to_dict`'s output (a checkpoint's config.json)."""
     check_fields(d, _INTS, _OPTIONAL_INTS, _FLOATS)
     d = dict(d)
-    d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
+    rope = dict(d.get("rope_scaling", {}))
+    for name in ("short_factor", "long_factor"):  # (JSON lists)
+      rope[name] = tuple(rope.get(name, ()))
+    d["rope_scaling"] = RopeScaling(**rope)
     d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
     return cls(**d)
 
@@ -192,19 +216,12 @@ class LlamaConfig:
     rope = _rope_dict(hf)
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     check_fields({"rope_theta": theta}, (), (), ("rope_theta",))
-    kind = rope.get("rope_type", "default")
-    if kind not in SUPPORTED_ROPE_TYPES:
-      raise UserError(f"unsupported rope scaling {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    try:
-      scaling = RopeScaling(
-          kind=kind,
-          factor=float(rope.get("factor", 1.0)),
-          low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-          high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-          original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
-      )
-    except (TypeError, ValueError) as e:
-      raise UserError(f"bad rope scaling {rope}: {e}") from None
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if model_type == "phi3" else 1.0
+    if isinstance(partial, bool) or not isinstance(partial, numbers.Real) or not 0 < partial <= 1 \
+        or int(head_dim * partial) % 2:
+      raise UserError(f"partial_rotary_factor must be in (0, 1] and rotate an even number of the {head_dim} "
+                      f"head dims, got {partial!r}")
+    scaling = _rope_scaling(hf, rope, head_dim, int(head_dim * partial))
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     attention_bias = bool(hf.get("attention_bias", False))
@@ -221,6 +238,7 @@ class LlamaConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
         rope_scaling=scaling,
+        partial_rotary_factor=float(partial),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias,
@@ -231,6 +249,40 @@ class LlamaConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+def _rope_scaling(hf: dict[str, Any], rope: dict[str, Any], head_dim: int, rotary_dim: int) -> RopeScaling:
+  """The RopeScaling of `rope` (`_rope_dict`), as transformers computes it. longrope (Phi-3; its
+  older names "su" and "yarn"): `factor` defaults to max_position_embeddings / original, and
+  `attention_factor` to sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1)."""
+  kind = rope.get("rope_type", "default")
+  if hf["model_type"] == "phi3" and kind in ("su", "yarn"):
+    kind = "longrope"
+  if kind not in SUPPORTED_ROPE_TYPES:
+    raise UserError(f"unsupported rope scaling {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+  try:
+    if kind != "longrope":
+      return RopeScaling(
+          kind=kind,
+          factor=float(rope.get("factor", 1.0)),
+          low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+          high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+          original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+      )
+    original = int(rope.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
+    factor = float(rope.get("factor") or hf.get("max_position_embeddings", original) / original)
+    attention = rope.get("attention_factor")
+    if attention is None:
+      attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    factors = {name: tuple(float(x) for x in rope[name]) for name in ("short_factor", "long_factor")}
+  except (TypeError, ValueError, KeyError) as e:
+    raise UserError(f"bad rope scaling {rope}: {type(e).__name__}: {e}") from None
+  for name, values in factors.items():
+    if len(values) != rotary_dim // 2 or not all(math.isfinite(x) and x > 0 for x in values):
+      raise UserError(f"longrope {name} must hold {rotary_dim // 2} positive numbers (rotary dim {rotary_dim} of "
+                      f"head_dim {head_dim}), got {len(values)}")
+  return RopeScaling(kind=kind, factor=factor, original_max_position_embeddings=original,
+                     attention_factor=float(attention), **factors)
 
 
 def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
@@ -260,6 +312,8 @@ def _sliding_window(hf: dict[str, Any]) -> int | None:
   `max_window_layers` on (`layer_types`), which must then be all of them."""
   if hf["model_type"] == "mistral":
     return hf.get("sliding_window", 4096)
+  if hf["model_type"] == "phi3":
+    return hf.get("sliding_window")
   if hf["model_type"] not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or not hf.get("sliding_window"):
     return None
   n = hf["num_hidden_layers"]

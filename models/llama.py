@@ -42,6 +42,18 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
+def rope_frequencies(config: LlamaConfig, positions_bt: jnp.ndarray) -> jnp.ndarray:
+  """RoPE's inverse frequencies [R/2] for a call at `positions_bt`. longrope picks its long
+  factors when the call's largest position + 1 exceeds the original training length, as
+  transformers does per forward call (so a cache's keys are re-rotated with the call's set)."""
+  scaling, r = config.rope_scaling, config.rotary_dim
+  short = jnp.asarray(inv_frequencies(r, config.rope_theta, scaling))
+  if scaling.kind != "longrope":
+    return short
+  long = jnp.asarray(inv_frequencies(r, config.rope_theta, scaling, long=True))
+  return jnp.where(jnp.max(positions_bt) + 1 > scaling.original_max_position_embeddings, long, short)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis: the model width D (param `scale_d`), or with `axis="head_dim"`
   each head's H (param `scale_h`, Qwen3's q/k norm)."""
@@ -99,7 +111,9 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q_btnh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="q_norm")(q_btnh)
       k_btkh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="k_norm")(k_btkh)
-    inv_freq_h = jnp.asarray(inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling))
+    inv_freq_h = rope_frequencies(cfg, positions_bt)
+    if cfg.rope_scaling.attention_factor != 1:  # (longrope: cos and sin times it, so rotated q.k times its square)
+      q_btnh = q_btnh * jnp.where(jnp.arange(h) < cfg.rotary_dim, cfg.rope_scaling.attention_factor**2, 1).astype(dt)
     if cached is None or cached.kv is None:  # (one-shot; with idx, into an empty cache: `Llama.cached_layers`)
       o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer)
       new_kv = None if cached is None or cached.idx_bt is None else LayerWrite(k_btkh, v_btkh, None)
@@ -239,5 +253,5 @@ def _write(config: LlamaConfig, x_btd: jnp.ndarray, cache: Cache, new_kv: LayerW
   """(x, the cache with the layers' keys and values [L, B, T, K, H] stored). The stores wait for
   the layers' output x (`after`), so they follow every read of the cache and update it in place."""
   k_lbtkh, v_lbtkh = after(new_kv.k_btkh, x_btd), after(new_kv.v_btkh, x_btd)
-  inv_freq_h = jnp.asarray(inv_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))
-  return x_btd, write(cache, k_lbtkh, v_lbtkh, new_kv.aux, positions_bt, idx_bt, inv_freq_h, attention)
+  return x_btd, write(cache, k_lbtkh, v_lbtkh, new_kv.aux, positions_bt, idx_bt, rope_frequencies(config, positions_bt),
+                      attention)

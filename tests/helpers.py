@@ -24,6 +24,16 @@ TINY_KINDS = {
                            tie_word_embeddings=False),
     "qwen3_window": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                          sliding_window=8, max_window_layers=0),
+    # Phi-3: fused qkv_proj and gate_up_proj; partial rotary (Phi-4-mini's 0.75) with longrope, whose factor (256 / 32)
+    # and attention factor come from the lengths, and whose long factors apply past 32 positions; a window of 8.
+    "phi3_longrope": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2,
+                          partial_rotary_factor=0.75, original_max_position_embeddings=32,
+                          rope_scaling=dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(6)],
+                                            long_factor=[2.0 + 0.5 * i for i in range(6)])),
+    "phi3_window": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=1, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2,
+                        sliding_window=8, tie_word_embeddings=True),
 }
 
 
@@ -81,8 +91,9 @@ def feed_cached(params, config, spec, tokens, positions, chunks: list[int], max_
 
 def write_gguf(model, path, arch: str) -> None:
   """Writes a transformers model as a float32 GGUF the way llama.cpp's convert_hf_to_gguf.py
-  names and lays out the tensors: llama/mistral q/k rows permuted for interleaved RoPE, qwen
-  (NEOX RoPE) as they are. Only the metadata the loader reads; no tokenizer."""
+  names and lays out the tensors: llama/mistral q/k rows permuted for interleaved RoPE, qwen and
+  phi3 (NEOX RoPE) as they are, phi3's fused projections kept fused. Only the metadata the loader
+  reads; no tokenizer."""
   import gguf
 
   cfg = model.config
@@ -100,6 +111,16 @@ def write_gguf(model, path, arch: str) -> None:
   writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
   writer.add_context_length(cfg.max_position_embeddings)
+  if getattr(cfg, "sliding_window", None):
+    writer.add_sliding_window(cfg.sliding_window)
+  rope = cfg.rope_parameters
+  if arch == "phi3":  # as convert_hf_to_gguf.py's Phi3MiniModel: rotary dims, and longrope's factors as tensors
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if rope.get("rope_type") == "longrope":
+      writer.add_rope_scaling_attn_factors(model.model.rotary_emb.attention_scaling)
+      writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+      writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+      writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
 
   def permute(w, n):  # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute
     return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -109,7 +130,7 @@ def write_gguf(model, path, arch: str) -> None:
                  "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
                  "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-                 "post_attention_layernorm": "ffn_norm"}
+                 "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
   for name, tensor in model.state_dict().items():
     w = tensor.float().numpy()
     parts = name.removeprefix("model.").split(".")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import TINY_KINDS, run_cli, torch_logits
 
+from lminf_jax.attention import Dense
 from lminf_jax.forward import forward, token_nll
 from lminf_jax.loading import load
 
@@ -74,7 +75,7 @@ def test_bfloat16_params_within_bound(compute_dtype, save_tiny, tmp_path, capsys
   assert diff <= BF16_BOUND, diff
 
 
-@pytest.mark.parametrize("kind", ["mistral_window", "qwen2_window", "qwen3_window"])
+@pytest.mark.parametrize("kind", ["mistral_window", "qwen2_window", "qwen3_window", "phi3_window"])
 def test_sliding_window_models_match_transformers_cached_and_generating(kind, save_tiny):
   """A model's own sliding window is applied by `dense` everywhere: the one-shot forward, the cache
   (fed in chunks), and greedy generation past the window equal transformers."""
@@ -98,7 +99,8 @@ def test_sliding_window_models_match_transformers_cached_and_generating(kind, sa
 
 
 @pytest.mark.parametrize("kind, arch", [("llama_gqa", "llama"), ("mistral", "mistral"), ("qwen2_bias", "qwen2"),
-                                        ("qwen3", "qwen3"), ("qwen3_bias_mha", "qwen3")])
+                                        ("qwen3", "qwen3"), ("qwen3_bias_mha", "qwen3"),
+                                        ("phi3_longrope", "phi3"), ("phi3_window", "phi3")])
 def test_gguf_written_by_the_gguf_package_matches_transformers(kind, arch, tmp_path):
   """A GGUF laid out as llama.cpp's converter writes it (q/k permuted for llama and mistral only)
   loads to transformers' logits."""
@@ -112,6 +114,32 @@ def test_gguf_written_by_the_gguf_package_matches_transformers(kind, arch, tmp_p
   assert config.model_type == arch and config.qk_norm == (arch == "qwen3")
   ours = np.asarray(forward(params, config, jnp.asarray(TOKENS)))
   np.testing.assert_allclose(ours, torch_logits(model, TOKENS), atol=1e-4, rtol=0)
+
+
+def test_longrope_short_and_long_factors_match_transformers(save_tiny):
+  """Phi-3's longrope (partial rotary 0.75) uses its short factors while a call's largest position
+  + 1 is within original_max_position_embeddings (32) and its long ones past it, as transformers
+  does per call: one-shot logits of 20 and of 40 tokens, and greedy generation from a prompt on
+  each side, prefilled in one call, against greedy decoding by full transformers forwards (the
+  decode steps stay on the prompt's side, where a cache agrees with them; transformers' own
+  `generate` special-cases Phi-3 near the switch)."""
+
+  from lminf_jax.attention import Lambda
+  from lminf_jax.generation import generate
+
+  model, hf_dir = save_tiny("phi3_longrope")
+  config, params, _ = load(hf_dir)
+  assert config.rotary_dim == 12 and config.rope_scaling.kind == "longrope"
+  for t in (20, 40):
+    ours = np.asarray(forward(params, config, jnp.asarray(TOKENS[:, :t])))
+    np.testing.assert_allclose(ours, torch_logits(model, TOKENS[:, :t]), atol=1e-4, rtol=0)
+  for prompt_len, new in ((12, 15), (36, 10)):
+    expected = TOKENS[0, :prompt_len].tolist()
+    for _ in range(new):
+      expected.append(int(torch_logits(model, np.asarray([expected]))[0, -1].argmax()))
+    for attention in (Dense(), Lambda(n_global=2, n_local=64)):  # (lambda's window holds it all: dense's tokens)
+      assert generate(params, config, [expected[:prompt_len]], new, attention=attention, eos_ids=(), chunk=64)[0] \
+          == expected[prompt_len:], (prompt_len, attention)
 
 
 def test_sliding_window_on_some_layers_only_is_refused(save_tiny):
