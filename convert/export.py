@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +49,13 @@ def write_hf(out: Path, config: LlamaConfig, params: dict, tokenizer=None, dtype
   shards = _shards(tensors, sizes, max_shard_bytes)
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  umask = os.umask(0)
+  os.umask(umask)
   with atomic_dir(out) as tmp:
     for name, shard in zip(names, shards):
       save_file({t.name: hf_tensor(params, t).astype(np_dtype) for t in shard}, str(tmp / name),
                 metadata={"format": "pt"})
+      os.chmod(tmp / name, 0o666 & ~umask)  # (safetensors creates its files 0600)
     if len(shards) > 1:
       index = {"metadata": {"total_size": sum(sizes)},
                "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}

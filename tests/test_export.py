@@ -4,6 +4,7 @@ that `lminf convert` reads back to the same params bit for bit (float32)."""
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,12 @@ from lminf_jax.forward import forward
 from lminf_jax.loading import load
 
 TOKENS = np.random.default_rng(1).integers(0, 97, size=(2, 24))
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _hf_model(path):
@@ -39,6 +46,7 @@ def test_export_round_trip(kind, save_tiny, tmp_path, capsys):
   code, out, err = run_cli(capsys, "export", tmp_path / "ckpt", tmp_path / "export")
   assert code == 0, err
   assert "wrote" in out
+  assert {f.stat().st_mode & 0o777 for f in (tmp_path / "export").iterdir()} == {0o666 & ~_umask()}
   exported = _hf_model(tmp_path / "export")
   np.testing.assert_allclose(torch_logits(exported, TOKENS), torch_logits(model, TOKENS), atol=1e-5, rtol=0)
   assert run_cli(capsys, "convert", tmp_path / "export", tmp_path / "again")[0] == 0
