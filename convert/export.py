@@ -53,7 +53,7 @@ def write_hf(out: Path, config: LlamaConfig, params: dict, tokenizer=None, dtype
   os.umask(umask)
   with atomic_dir(out) as tmp:
     for name, shard in zip(names, shards):
-      save_file({t.name: hf_tensor(params, t).astype(np_dtype) for t in shard}, str(tmp / name),
+      save_file({t.name: hf_tensor(params, t).astype(np_dtype, copy=False) for t in shard}, str(tmp / name),
                 metadata={"format": "pt"})
       os.chmod(tmp / name, 0o666 & ~umask)  # (safetensors creates its files 0600)
     if len(shards) > 1:

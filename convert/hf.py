@@ -138,27 +138,16 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
   return params
 
 
-def _fused_parts(config: LlamaConfig, suffix: str) -> list[tuple[str, tuple[int, ...]]]:
-  """(suffix, HF shape) of each part of a fused layer tensor."""
-  shapes = abstract_params(config)["layers"]
-  out = []
-  for part in _FUSED[suffix]:
-    node = shapes
-    path, layout = _LAYER_TENSORS[part]
-    for key in path:
-      node = node[key]
-    out.append((part, _expected_source_shape(layout, node.shape[1:])))
-  return out
-
-
 def _unfused(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
   """`tensors` with each fused projection split into its parts (their rows, in `_FUSED`'s order)."""
+  shapes = {}  # the unfused HF shapes of a layer's tensors, once a fused one comes
   for name, array in tensors:
     match = _LAYER.fullmatch(name)
     if not match or match.group(2) not in _FUSED:
       yield name, array
       continue
-    parts = _fused_parts(config, match.group(2))
+    shapes = shapes or {t.name.split(".", 3)[3]: t.shape for t in hf_tensor_names(config, fused=False) if t.layer == 0}
+    parts = [(part, shapes[part]) for part in _FUSED[match.group(2)]]
     expected = (sum(shape[0] for _, shape in parts),) + parts[0][1][1:]
     if tuple(array.shape) != expected:
       raise UserError(f"tensor {name} has shape {tuple(array.shape)}, expected {expected} from the model config")
@@ -179,9 +168,10 @@ class HFTensor(NamedTuple):
   parts: tuple[HFTensor, ...] = ()
 
 
-def hf_tensor_names(config: LlamaConfig) -> list[HFTensor]:
+def hf_tensor_names(config: LlamaConfig, fused: bool | None = None) -> list[HFTensor]:
   """Every Hugging Face tensor that `config`'s params fill (the inverse of `assemble_params`'s
-  tables; no lm_head when the embeddings are tied; fused projections for Phi-3)."""
+  tables; no lm_head when the embeddings are tied; fused projections where the model_type's
+  checkpoints fuse them, unless `fused` says otherwise)."""
   leaves = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
       abstract_params(config))[0]}
   out = [HFTensor(name, _expected_source_shape(layout, leaves[path].shape), path, None, layout)
@@ -191,7 +181,7 @@ def hf_tensor_names(config: LlamaConfig) -> list[HFTensor]:
                                   _expected_source_shape(layout, leaves[("layers",) + path].shape[1:]),
                                   ("layers",) + path, layer, layout)
                  for suffix, (path, layout) in _LAYER_TENSORS.items() if ("layers",) + path in leaves}
-    if config.model_type in FUSED_MODEL_TYPES:
+    if config.model_type in FUSED_MODEL_TYPES if fused is None else fused:
       for fused, parts in _FUSED.items():
         stacked = tuple(by_suffix.pop(part) for part in parts)
         shape = (sum(t.shape[0] for t in stacked),) + stacked[0].shape[1:]

@@ -22,10 +22,10 @@ def inv_frequencies(rotary_dim: int, theta: float, scaling, long: bool = False) 
   """Inverse frequencies [R/2], float32, for RoPE scaling kinds default / linear / llama3 /
   longrope (its long factors with `long`, else its short ones). R, the rotated part of a head,
   is H unless the model rotates only a part (Phi-3's partial_rotary_factor)."""
-  inv_freq = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim))
+  wavelength = theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim)
+  inv_freq = 1.0 / wavelength
   if scaling.kind == "longrope":
-    inv_freq = 1.0 / (np.asarray(scaling.long_factor if long else scaling.short_factor, np.float32)
-                      * theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim))
+    inv_freq = 1.0 / (np.asarray(scaling.long_factor if long else scaling.short_factor, np.float32) * wavelength)
   elif scaling.kind == "linear":
     inv_freq = inv_freq / scaling.factor
   elif scaling.kind == "llama3":

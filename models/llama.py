@@ -1,4 +1,4 @@
-"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2 and Qwen3 checkpoints.
+"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2, Qwen3 and Phi-3 checkpoints.
 
 Axis letters (used in parameter and variable names): B batch, T query length, S key length,
 D model width, N query heads, K kv heads, G query heads per kv head, H head dim, V vocab,
@@ -45,7 +45,7 @@ def _dtype(name: str):
 def rope_frequencies(config: LlamaConfig, positions_bt: jnp.ndarray) -> jnp.ndarray:
   """RoPE's inverse frequencies [R/2] for a call at `positions_bt`. longrope picks its long
   factors when the call's largest position + 1 exceeds the original training length, as
-  transformers does per forward call (so a cache's keys are re-rotated with the call's set)."""
+  transformers does per forward call."""
   scaling, r = config.rope_scaling, config.rotary_dim
   short = jnp.asarray(inv_frequencies(r, config.rope_theta, scaling))
   if scaling.kind != "longrope":
