@@ -152,7 +152,7 @@ def _mask_and_distance(q, k, inv_freq, pos, method, p):
     return allowed, dist
 
 
-def naive_attention(q, k, v, positions, inv_freq, method, **params):
+def naive_attention(q, k, v, positions, inv_freq, method, alibi_slopes=None, softcap=None, **params):
     """Naive reference attention (numpy, float64).
 
     q [T, N, H], k and v [T, K, H] (before RoPE), N a multiple of K; query head n uses kv
@@ -166,6 +166,11 @@ def naive_attention(q, k, v, positions, inv_freq, method, **params):
                    mask [True], top_k [None], insert_at [2048], layer [0],
                    top_k_from_layer [4].
       "streaming": n_sink [4], n_recent (required).
+
+    alibi_slopes [N] (ALiBi models, DESIGN.md section 4): no RoPE (inv_freq is ignored); a key at
+    the method's distance d (the distance RoPE would use) adds ``-slope_n * d`` to the logit.
+    softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask and the bias-free
+    softmax (Gemma 2; applied to the scaled q.k, and after ALiBi's bias if both are given).
 
     Returns (out [T, N, H] float64, allowed [N, T, T] bool).
     """
@@ -191,10 +196,17 @@ def naive_attention(q, k, v, positions, inv_freq, method, **params):
     logits = np.full((n_heads, t, t), -np.inf)
     for i in range(t):
         js = np.nonzero(allowed[:, i, :].any(axis=0))[0]
-        # (R_a q_i).(R_b k_j) = q_i.(R_{-(a-b)} k_j), with a-b = dist[i, j]
-        kr = rope(k[js], -dist[i, js][:, None], inv_freq)  # [J, K, H]
+        if alibi_slopes is None:
+            # (R_a q_i).(R_b k_j) = q_i.(R_{-(a-b)} k_j), with a-b = dist[i, j]
+            kr = rope(k[js], -dist[i, js][:, None], inv_freq)  # [J, K, H]
+        else:
+            kr = k[js]
         kr = np.repeat(kr, g, axis=1)  # [J, N, H], head n -> kv head n // g
         s = np.einsum("nh,jnh->nj", q[i], kr) * scale
+        if alibi_slopes is not None:
+            s = s - np.asarray(alibi_slopes, np.float64)[:, None] * dist[i, js][None, :]
+        if softcap is not None:
+            s = softcap * np.tanh(s / softcap)
         logits[:, i, js] = np.where(allowed[:, i, js], s, -np.inf)
 
     if not allowed.any(axis=-1).all():

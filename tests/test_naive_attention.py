@@ -389,3 +389,99 @@ def test_bad_arguments():
         naive_attention(q[:, :5], k, v, np.arange(T), inv, "dense")
     with pytest.raises(ValueError):
         naive_attention(q, k, v, np.arange(T), inv, "lambda", n_local=4, mask=False, top_k=2, layer=4)
+
+
+# --------------------------------------------------------------------------- ALiBi and soft-capping
+# (the references for MPT and Gemma 2, checked against transformers' own attention layers)
+
+
+def _alibi_slopes(n_heads: int, bias_max: float = 8.0) -> np.ndarray:
+    """ALiBi's head slopes (Press et al.) as MPT defines them: 2^(-bias_max * i / n) for
+    i = 1..n with n the next power of two, odd-indexed ones first when n exceeds the heads."""
+    n = 2 ** int(np.ceil(np.log2(n_heads)))
+    slopes = 2.0 ** (-bias_max * np.arange(1, n + 1) / n)
+    return (slopes if n == n_heads else np.concatenate([slopes[1::2], slopes[::2]]))[:n_heads]
+
+
+@pytest.mark.parametrize("n_heads", [4, 6])
+def test_alibi_dense_matches_transformers_mpt(n_heads):
+    """Dense with ALiBi (a key at distance d adds -slope * d) equals MptAttention, whose bias is
+    slope * (j - last) for every query (a per-row constant away from -slope * (i - j))."""
+    from transformers import MptConfig
+    from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_tensor
+
+    t, d = 20, 8 * n_heads
+    config = MptConfig(d_model=d, n_heads=n_heads, max_seq_len=32, attn_config={"attn_impl": "torch"})
+    torch.manual_seed(0)
+    layer = MptAttention(config).double().eval()
+    x = torch.randn(1, t, d, dtype=torch.float64)
+    bias = build_mpt_alibi_tensor(n_heads, config.max_seq_len).double()
+    np.testing.assert_allclose(-bias[:, 0, -2].numpy(), _alibi_slopes(n_heads), rtol=1e-6)
+    mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)[None, None]
+    with torch.no_grad():
+        expected = layer(x, bias, attention_mask=mask)[0][0].numpy()
+        q, k, v = (a.reshape(t, n_heads, 8).numpy() for a in layer.Wqkv(x)[0].chunk(3, dim=-1))
+    out, _ = naive_attention(q, k, v, None, None, "dense", alibi_slopes=_alibi_slopes(n_heads))
+    ours = out.reshape(t, d) @ layer.out_proj.weight.detach().numpy().T
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)  # (transformers' slopes are float32)
+
+
+def test_alibi_lambda_and_streaming_distances():
+    """ALiBi's distances are RoPE's (DESIGN.md section 4): lambda's far starting keys at `limit`,
+    streaming's sinks at their cache distance, and only differences matter (offset 10^8)."""
+    q, k, v = _qkv(7)
+    slopes = _alibi_slopes(N)
+    lam, allowed = naive_attention(q, k, v, None, None, "lambda", alibi_slopes=slopes, n_global=2, n_local=5, limit=7)
+    i, j = T - 1, 1  # a far starting key of the last query: bias -slope * 7
+    s = np.einsum("nh,nh->n", q[i], np.repeat(k[j:j + 1], N // K, axis=1)[0]) / np.sqrt(H) - slopes * 7
+    band = np.einsum("nh,jnh->nj", q[i], np.repeat(k[i - 4:i + 1], N // K, axis=1)) / np.sqrt(H) \
+        - slopes[:, None] * np.arange(4, -1, -1)
+    starts = np.einsum("nh,jnh->nj", q[i], np.repeat(k[:2], N // K, axis=1)) / np.sqrt(H) - slopes[:, None] * 7
+    logits = np.concatenate([starts, band], axis=1)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    expected = np.einsum("nj,jnh->nh", p / p.sum(1, keepdims=True),
+                         np.repeat(np.concatenate([v[:2], v[i - 4:i + 1]]), N // K, axis=1))
+    np.testing.assert_allclose(lam[i], expected, atol=1e-12)
+    assert np.isclose(s, starts[:, j]).all() and allowed[:, i].sum(1).tolist() == [7] * N
+    far_off, _ = naive_attention(q, k, v, np.arange(T) + 10**8, None, "lambda", alibi_slopes=slopes, n_global=2,
+                                 n_local=5)
+    near, _ = naive_attention(q, k, v, None, None, "lambda", alibi_slopes=slopes, n_global=2, n_local=5)
+    np.testing.assert_allclose(far_off, near, atol=1e-12)
+    stream, _ = naive_attention(q, k, v, None, None, "streaming", alibi_slopes=slopes, n_sink=2, n_recent=4)
+    # the last query sits at cache position n_sink + n_recent - 1 = 5: sink j at distance 5 - j
+    band = np.einsum("nh,jnh->nj", q[i], np.repeat(k[i - 3:i + 1], N // K, axis=1)) / np.sqrt(H) \
+        - slopes[:, None] * np.arange(3, -1, -1)
+    sinks = np.einsum("nh,jnh->nj", q[i], np.repeat(k[:2], N // K, axis=1)) / np.sqrt(H) \
+        - slopes[:, None] * np.array([5, 4])
+    logits = np.concatenate([sinks, band], axis=1)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    expected = np.einsum("nj,jnh->nh", p / p.sum(1, keepdims=True),
+                         np.repeat(np.concatenate([v[:2], v[i - 3:i + 1]]), N // K, axis=1))
+    np.testing.assert_allclose(stream[i], expected, atol=1e-12)
+
+
+def test_softcap_dense_matches_transformers_gemma2():
+    """Soft-capping (cap * tanh(s / cap) on the scaled logits, before the mask) equals Gemma 2's
+    eager attention, with query_pre_attn_scalar = head_dim so that its scale is 1/sqrt(H)."""
+    from transformers import Gemma2Config
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2RotaryEmbedding
+
+    t, heads, kv_heads, h = 20, 4, 2, 16
+    config = Gemma2Config(hidden_size=48, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=h,
+                          query_pre_attn_scalar=h, attn_logit_softcapping=2.0, num_hidden_layers=2,
+                          layer_types=["full_attention"] * 2, attn_implementation="eager")
+    torch.manual_seed(0)
+    layer = Gemma2Attention(config, layer_idx=0).double().eval()
+    x = torch.randn(1, t, 48, dtype=torch.float64)
+    positions = torch.arange(t)[None] + 3
+    cos, sin = (a.double() for a in Gemma2RotaryEmbedding(config)(x.float(), positions))
+    mask = torch.full((t, t), -torch.inf, dtype=torch.float64).triu(1)[None, None]
+    with torch.no_grad():
+        expected = layer(x, (cos, sin), mask)[0][0].numpy()
+        q, k, v = (proj(x)[0].reshape(t, -1, h).numpy() for proj in (layer.q_proj, layer.k_proj, layer.v_proj))
+    inv = default_inv_freq(h, config.rope_parameters["rope_theta"])
+    out, _ = naive_attention(q, k, v, positions[0].numpy(), inv, "dense", softcap=2.0)
+    ours = out.reshape(t, -1) @ layer.o_proj.weight.detach().numpy().T
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+    uncapped, _ = naive_attention(q, k, v, positions[0].numpy(), inv, "dense")
+    assert np.abs(uncapped.reshape(t, -1) @ layer.o_proj.weight.detach().numpy().T - expected).max() > 1e-3
