@@ -14,6 +14,7 @@ from helpers import TINY_KINDS, run_cli, torch_logits
 
 from lminf_jax.forward import forward
 from lminf_jax.loading import load
+from lminf_jax.train.loop import FINAL
 
 TOKENS = np.random.default_rng(1).integers(0, 97, size=(2, 24))
 
@@ -85,7 +86,7 @@ def test_export_of_a_finetuned_checkpoint(tiny_model, tmp_path, capsys):
   code, _, err = run_cli(capsys, "finetune", ckpt, "--tokens-file", tmp_path / "tokens.npy", "--seq-len", 32,
                          "--steps", 2, "--lr", 1e-2, "--batch", 2, "--out", tmp_path / "run")
   assert code == 0, err
-  final = next(p for p in (tmp_path / "run").iterdir() if (p / "params").is_dir())
+  final = tmp_path / "run" / FINAL
   assert run_cli(capsys, "export", final, tmp_path / "export")[0] == 0
   _, tuned, _ = load(final)
   ours = np.asarray(forward(tuned, config, jnp.asarray(TOKENS)))
