@@ -117,10 +117,10 @@ def iter_gguf_tensors(reader, config: LlamaConfig, path: Path) -> Iterator[tuple
   """(HF name, float32 array in HF layout) for every tensor, dequantised one at a time."""
   from gguf.quants import dequantize
 
+  names = _PHI3_LAYER_TO_HF if config.model_type == "phi3" else _GGUF_LAYER_TO_HF
   for tensor in reader.tensors:
     if match := _LAYER.fullmatch(tensor.name):
       layer, kind, suffix = match.groups()
-      names = _PHI3_LAYER_TO_HF if config.model_type == "phi3" else _GGUF_LAYER_TO_HF
       if kind not in names:
         raise UserError(f"unknown tensor {tensor.name} in {path}")
       name = f"model.layers.{layer}.{names[kind]}.{suffix}"

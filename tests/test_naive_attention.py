@@ -431,33 +431,26 @@ def test_alibi_lambda_and_streaming_distances():
     streaming's sinks at their cache distance, and only differences matter (offset 10^8)."""
     q, k, v = _qkv(7)
     slopes = _alibi_slopes(N)
+    i = T - 1  # the last query
+
+    def attend(js, dist):
+        """Query i over keys js at ALiBi distances dist, written out: [N, H]."""
+        logits = np.einsum("nh,jnh->nj", q[i], np.repeat(k[js], N // K, axis=1)) / np.sqrt(H) \
+            - slopes[:, None] * np.asarray(dist)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return np.einsum("nj,jnh->nh", p / p.sum(1, keepdims=True), np.repeat(v[js], N // K, axis=1))
+
     lam, allowed = naive_attention(q, k, v, None, None, "lambda", alibi_slopes=slopes, n_global=2, n_local=5, limit=7)
-    i, j = T - 1, 1  # a far starting key of the last query: bias -slope * 7
-    s = np.einsum("nh,nh->n", q[i], np.repeat(k[j:j + 1], N // K, axis=1)[0]) / np.sqrt(H) - slopes * 7
-    band = np.einsum("nh,jnh->nj", q[i], np.repeat(k[i - 4:i + 1], N // K, axis=1)) / np.sqrt(H) \
-        - slopes[:, None] * np.arange(4, -1, -1)
-    starts = np.einsum("nh,jnh->nj", q[i], np.repeat(k[:2], N // K, axis=1)) / np.sqrt(H) - slopes[:, None] * 7
-    logits = np.concatenate([starts, band], axis=1)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    expected = np.einsum("nj,jnh->nh", p / p.sum(1, keepdims=True),
-                         np.repeat(np.concatenate([v[:2], v[i - 4:i + 1]]), N // K, axis=1))
-    np.testing.assert_allclose(lam[i], expected, atol=1e-12)
-    assert np.isclose(s, starts[:, j]).all() and allowed[:, i].sum(1).tolist() == [7] * N
+    # the 2 starting keys at distance limit = 7, the band of 5 at its true distances
+    np.testing.assert_allclose(lam[i], attend([0, 1, *range(i - 4, i + 1)], [7, 7, 4, 3, 2, 1, 0]), atol=1e-12)
+    assert allowed[:, i].sum(1).tolist() == [7] * N
     far_off, _ = naive_attention(q, k, v, np.arange(T) + 10**8, None, "lambda", alibi_slopes=slopes, n_global=2,
                                  n_local=5)
     near, _ = naive_attention(q, k, v, None, None, "lambda", alibi_slopes=slopes, n_global=2, n_local=5)
     np.testing.assert_allclose(far_off, near, atol=1e-12)
     stream, _ = naive_attention(q, k, v, None, None, "streaming", alibi_slopes=slopes, n_sink=2, n_recent=4)
     # the last query sits at cache position n_sink + n_recent - 1 = 5: sink j at distance 5 - j
-    band = np.einsum("nh,jnh->nj", q[i], np.repeat(k[i - 3:i + 1], N // K, axis=1)) / np.sqrt(H) \
-        - slopes[:, None] * np.arange(3, -1, -1)
-    sinks = np.einsum("nh,jnh->nj", q[i], np.repeat(k[:2], N // K, axis=1)) / np.sqrt(H) \
-        - slopes[:, None] * np.array([5, 4])
-    logits = np.concatenate([sinks, band], axis=1)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    expected = np.einsum("nj,jnh->nh", p / p.sum(1, keepdims=True),
-                         np.repeat(np.concatenate([v[:2], v[i - 3:i + 1]]), N // K, axis=1))
-    np.testing.assert_allclose(stream[i], expected, atol=1e-12)
+    np.testing.assert_allclose(stream[i], attend([0, 1, *range(i - 3, i + 1)], [5, 4, 3, 2, 1, 0]), atol=1e-12)
 
 
 def test_softcap_dense_matches_transformers_gemma2():
