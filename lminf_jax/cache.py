@@ -99,7 +99,7 @@ def chunk_indices(next_idx_b: jnp.ndarray, positions_bc: jnp.ndarray) -> jnp.nda
   return jnp.where(valid_bc, idx_bc, -1)
 
 
-def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, inputs: CachedInput, inv_freq_h, spec: AttentionMethod,
+def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, inputs: CachedInput, pe, spec: AttentionMethod,
                   layer) -> tuple[jnp.ndarray, Any]:
   """Attention [B, C, N, H] of a chunk over one layer's cache (not yet holding the chunk) and
   itself (the method's `attend_chunk`, or `attend_token` for C = 1), and what the method's
@@ -109,14 +109,14 @@ def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, inputs: CachedInput, inv
   new = Keys(jnp.swapaxes(k_bckh, 1, 2), jnp.swapaxes(v_bckh, 1, 2), positions_bc, inputs.idx_bt)
   cached = inputs.cache.layer(inputs.kv)
   attend = spec.attend_token if q_bcnh.shape[1] == 1 else spec.attend_chunk
-  out_bcnh, aux = attend(q_bcnh, new, cached, inv_freq_h, layer)
+  out_bcnh, aux = attend(q_bcnh, new, cached, pe, layer)
   room = capacity(spec, inputs.cache, inputs.kv)
   if room is not None:
     out_bcnh = jnp.where((jnp.max(inputs.idx_bt, axis=1) >= room)[:, None, None, None], jnp.nan, out_bcnh)
   return out_bcnh, aux
 
 
-def write(cache: Cache, k_lbckh, v_lbckh, aux, positions_bc, idx_bc, inv_freq_h, spec: AttentionMethod) -> Cache:
+def write(cache: Cache, k_lbckh, v_lbckh, aux, positions_bc, idx_bc, pe, spec: AttentionMethod) -> Cache:
   """Stores a chunk's keys and values of every layer [L, B, C, K, H]: a token goes to slot idx
   (if idx < G) and to ring slot idx % W (only the chunk's last W tokens: no slot is written
   twice). Padding (idx -1) is dropped, and so is a token past the capacity of a ring that must
@@ -131,13 +131,13 @@ def write(cache: Cache, k_lbckh, v_lbckh, aux, positions_bc, idx_bc, inv_freq_h,
   if capacity(spec, cache, cache.kv) == ring_len:  # a ring that must not wrap (dense, short)
     keep_bc &= idx_bc < ring_len
   ring_at = jnp.where(keep_bc, idx_bc % ring_len, ring_len)
-  extra, shared = spec.write_extra(cache.layer(cache.kv), new, aux, next_idx, ring_at, inv_freq_h)
+  extra, shared = spec.write_extra(cache.layer(cache.kv), new, aux, next_idx, ring_at, pe)
   # The ring writes wait for the method's updates, which may read the ring.
   k_lbckh, v_lbckh = after(k_lbckh, extra, shared), after(v_lbckh, extra, shared)
   n_slots = cache.slot_idx.shape[1]
   slots = _put(Keys(cache.kv.slot_k, cache.kv.slot_v, cache.slot_pos, cache.slot_idx),
                jnp.where(valid_bc & (idx_bc < n_slots), idx_bc, n_slots), new)
-  ring_k, ring_pos = spec.ring_entries(k_lbckh, positions_bc, ring_len, inv_freq_h)
+  ring_k, ring_pos = spec.ring_entries(k_lbckh, positions_bc, ring_len, pe)
   ring = _put(Keys(cache.kv.ring_k, cache.kv.ring_v, cache.ring_pos, cache.ring_idx), ring_at,
               Keys(ring_k, v_lbckh, ring_pos, idx_bc))
   return Cache(LayerKV(slots.k_bklh, slots.v_bklh, ring.k_bklh, ring.v_bklh, extra), slots.pos_bl, slots.idx_bl,

@@ -25,6 +25,7 @@ from lminf_jax.attention import AttentionMethod, Dense, attend
 from lminf_jax.attention.blockwise import after, count_on
 from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, write
 from lminf_jax.models.config import LlamaConfig
+from lminf_jax.positional import Positional, Rotary
 from lminf_jax.rope import inv_frequencies
 from lminf_jax.sharding import constrain, mesh_axis_size
 
@@ -52,6 +53,11 @@ def rope_frequencies(config: LlamaConfig, positions_bt: jnp.ndarray) -> jnp.ndar
     return short
   long = jnp.asarray(inv_frequencies(r, config.rope_theta, scaling, long=True))
   return jnp.where(jnp.max(positions_bt) + 1 > scaling.original_max_position_embeddings, long, short)
+
+
+def positional(config: LlamaConfig, positions_bt: jnp.ndarray) -> Positional:
+  """How a call at `positions_bt` puts positions into the logits."""
+  return Rotary(rope_frequencies(config, positions_bt))
 
 
 class RMSNorm(nn.Module):
@@ -111,14 +117,14 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q_btnh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="q_norm")(q_btnh)
       k_btkh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="k_norm")(k_btkh)
-    inv_freq_h = rope_frequencies(cfg, positions_bt)
+    pe = positional(cfg, positions_bt)
     if cfg.rope_scaling.attention_factor != 1:  # (longrope: cos and sin times it, so rotated q.k times its square)
       q_btnh = q_btnh * jnp.where(jnp.arange(h) < cfg.rotary_dim, cfg.rope_scaling.attention_factor**2, 1).astype(dt)
     if cached is None or cached.kv is None:  # (one-shot; with idx, into an empty cache: `Llama.cached_layers`)
-      o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.attention, layer)
+      o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.attention, layer)
       new_kv = None if cached is None or cached.idx_bt is None else LayerWrite(k_btkh, v_btkh, None)
     else:
-      o_btnh, aux = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, cached, inv_freq_h, self.attention, layer)
+      o_btnh, aux = attend_cached(q_btnh, k_btkh, v_btkh, positions_bt, cached, pe, self.attention, layer)
       new_kv = LayerWrite(k_btkh, v_btkh, aux)
     # One [N*H, D] contraction: XLA would otherwise transpose the weight on every call to match o's layout.
     out_btd = jnp.einsum("btx,xd->btd", o_btnh.reshape(*o_btnh.shape[:2], n * h), wo_nhd.reshape(n * h, d).astype(dt))
@@ -253,5 +259,5 @@ def _write(config: LlamaConfig, x_btd: jnp.ndarray, cache: Cache, new_kv: LayerW
   """(x, the cache with the layers' keys and values [L, B, T, K, H] stored). The stores wait for
   the layers' output x (`after`), so they follow every read of the cache and update it in place."""
   k_lbtkh, v_lbtkh = after(new_kv.k_btkh, x_btd), after(new_kv.v_btkh, x_btd)
-  return x_btd, write(cache, k_lbtkh, v_lbtkh, new_kv.aux, positions_bt, idx_bt, rope_frequencies(config, positions_bt),
+  return x_btd, write(cache, k_lbtkh, v_lbtkh, new_kv.aux, positions_bt, idx_bt, positional(config, positions_bt),
                       attention)

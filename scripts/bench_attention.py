@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.attention import Dense, Lambda, attend
+from lminf_jax.positional import Rotary
 from lminf_jax.rope import inv_frequencies
 from lminf_jax.models.config import RopeScaling
 
@@ -38,7 +39,7 @@ def bench(spec, t: int, repeats: int) -> tuple[float, int]:
   q = jnp.asarray(rng.standard_normal((1, t, N, H)), jnp.float32)
   k, v = (jnp.asarray(rng.standard_normal((1, t, K, H)), jnp.float32) for _ in range(2))
   pos = jnp.arange(t, dtype=jnp.int32)[None]
-  inv_freq = jnp.asarray(inv_frequencies(H, 100000.0, RopeScaling()))
+  inv_freq = Rotary(jnp.asarray(inv_frequencies(H, 100000.0, RopeScaling())))
   fn = jax.jit(lambda q, k, v, pos: attend(q, k, v, pos, inv_freq, spec))
   compiled = fn.lower(q, k, v, pos).compile()
   mem = compiled.memory_analysis()

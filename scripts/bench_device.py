@@ -30,6 +30,7 @@ import numpy as np
 
 from lminf_jax.attention import Dense, Lambda, Streaming, attend, resolve
 from lminf_jax.models.config import LlamaConfig, RopeScaling
+from lminf_jax.positional import Rotary
 from lminf_jax.rope import inv_frequencies
 
 SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -67,7 +68,7 @@ def timed(fn, *args, repeats: int) -> float:
 
 
 def layer(spec, h: int):
-  inv_freq = jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling()))
+  inv_freq = Rotary(jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling())))
   return lambda q, k, v, pos: attend(q, k, v, pos, inv_freq, resolve(spec, 8192))
 
 
@@ -116,7 +117,7 @@ def lse_precision(small: bool) -> None:
   t, n, kv, h = (256, 9, 3, 64) if small else (1024, 9, 3, 64)
   f32 = inputs(t, n, kv, h, jnp.float32, offset=10**6)
   half = tuple(x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in f32)
-  inv_freq = jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling()))
+  inv_freq = Rotary(jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling())))
   kernel = DotProductAttention("cudnn") if jax.default_backend() == "gpu" else Splash(interpret=True)
   print(f"\nmerge precision (bf16 through {kernel}, T={t}; |diff| to the float32 XLA path):")
   for name, spec in [("dense, one call", Dense()), ("lambda L=T/4", Lambda(n_global=10, n_local=t // 4)),

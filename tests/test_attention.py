@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive_attention import _mask_and_distance, _params, default_inv_freq, naive_attention, rope
 
-from lminf_jax.attention import Dense, Lambda, Streaming, attend, resolve
+from lminf_jax.attention import Dense, Lambda, Rotary, Streaming, attend, resolve
 
 # method name -> (our spec from the drawn sizes, naive method + params)
 METHODS = {
@@ -39,7 +39,7 @@ def _inputs(seed: int, t: int, kv: int, groups: int, h: int):
 def _ours(q, k, v, positions, inv_freq, spec, layer=0):
   spec = resolve(spec, max_position_embeddings=1)  # every test spec sets its lengths explicitly
   out = attend(jnp.asarray(q)[None], jnp.asarray(k)[None], jnp.asarray(v)[None], jnp.asarray(positions)[None],
-               jnp.asarray(inv_freq, jnp.float32), spec, layer)
+               Rotary(jnp.asarray(inv_freq, jnp.float32)), spec, layer)
   return np.asarray(out[0])
 
 
@@ -110,7 +110,7 @@ def test_gradients_match_naive(method):
                              naive_attention(q, k, v, positions, inv_freq, naive_method, **params)[0], atol=1e-5)
 
   def ours(q, k, v):
-    out = attend(q[None], k[None], v[None], jnp.asarray(positions)[None], jnp.asarray(inv_freq, jnp.float32), spec)
+    out = attend(q[None], k[None], v[None], jnp.asarray(positions)[None], Rotary(jnp.asarray(inv_freq, jnp.float32)), spec)
     return jnp.sum(out[0] * cotangent)
 
   def reference(q, k, v):
@@ -147,7 +147,7 @@ def test_naive_rope_is_the_model_rope():
 def _temp_bytes(spec, t: int) -> int:
   shape_q = jax.ShapeDtypeStruct((1, t, 1, 8), jnp.float32)
   shape_pos = jax.ShapeDtypeStruct((1, t), jnp.int32)
-  inv_freq = jnp.asarray(default_inv_freq(8), jnp.float32)
+  inv_freq = Rotary(jnp.asarray(default_inv_freq(8), jnp.float32))
   fn = jax.jit(lambda q, k, v, pos: attend(q, k, v, pos, inv_freq, resolve(spec, 1)))
   return fn.lower(shape_q, shape_q, shape_q, shape_pos).compile().memory_analysis().temp_size_in_bytes
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive_infllm import infllm_key_sets, memory_state, naive_infllm
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, attend, resolve
+from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, attend, resolve
 from lminf_jax.errors import UserError
 from lminf_jax.cache import init_cache
 from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
@@ -29,7 +29,7 @@ def _ours(q, k, v, spec, positions=None, inv_freq=None):
   batched = q.ndim == 4
   q, k, v = (jnp.asarray(x if batched else x[None]) for x in (q, k, v))
   positions = jnp.arange(t)[None] if positions is None else jnp.asarray(positions)
-  out = attend(q, k, v, positions, jnp.asarray(_inv_freq(h) if inv_freq is None else inv_freq), resolve(spec, 1))
+  out = attend(q, k, v, positions, Rotary(jnp.asarray(_inv_freq(h) if inv_freq is None else inv_freq)), resolve(spec, 1))
   return np.asarray(out if batched else out[0])
 
 

@@ -15,7 +15,7 @@ from helpers import run_cli
 from naive_attention import default_inv_freq, naive_attention
 from naive_infllm import naive_infllm
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, SlidingWindow, Streaming, attend, resolve
+from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, SlidingWindow, Streaming, attend, resolve
 from lminf_jax.attention.infllm import infllm_attention
 from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band, kernel_sink_and_band
 from lminf_jax.errors import UserError
@@ -62,7 +62,7 @@ def test_kernel_path_equals_xla_and_naive(kernel, method):
   spec = resolve(spec, max_position_embeddings=1)
   q, k, v, positions = _rows(7, 200, 4, 2, 16, pads=[0, 37], offset=10**8)
   inv_freq = default_inv_freq(16)
-  args = [jnp.asarray(a) for a in (q, k, v, positions)] + [jnp.asarray(inv_freq, jnp.float32)]
+  args = [jnp.asarray(a) for a in (q, k, v, positions)] + [Rotary(jnp.asarray(inv_freq, jnp.float32))]
   o_kernel, lse_kernel = kernel_sink_and_band(spec, KERNELS[kernel], *args)
   o_xla, lse_xla = spec.xla_attend(*args)
   real = positions >= 0
@@ -83,7 +83,7 @@ def test_infllm_local_branch_through_the_kernel(kernel, n_local):
   inv_freq = default_inv_freq(16)
   for pads, offset in (([0, 37], 10**8), ([0], 0)):
     q, k, v, positions = _rows(11, 200, 4, 2, 16, pads=pads, offset=offset)
-    args = [jnp.asarray(a) for a in (q, k, v, positions)] + [jnp.asarray(inv_freq, jnp.float32)]
+    args = [jnp.asarray(a) for a in (q, k, v, positions)] + [Rotary(jnp.asarray(inv_freq, jnp.float32))]
     ours = np.asarray(infllm_attention(*args, spec, KERNELS[kernel]))
     np.testing.assert_allclose(ours, np.asarray(infllm_attention(*args, spec)), atol=1e-5)
   expected, _ = naive_infllm(q[0], k[0], v[0], inv_freq, 8, n_local, 16, 2, 3, 32)
@@ -98,7 +98,7 @@ def test_segments_cover_a_long_row(kernel):
   assert len(plan.begin) == 2 and plan.length - plan.step >= window - 1
   q, k, v, positions = _rows(3, t, 3, 1, 16, pads=[0, 130], offset=10**8)
   inv_freq = default_inv_freq(16)
-  o, _ = flash_band(*(jnp.asarray(a) for a in (q, k, v, positions)), jnp.asarray(inv_freq, jnp.float32), window,
+  o, _ = flash_band(*(jnp.asarray(a) for a in (q, k, v, positions)), Rotary(jnp.asarray(inv_freq, jnp.float32)), window,
                     KERNELS[kernel], span=512)
   expected = _naive_rows(q, k, v, positions, inv_freq, "lambda", dict(n_global=0, n_local=window))
   np.testing.assert_allclose(np.asarray(o), expected, atol=1e-5)
@@ -120,7 +120,7 @@ def test_segment_plan():
 def test_gradient_is_the_xla_paths(spec):
   spec = resolve(dataclasses.replace(spec, kernel="splash"), max_position_embeddings=1)
   q, k, v, positions = _rows(5, 130, 4, 2, 16, pads=[0, 9], offset=0)
-  inv_freq = jnp.asarray(default_inv_freq(16), jnp.float32)
+  inv_freq = Rotary(jnp.asarray(default_inv_freq(16), jnp.float32))
   weights = jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
 
   def grads(spec):
@@ -183,4 +183,4 @@ def test_kernel_refusals():
   spec = resolve(Dense(kernel="cudnn"), max_position_embeddings=1)
   q, k, v, positions = _rows(0, 8, 2, 1, 8, pads=[0], offset=0)
   with pytest.raises(UserError, match="cudnn kernel needs a GPU"):
-    attend(*(jnp.asarray(a) for a in (q, k, v, positions)), jnp.asarray(default_inv_freq(8), jnp.float32), spec)
+    attend(*(jnp.asarray(a) for a in (q, k, v, positions)), Rotary(jnp.asarray(default_inv_freq(8), jnp.float32)), spec)

@@ -28,7 +28,7 @@ from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
 from lminf_jax.forward import cached_token_nll, forward, token_nll
 from lminf_jax.generation import Sampling, decode, generate, left_pad, prefill
-from lminf_jax.rope import apply_rope
+from lminf_jax.positional import Rotary
 from lminf_jax.stream import stream_nll
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -41,10 +41,10 @@ class Dilated(AttentionMethod):
   stride: int = option(2, "distance between the keys a query sees", minimum=1)
   window: int = option(64, "how far back a query sees", minimum=1)
 
-  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
     idx_bt = bw.sequence_index(positions_bt)
     keys = Keys(jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt, idx_bt)
-    return self.over(q_btnh, positions_bt, idx_bt, keys, inv_freq_h)
+    return self.over(q_btnh, positions_bt, idx_bt, keys, pe)
 
   def cache_layout(self, max_len):
     return CacheLayout(slots=0, ring=self.window)
@@ -52,17 +52,17 @@ class Dilated(AttentionMethod):
   def capacity(self, ring_len, extra):
     return None
 
-  def attend_chunk(self, q_bcnh, new, cached, inv_freq_h, layer):
-    return self.over(q_bcnh, new.pos_bl, new.idx_bl, cached.ordered_ring().concat(new), inv_freq_h), None
+  def attend_chunk(self, q_bcnh, new, cached, pe, layer):
+    return self.over(q_bcnh, new.pos_bl, new.idx_bl, cached.ordered_ring().concat(new), pe), None
 
-  def over(self, q_btnh, pos_bt, idx_bt, keys, inv_freq_h):
+  def over(self, q_btnh, pos_bt, idx_bt, keys, pe):
     ref_b1 = pos_bt[:, -1:]
-    q_bkmh = bw.query_tile(q_btnh, pos_bt - ref_b1, inv_freq_h, keys.k_bklh.shape[1])
-    k_bksh = apply_rope(keys.k_bklh, (keys.pos_bl - ref_b1)[:, None], inv_freq_h)
+    q_tile = bw.query_tile(q_btnh, pos_bt - ref_b1, pe, keys.k_bklh.shape[1])
+    k_tile = bw.key_tile(keys.k_bklh, keys.pos_bl - ref_b1, pe)
     dist_bts = idx_bt[:, :, None] - keys.idx_bl[:, None, :]
     mask_bts = bw.visible(idx_bt, keys.idx_bl, self.window) & (dist_bts % self.stride == 0)
-    b, k, m, h = q_bkmh.shape
-    state = bw.update(bw.init_state(b, k, m, h), bw.scores(q_bkmh, k_bksh), keys.v_bklh, mask_bts)
+    b, k, m, h = q_tile.x.shape
+    state = bw.update(bw.init_state(b, k, m, h), bw.scores(q_tile, k_tile, pe), keys.v_bklh, mask_bts)
     return bw.finish(state, q_btnh.shape[1], q_btnh.dtype)[0]
 
 
@@ -72,8 +72,8 @@ class OneShotOnly(AttentionMethod):
 
   stride: int = option(2, "distance between the keys a query sees", minimum=1)
 
-  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
-    return Dilated(self.stride, 10**6).attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer)
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
+    return Dilated(self.stride, 10**6).attend(q_btnh, k_btkh, v_btkh, positions_bt, pe, layer)
 
 
 def naive_dilated(q_tnh, k_tkh, v_tkh, positions_t, inv_freq_h, stride, window):
@@ -103,7 +103,8 @@ def test_one_shot_equals_the_naive_reference(stride, window, pad):
   inv_freq = default_inv_freq(h)
   expected = naive_dilated(q, k, v, positions, inv_freq, stride, window)
   ours = Dilated(stride, window).attend(*(jnp.asarray(x[None], jnp.float32) for x in (q, k, v)),
-                                        jnp.asarray(positions[None], jnp.int32), jnp.asarray(inv_freq, jnp.float32), 0)
+                                        jnp.asarray(positions[None], jnp.int32), Rotary(jnp.asarray(inv_freq, jnp.float32)),
+                                        0)
   np.testing.assert_allclose(np.asarray(ours[0]), expected, atol=2e-5)
 
 

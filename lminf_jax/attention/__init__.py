@@ -1,7 +1,7 @@
 """Attention methods as pure functions over arrays, selected by a frozen spec (`AttentionMethod`).
 
-`attend(q, k, v, positions, inv_freq, spec, layer)` is the one entry point the model calls for
-a one-shot forward; lminf_jax.cache calls a spec's cached attention. A new method is one
+`attend(q, k, v, positions, pe, spec, layer)` is the one entry point the model calls for
+a one-shot forward (`pe`: `Rotary` or `ALiBi`, lminf_jax.positional); lminf_jax.cache calls a spec's cached attention. A new method is one
 subclass of `AttentionMethod` (lminf_jax.attention.method), in any module.
 """
 
@@ -19,23 +19,25 @@ from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
 from lminf_jax.attention.methods import ATTENTION_METHODS, method_class, resolve
 from lminf_jax.attention.streaming import Streaming
 from lminf_jax.errors import UserError
+from lminf_jax.positional import ALiBi, Positional, Rotary
 from lminf_jax.sharding import mesh_axis_size
 
-__all__ = ["ATTENTION_METHODS", "AtDistance", "AttentionMethod", "Band", "BandMethod", "CacheLayout", "CachedLayer",
-           "Dense", "InCache", "InfLLM", "Keys", "Lambda", "SlidingWindow", "Streaming", "TrueDistance", "attend",
-           "method_class", "option", "resolve"]
+__all__ = ["ALiBi", "ATTENTION_METHODS", "AtDistance", "AttentionMethod", "Band", "BandMethod", "CacheLayout",
+           "CachedLayer", "Dense", "InCache", "InfLLM", "Keys", "Lambda", "Positional", "Rotary", "SlidingWindow",
+           "Streaming", "TrueDistance", "attend", "method_class", "option", "resolve"]
 
 
 def attend(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-           inv_freq_h: jnp.ndarray, spec: AttentionMethod, layer: jnp.ndarray | int = 0) -> jnp.ndarray:
+           pe: Positional, spec: AttentionMethod, layer: jnp.ndarray | int = 0) -> jnp.ndarray:
   """Attention of method `spec` (resolved). q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
 
-  q, k are projections before RoPE; `positions` [B, T] are RoPE positions, negative for left
-  padding; `layer` is the layer index (a traced scalar inside the layer scan).
+  q, k are projections before RoPE; `positions` [B, T] are positions, negative for left
+  padding; `pe` how they enter the logits (`Rotary` or `ALiBi`, with the model's soft-cap);
+  `layer` is the layer index (a traced scalar inside the layer scan).
   """
   if not spec.resolved:
     raise ValueError(f"unresolved attention spec {spec}: call resolve(spec, max_position_embeddings) first")
   if mesh_axis_size("sequence") > 1 and not spec.sequence_parallel:
     raise UserError(f"{spec.name} does not support sequence parallelism (a mesh with a sequence axis); "
                     f"run it without one")
-  return spec.attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer)
+  return spec.attend(q_btnh, k_btkh, v_btkh, positions_bt, pe, layer)

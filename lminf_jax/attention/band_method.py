@@ -29,25 +29,25 @@ class BandMethod(AttentionMethod):
   def band(self) -> Band:
     """The method's starting tokens, window and rotation (from its resolved spec)."""
 
-  def band_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+  def band_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """(out [B,T,N,H], lse [B,T,N]): on one device, through the flash kernel the spec's `kernel`
     picks or XLA, or split over the mesh's `sequence` axis (XLA; then lse is None)."""
     if mesh_axis_size("sequence") > 1:
-      return sequence_parallel_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block,
+      return sequence_parallel_band(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.chunk, self.key_block,
                                     self.band()), None
-    kernel = flash_kernel(self.kernel, q_btnh.dtype)
+    kernel = flash_kernel(self.kernel, q_btnh.dtype, pe)
     if kernel is None:
-      return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+      return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)
     fast = functools.partial(kernel_sink_and_band, self, kernel)
     return on_mesh(functools.partial(xla_gradient, fast, self.xla_attend), q_btnh, k_btkh, v_btkh, positions_bt,
-                   inv_freq_h)
+                   pe)
 
-  def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h) -> tuple[jnp.ndarray, jnp.ndarray]:
+  def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(out [B,T,N,H], lse [B,T,N]) on one device through XLA: the kernel path's reference and gradient."""
-    return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block, self.band())
+    return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.chunk, self.key_block, self.band())
 
-  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
-    return self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)[0]
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
+    return self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)[0]
 
   def prefill_one_shot(self, dtype) -> bool:
     return flash_kernel(self.kernel, dtype) is not None
@@ -62,17 +62,17 @@ class BandMethod(AttentionMethod):
   def capacity(self, ring_len: int, extra) -> int | None:
     return None if ring_len >= self.band().window else ring_len
 
-  def ring_entries(self, k_lbckh, positions_bc, ring_len, inv_freq_h):
-    return ring.anchored(k_lbckh, positions_bc, ring_len, inv_freq_h)
+  def ring_entries(self, k_lbckh, positions_bc, ring_len, pe):
+    return ring.anchored(k_lbckh, positions_bc, ring_len, pe)
 
-  def attend_chunk(self, q_bcnh, new: Keys, cached: CachedLayer, inv_freq_h, layer):
+  def attend_chunk(self, q_bcnh, new: Keys, cached: CachedLayer, pe, layer):
     # (A ring shorter than the window holds every token: no key is ever farther than its length.)
     band = self.band()
     window = min(band.window, cached.ring.idx_bl.shape[1])
     return band_attention(q_bcnh, new.pos_bl, new.idx_bl, cached.ordered_ring().concat(new), cached.slots_with(new),
-                          inv_freq_h, self.chunk, self.key_block, window, band.rotation)[0], None
+                          pe, self.chunk, self.key_block, window, band.rotation)[0], None
 
-  def attend_token(self, q_b1nh, new: Keys, cached: CachedLayer, inv_freq_h, layer):
+  def attend_token(self, q_b1nh, new: Keys, cached: CachedLayer, pe, layer):
     band = self.band()
     window = min(band.window, cached.ring.idx_bl.shape[1])
-    return attend_one(q_b1nh, new, cached.slots, cached.ring, inv_freq_h, window, band.rotation), None
+    return attend_one(q_b1nh, new, cached.slots, cached.ring, pe, window, band.rotation), None

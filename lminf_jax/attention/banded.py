@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention import ring
 from lminf_jax.attention.blockwise import Keys
-from lminf_jax.rope import apply_rope
+from lminf_jax.positional import Positional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +86,19 @@ def starting_keys(keys: Keys, n_start: int) -> Keys:
 
 
 def add_starting_keys(state: bw.SoftmaxState, q_bcnh: jnp.ndarray, pos_bc: jnp.ndarray, idx_bc: jnp.ndarray,
-                      ref_b1: jnp.ndarray, starts: Keys, inv_freq_h: jnp.ndarray, window: int,
+                      ref_b1: jnp.ndarray, starts: Keys, pe: Positional, window: int,
                       rotation: Rotation) -> bw.SoftmaxState:
   """Folds the starting keys a query does not see in its band (distance >= window) into its softmax."""
   if not starts.idx_bl.shape[1]:
     return state
-  q_far = bw.query_tile(q_bcnh, rotation.query_offsets(pos_bc, idx_bc, ref_b1), inv_freq_h, starts.k_bklh.shape[1])
-  k_far = apply_rope(starts.k_bklh, rotation.key_offsets(starts.pos_bl, starts.idx_bl, ref_b1)[:, None], inv_freq_h)
+  q_far = bw.query_tile(q_bcnh, rotation.query_offsets(pos_bc, idx_bc, ref_b1), pe, starts.k_bklh.shape[1])
+  k_far = bw.key_tile(starts.k_bklh, rotation.key_offsets(starts.pos_bl, starts.idx_bl, ref_b1), pe)
   mask_bcg = bw.visible(idx_bc, starts.idx_bl, min_dist=window)
-  return bw.update(state, bw.scores(q_far, k_far), starts.v_bklh, mask_bcg)
+  return bw.update(state, bw.scores(q_far, k_far, pe), starts.v_bklh, mask_bcg)
 
 
 def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray, keys: Keys, starts: Keys,
-                   inv_freq_h: jnp.ndarray, chunk: int, key_block: int, window: int, rotation: Rotation):
+                   pe: Positional, chunk: int, key_block: int, window: int, rotation: Rotation):
   """Queries q [B,T,N,H] (positions, idx [B,T]) over `keys` = a context of L-T keys followed by the
   queries' own T keys, plus `starts`. Returns (out [B,T,N,H], lse [B,T,N])."""
   b, t, _, _ = q_btnh.shape
@@ -116,17 +116,17 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
 
   def chunk_step(ci, q_bcnh, pos_bc, idx_bc):
     ref_b1 = pos_bc[:, -1:]
-    q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
-    state = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
-    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, ref_b1, starts, inv_freq_h, window, rotation)
+    q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, pe, kv)
+    state = bw.init_state(b, kv, q_near.x.shape[2], q_near.x.shape[3])
+    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, ref_b1, starts, pe, window, rotation)
 
     def key_step(state, kb):
       start = first_band + ci * c + kb * s
       idx_bs = jax.lax.dynamic_slice_in_dim(keys.idx_bl, start, s, axis=1)
 
       def scores_and_values():
-        k_rot, _, v_bksh = bw.key_block(keys.k_bklh, keys.v_bklh, keys.pos_bl, start, s, ref_b1, inv_freq_h)
-        return bw.scores(q_near, k_rot), v_bksh
+        k_rot, _, v_bksh = bw.key_block(keys.k_bklh, keys.v_bklh, keys.pos_bl, start, s, ref_b1, pe)
+        return bw.scores(q_near, k_rot, pe), v_bksh
 
       return bw.fold_block(state, scores_and_values, idx_bc, idx_bs, window), None
 
@@ -137,16 +137,16 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
 
 
 def sink_and_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-                  inv_freq_h: jnp.ndarray, chunk: int, key_block: int, band: Band):
+                  pe: Positional, chunk: int, key_block: int, band: Band):
   """One device, no context: q [B,T,N,H], k/v [B,T,K,H] before RoPE -> (out [B,T,N,H], lse [B,T,N])."""
   positions_bt = positions_bt.astype(jnp.int32)
   idx_bt = bw.sequence_index(positions_bt)
   keys = Keys(jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt, idx_bt)
   return band_attention(q_btnh, positions_bt, idx_bt, keys, starting_keys(keys, min(band.n_start, q_btnh.shape[1])),
-                        inv_freq_h, chunk, key_block, band.window, band.rotation)
+                        pe, chunk, key_block, band.window, band.rotation)
 
 
-def attend_one(q_b1nh: jnp.ndarray, new: Keys, slots: Keys, ring_keys: Keys, inv_freq_h: jnp.ndarray, window: int,
+def attend_one(q_b1nh: jnp.ndarray, new: Keys, slots: Keys, ring_keys: Keys, pe: Positional, window: int,
                rotation: Rotation) -> jnp.ndarray:
   """One query per row [B, 1, N, H] over an anchored ring in place (`ring`), its own key `new` and
   the starting slots: [B, 1, N, H]."""
@@ -154,8 +154,8 @@ def attend_one(q_b1nh: jnp.ndarray, new: Keys, slots: Keys, ring_keys: Keys, inv
   kv_heads = ring_keys.k_bklh.shape[1]
   pos_b1, idx_b1 = new.pos_bl, new.idx_bl
   state = bw.init_state(b, kv_heads, n // kv_heads, h)
-  state = add_starting_keys(state, q_b1nh, pos_b1, idx_b1, pos_b1, slots, inv_freq_h, window, rotation)
-  state = bw.update(state, ring.ring_scores(q_b1nh, pos_b1, ring_keys, inv_freq_h), ring_keys.v_bklh,
+  state = add_starting_keys(state, q_b1nh, pos_b1, idx_b1, pos_b1, slots, pe, window, rotation)
+  state = bw.update(state, ring.ring_scores(q_b1nh, pos_b1, ring_keys, pe), ring_keys.v_bklh,
                     bw.visible(idx_b1, ring_keys.idx_bl, window))
-  state = bw.update(state, ring.own_key_scores(q_b1nh, new, inv_freq_h), new.v_bklh, (idx_b1 >= 0)[:, :, None])
+  state = bw.update(state, ring.own_key_scores(q_b1nh, new, pe), new.v_bklh, (idx_b1 >= 0)[:, :, None])
   return bw.finish(state, 1, q_b1nh.dtype)[0]

@@ -7,7 +7,8 @@ query tile (row m = g*C + c), so each score tile is one batched matmul [M, H] x 
 A query chunk's attention is accumulated over key blocks with an online softmax (float32
 running max `m`, normaliser `l` and weighted sum `acc`), so no [T, T] score matrix exists.
 Masks use sequence indices (`idx`: 0 at a row's first real token, negative for left padding);
-positions only enter RoPE, always as small differences from a per-chunk reference.
+positions only enter through the positional scheme `pe` (lminf_jax.positional), always as small
+offsets from a per-chunk reference that `Tile`s carry to `scores`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.rope import apply_rope
+from lminf_jax.positional import Positional
 
 # Index given to padding keys past the end: in every real query's future.
 FUTURE = 2**30
@@ -92,16 +93,31 @@ def init_state(batch: int, kv_heads: int, rows: int, head_dim: int) -> SoftmaxSt
                       jnp.zeros(shape + (head_dim,), jnp.float32))
 
 
-def query_tile(q_bcnh: jnp.ndarray, offsets_bc: jnp.ndarray, inv_freq_h: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+class Tile(NamedTuple):
+  """Queries [B, K, M, H] or keys [B, K, S, H] rotated by `pe`, with the offsets [B, M] / [B, S]
+  they were rotated by (ALiBi's bias needs them)."""
+
+  x: jnp.ndarray
+  off: jnp.ndarray
+
+
+def query_tile(q_bcnh: jnp.ndarray, offsets_bc: jnp.ndarray, pe: Positional, kv_heads: int) -> Tile:
   """Rotates queries by `offsets` and scales by 1/sqrt(H): [B, C, N, H] -> [B, K, G*C, H]."""
   b, c, n, h = q_bcnh.shape
-  q_bcnh = apply_rope(q_bcnh, offsets_bc[:, :, None], inv_freq_h) * h**-0.5
-  return q_bcnh.reshape(b, c, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, h)
+  q_bcnh = pe.rotate(q_bcnh, offsets_bc[:, :, None]) * h**-0.5
+  q_bkmh = q_bcnh.reshape(b, c, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, h)
+  return Tile(q_bkmh, jnp.tile(offsets_bc, (1, n // kv_heads)))
 
 
-def scores(q_bkmh: jnp.ndarray, k_bksh: jnp.ndarray) -> jnp.ndarray:
-  """Float32 logits [B, K, M, S]."""
-  return jnp.einsum("bkmh,bksh->bkms", q_bkmh, k_bksh, preferred_element_type=jnp.float32)
+def key_tile(k_bksh: jnp.ndarray, offsets_bs: jnp.ndarray, pe: Positional) -> Tile:
+  """Keys [B, K, S, H] rotated by `offsets` [B, S]."""
+  return Tile(pe.rotate(k_bksh, offsets_bs[:, None]), offsets_bs)
+
+
+def scores(q: Tile, k: Tile, pe: Positional) -> jnp.ndarray:
+  """Float32 logits [B, K, M, S] (with the scheme's bias and soft-cap)."""
+  s_bkms = jnp.einsum("bkmh,bksh->bkms", q.x, k.x, preferred_element_type=jnp.float32)
+  return pe.logits(s_bkms, q.off, k.off)
 
 
 def update(state: SoftmaxState, s_bkms: jnp.ndarray, v_bksh: jnp.ndarray,
@@ -189,11 +205,12 @@ def sequence_index(positions_bt: jnp.ndarray) -> jnp.ndarray:
   return jnp.arange(t, dtype=jnp.int32)[None] - jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)[:, None]
 
 
-def key_block(k_bkth, v_bkth, positions_bt, start, size: int, ref_b1, inv_freq_h):
-  """Slices keys [start, start+size): (rotated keys [B,K,S,H] relative to ref, raw keys, values)."""
+def key_block(k_bkth, v_bkth, positions_bt, start, size: int, ref_b1,
+              pe: Positional) -> tuple[Tile, Tile, jnp.ndarray]:
+  """Slices keys [start, start+size): (keys rotated relative to ref, raw keys at offset 0, values [B,K,S,H])."""
   k_bksh, v_bksh = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=2) for x in (k_bkth, v_bkth))
   pos_bs = jax.lax.dynamic_slice_in_dim(positions_bt, start, size, axis=1)
-  return apply_rope(k_bksh, (pos_bs - ref_b1)[:, None], inv_freq_h), k_bksh, v_bksh
+  return key_tile(k_bksh, pos_bs - ref_b1, pe), Tile(k_bksh, jnp.zeros_like(pos_bs)), v_bksh
 
 
 def unsplit_chunks(x_nbc: jnp.ndarray, length: int) -> jnp.ndarray:

@@ -19,6 +19,7 @@ from lminf_jax.attention.banded import Band, TrueDistance
 from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS
 from lminf_jax.attention.method import CacheLayout, option
 from lminf_jax.errors import UserError
+from lminf_jax.positional import Positional
 from lminf_jax.sharding import mesh_axis_size, warn_dense_all_gather
 
 CHUNK_HELP = "query chunk length of the blockwise attention (a memory and speed knob)"
@@ -43,14 +44,14 @@ class Dense(BandMethod):
       return SlidingWindow(window=sliding_window, chunk=self.chunk, key_block=self.key_block, kernel=self.kernel)
     return self
 
-  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
     if mesh_axis_size("sequence") > 1:
       warn_dense_all_gather()
-      return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)[0]
-    return self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)[0]
+      return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)[0]
+    return self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)[0]
 
-  def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h):
-    return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block)
+  def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe):
+    return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.chunk, self.key_block)
 
   def window_tokens(self) -> int:
     return 0
@@ -75,7 +76,7 @@ class SlidingWindow(BandMethod):
 
 
 def causal_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-                     inv_freq_h: jnp.ndarray, chunk: int, key_block: int, far: tuple[int, int] | None = None):
+                     pe: Positional, chunk: int, key_block: int, far: tuple[int, int] | None = None):
   """Causal attention; q [B,T,N,H], k/v [B,T,K,H] before RoPE -> (out [B,T,N,H], lse [B,T,N]).
 
   Keys at true relative distance, except with `far=(window, limit)`: keys with i-j >= window
@@ -93,25 +94,25 @@ def causal_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarr
   def chunk_step(ci, q_bcnh, pos_bc, idx_bc):
     b, c = q_bcnh.shape[:2]
     ref_b1 = pos_bc[:, -1:]
-    q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
+    q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, pe, kv)
     if far is not None:
-      q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, far[1]), inv_freq_h, kv)
+      q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, far[1]), pe, kv)
 
     def key_step(state, kb):
       idx_bs = jax.lax.dynamic_slice_in_dim(key_idx_bt, kb * s, s, axis=1)
 
       def scores_and_values():
-        k_rot, k_raw, v_bksh = bw.key_block(k_bkth, v_bkth, key_pos_bt, kb * s, s, ref_b1, inv_freq_h)
-        s_bkms = bw.scores(q_near, k_rot)
+        k_rot, k_raw, v_bksh = bw.key_block(k_bkth, v_bkth, key_pos_bt, kb * s, s, ref_b1, pe)
+        s_bkms = bw.scores(q_near, k_rot, pe)
         if far is not None:
           near_bcs = idx_bc[:, :, None] - idx_bs[:, None, :] < far[0]
-          near_b1cs = jnp.tile(near_bcs[:, None], (1, 1, q_near.shape[2] // c, 1))
-          s_bkms = jnp.where(near_b1cs, s_bkms, bw.scores(q_far, k_raw))
+          near_b1cs = jnp.tile(near_bcs[:, None], (1, 1, q_near.x.shape[2] // c, 1))
+          s_bkms = jnp.where(near_b1cs, s_bkms, bw.scores(q_far, k_raw, pe))
         return s_bkms, v_bksh
 
       return bw.fold_block(state, scores_and_values, idx_bc, idx_bs), None
 
-    init = bw.init_state(b, kv, q_near.shape[2], q_near.shape[3])
+    init = bw.init_state(b, kv, q_near.x.shape[2], q_near.x.shape[3])
     state, _ = jax.lax.scan(key_step, init, jnp.arange(key_idx_bt.shape[1] // s))
     return bw.finish(state, c, q_btnh.dtype)
 

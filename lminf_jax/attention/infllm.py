@@ -80,13 +80,13 @@ class InfLLM(AttentionMethod):
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> InfLLM:
     return dataclasses.replace(self, n_local=self.n_local or max_position_embeddings)
 
-  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
     xla = functools.partial(infllm_attention, spec=self)
-    kernel = flash_kernel(self.kernel, q_btnh.dtype)
+    kernel = flash_kernel(self.kernel, q_btnh.dtype, pe)
     if kernel is None:
-      return xla(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+      return xla(q_btnh, k_btkh, v_btkh, positions_bt, pe)
     fast = functools.partial(infllm_attention, spec=self, kernel=kernel)
-    return on_mesh(functools.partial(xla_gradient, fast, xla), q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h,
+    return on_mesh(functools.partial(xla_gradient, fast, xla), q_btnh, k_btkh, v_btkh, positions_bt, pe,
                    with_lse=False)
 
   def window_tokens(self) -> int:
@@ -119,14 +119,14 @@ class InfLLM(AttentionMethod):
       return str(e)
     return super().cache_full(need, room, extra)
 
-  def attend_chunk(self, q_bcnh, new: Keys, cached: CachedLayer, inv_freq_h, layer):
+  def attend_chunk(self, q_bcnh, new: Keys, cached: CachedLayer, pe, layer):
     return infllm_chunk(q_bcnh, new.pos_bl, new.idx_bl, cached.ordered_ring().concat(new), cached.slots_with(new),
-                        _pool(cached), inv_freq_h, self)
+                        _pool(cached), pe, self)
 
-  def attend_token(self, q_b1nh, new: Keys, cached: CachedLayer, inv_freq_h, layer):
-    return infllm_one(q_b1nh, new, cached, inv_freq_h, self)
+  def attend_token(self, q_b1nh, new: Keys, cached: CachedLayer, pe, layer):
+    return infllm_one(q_b1nh, new, cached, pe, self)
 
-  def write_extra(self, cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, ring_at_bc, inv_freq_h):
+  def write_extra(self, cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, ring_at_bc, pe):
     extra, formed_b = form_blocks(cached, new, colsum_lbnx, next_idx_b, self)
     # The ring writes take a zero data dependency on the formation, which reads the ring.
     ring_len = cached.ring.idx_bl.shape[1]
@@ -134,7 +134,7 @@ class InfLLM(AttentionMethod):
     b_b1 = jnp.arange(ring_at_bc.shape[0])[:, None]
     ring_colsum = extra.ring_colsum.at[:, b_b1, :, ring_at_bc].set(colsum_lbnx[..., ring_len:].transpose(1, 3, 0, 2),
                                                                    mode="drop")
-    rotated_lbckh, _ = ring.anchored(k_lbckh, new.pos_bl, ring_len, inv_freq_h)
+    rotated_lbckh, _ = ring.anchored(k_lbckh, new.pos_bl, ring_len, pe)
     return extra._replace(ring_colsum=ring_colsum, ring_rk=bw.scatter_layers(extra.ring_rk, ring_at_bc,
                                                                               rotated_lbckh)), formed_b
 
@@ -187,7 +187,7 @@ def representative_keys(colsum_nx: jnp.ndarray, k_kxh: jnp.ndarray, repr_tokens:
   return raw_kgxh.reshape(*lead, n, p, repr_tokens, h).astype(jnp.float32).mean(-2)
 
 
-def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool, inv_freq_h, spec,
+def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool, pe, spec,
                  local_branch: tuple[jnp.ndarray, jnp.ndarray] | None = None):
   """One query chunk: q [B,C,N,H] at positions / sequence indices [B,C] (idx < 0: padding; the
   chunk's first real query has index s = its row's next token). `context` [B,K,W+C,H] holds raw
@@ -200,7 +200,7 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   g = n // kv
   n_local, bs = spec.n_local, spec.block_size
   pending = context.slice(0, bs + c)
-  state = add_far_keys(bw.init_state(b, kv, g * c, h), q_bcnh, pos_bc, idx_bc, pending, starts, pool, inv_freq_h,
+  state = add_far_keys(bw.init_state(b, kv, g * c, h), q_bcnh, pos_bc, idx_bc, pending, starts, pool, pe,
                        spec)
 
   # Local: the context from entry bs on, in key blocks of S, rotated relative to the chunk's last query.
@@ -209,11 +209,11 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   s = min(spec.key_block, span)
   local = local.pad(0, -span % s)
   ref_b1 = pos_bc[:, -1:]
-  q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, inv_freq_h, kv)
+  q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, pe, kv)
 
   def block(kb):  # (logits, values) of local key block kb
-    k_rot, _, v_bksh = bw.key_block(local.k_bklh, local.v_bklh, local.pos_bl, kb * s, s, ref_b1, inv_freq_h)
-    return bw.scores(q_near, k_rot), v_bksh
+    k_rot, _, v_bksh = bw.key_block(local.k_bklh, local.v_bklh, local.pos_bl, kb * s, s, ref_b1, pe)
+    return bw.scores(q_near, k_rot, pe), v_bksh
 
   def block_idx(kb):
     return jax.lax.dynamic_slice_in_dim(local.idx_bl, kb * s, s, axis=1)
@@ -243,24 +243,25 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   return out_bcnh, bw.pad_axis(colsum_bnx, 2, bs, 0)
 
 
-def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, starts: Keys, pool: Pool, inv_freq_h,
+def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, starts: Keys, pool: Pool, pe,
                  spec) -> bw.SoftmaxState:
   """Folds the far branch into a chunk's softmax: the query rotated at n_local-1, raw keys of the
   init tokens, of the pending tokens (the context's first bs + C entries, oldest first) and of
   the top_k selected blocks, each seen only at distance >= n_local."""
   real_bc = idx_bc >= 0
-  q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, spec.n_local - 1), inv_freq_h, pending.k_bklh.shape[1])
+  q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, spec.n_local - 1), pe, pending.k_bklh.shape[1])
   pending_start_b1 = (spec.n_init + pool.formed_b * spec.block_size)[:, None]
   far = [starts, pending]
   far_ok = [starts.idx_bl >= 0, (pending.idx_bl >= pending_start_b1)]
   if pool.rk_bnph.shape[2]:
-    far_block, ok_block = _selected_blocks(q_far, real_bc, pool, spec)
+    far_block, ok_block = _selected_blocks(q_far.x, real_bc, pool, spec)
     far.append(far_block)
     far_ok.append(ok_block)
   far_k, far_v = (jnp.concatenate([x[i] for x in far], axis=2) for i in (0, 1))
   far_idx_bf = jnp.concatenate([x.idx_bl for x in far], axis=1)
   mask_bcf = bw.visible(idx_bc, far_idx_bf, min_dist=spec.n_local) & jnp.concatenate(far_ok, axis=1)[:, None, :]
-  return bw.update(state, bw.scores(q_far, far_k), far_v, mask_bcf)
+  far_tile = bw.Tile(far_k, jnp.zeros_like(far_idx_bf))  # (raw keys: the query's offset is the distance)
+  return bw.update(state, bw.scores(q_far, far_tile, pe), far_v, mask_bcf)
 
 
 def _selected_blocks(q_far_bkmh, real_bc, pool: Pool, spec) -> tuple[Keys, jnp.ndarray]:
@@ -282,7 +283,7 @@ def _selected_blocks(q_far_bkmh, real_bc, pool: Pool, spec) -> tuple[Keys, jnp.n
   return Keys(k_bkxh, v_bkxh, jnp.zeros_like(idx_bx), idx_bx), ok_bx
 
 
-def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec,
+def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, spec,
                      kernel: FlashKernel | None = None) -> jnp.ndarray:
   """One-shot: q [B,T,N,H], k/v [B,T,K,H] before RoPE, positions [B,T] (negative = left padding)
   -> [B,T,N,H]. A scan over chunks whose carry is every key's column sum [B,N,T]. With a flash
@@ -290,7 +291,7 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec,
   the far branch and still computes the local scores for the column sums."""
   b, t, n, h = q_btnh.shape
   if kernel is not None:
-    local_btnh, local_btn = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec.n_local, kernel)
+    local_btnh, local_btn = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, pe, spec.n_local, kernel)
   # Left-padded rows are rotated to start at index 0, so chunks and blocks line up in every row
   # (the padding, now at the end, lies in every real query's future).
   pad_b = jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)
@@ -327,7 +328,7 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec,
     rk_bnph = representative_keys(colsum_bnl[:, :, first:first + n_pool * spec.block_size], pool_k,
                                   spec.repr_tokens, spec.block_size) if n_pool else jnp.zeros((b, n, 0, h))
     pool = Pool(pool_k, pool_v, rk_bnph, jnp.full((b,), blocks_formed(ci * c, spec)))
-    out_bcnh, colsum_bnx = infllm_chunk(q_bcnh, pos_bc, idx_bc, context, init, pool, inv_freq_h, spec,
+    out_bcnh, colsum_bnx = infllm_chunk(q_bcnh, pos_bc, idx_bc, context, init, pool, pe, spec,
                                         tuple(local) or None)
     old_bnx = jax.lax.dynamic_slice_in_dim(colsum_bnl, ci * c, w + c, axis=2)
     return jax.lax.dynamic_update_slice_in_dim(colsum_bnl, old_bnx + colsum_bnx, ci * c, axis=2), out_bcnh
@@ -341,7 +342,7 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec,
   return rotate(bw.unsplit_chunks(out_nbcnh, t), -pad_b)
 
 
-def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, inv_freq_h, spec: InfLLM):
+def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, pe, spec: InfLLM):
   """`infllm_chunk` for one query per row, with the ring read where it lies (its rotated copy):
   (out [B, 1, N, H], local probability sums [B, N, W+1] of the ring, oldest first, and the query's
   own key). One pass: a single query's softmax needs no blocks."""
@@ -352,12 +353,12 @@ def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, inv_freq_h, spec: InfLLM)
   order_bw = cached.ring_order()
   pending = raw.take(order_bw[:, :spec.block_size + 1])
   state = bw.init_state(b, kv_heads, n // kv_heads, h)
-  state = add_far_keys(state, q_b1nh, pos_b1, idx_b1, pending, cached.slots, _pool(cached), inv_freq_h, spec)
-  rotated = Keys(cached.extra.ring_rk, raw.v_bklh, raw.pos_bl - raw.pos_bl % ring_len, raw.idx_bl)
-  s_bkgw = ring.ring_scores(q_b1nh, pos_b1, rotated, inv_freq_h)
+  state = add_far_keys(state, q_b1nh, pos_b1, idx_b1, pending, cached.slots, _pool(cached), pe, spec)
+  rotated = Keys(cached.extra.ring_rk, raw.v_bklh, ring.anchors(raw.pos_bl, ring_len, pe), raw.idx_bl)
+  s_bkgw = ring.ring_scores(q_b1nh, pos_b1, rotated, pe)
   local_b1w = bw.visible(idx_b1, raw.idx_bl, spec.n_local)
   state = bw.update(state, s_bkgw, raw.v_bklh, local_b1w)
-  s_own_bkg1 = ring.own_key_scores(q_b1nh, new, inv_freq_h)
+  s_own_bkg1 = ring.own_key_scores(q_b1nh, new, pe)
   state = bw.update(state, s_own_bkg1, new.v_bklh, (idx_b1 >= 0)[:, :, None])
   out_b1nh, lse_b1n = bw.finish(state, 1, q_b1nh.dtype)
   lse_bkg1 = lse_b1n.reshape(b, kv_heads, -1, 1)

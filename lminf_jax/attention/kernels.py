@@ -34,7 +34,7 @@ from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.banded import add_starting_keys, starting_keys
 from lminf_jax.attention.blockwise import Keys
 from lminf_jax.errors import UserError
-from lminf_jax.rope import apply_rope
+from lminf_jax.positional import Positional
 from lminf_jax.sharding import logical_spec
 
 KERNELS = ("auto", "xla", "splash", "cudnn")
@@ -47,14 +47,15 @@ ALIGN = 128  # kernel block multiple: segment lengths are padded to it
 
 @dataclasses.dataclass(frozen=True)
 class Splash:
-  """Pallas splash attention (TPU; `interpret` runs it anywhere, slowly): causal, left window."""
+  """Pallas splash attention (TPU; `interpret` runs it anywhere, slowly): causal, left window,
+  logits soft-capped at `softcap` (None: not)."""
 
   interpret: bool
 
-  def __call__(self, q_xlnh, k_xlkh, v_xlkh, window: int | None):
+  def __call__(self, q_xlnh, k_xlkh, v_xlkh, window: int | None, softcap: float | None = None):
     x, length, n, h = q_xlnh.shape
     kv = k_xlkh.shape[2]
-    kernel = _splash_kernel(length, n // kv, window, self.interpret)
+    kernel = _splash_kernel(length, n // kv, window, self.interpret, softcap)
     q_xkglh = q_xlnh.reshape(x, length, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
     k_xklh, v_xklh = (jnp.swapaxes(a, 1, 2) for a in (k_xlkh, v_xlkh))
     o_xkglh, (lse_xkgl,) = jax.vmap(jax.vmap(kernel))(q_xkglh, k_xklh, v_xklh)
@@ -62,7 +63,7 @@ class Splash:
             lse_xkgl.transpose(0, 3, 1, 2).reshape(x, length, n))
 
 
-def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool):
+def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool, softcap: float | None):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -74,7 +75,8 @@ def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
   # (built per trace: splash caches the numpy processing of the mask itself)
   return splash.make_splash_mqa_single_device(masks.MultiHeadMask([mask] * heads), block_sizes=sizes,
-                                              save_residuals=True, interpret=interpret)
+                                              save_residuals=True, attn_logits_soft_cap=softcap,
+                                              interpret=interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,9 @@ class DotProductAttention:
 
   implementation: str
 
-  def __call__(self, q_xlnh, k_xlkh, v_xlkh, window: int | None):
+  def __call__(self, q_xlnh, k_xlkh, v_xlkh, window: int | None, softcap: float | None = None):
+    if softcap is not None:
+      raise ValueError("jax.nn.dot_product_attention has no logit soft-capping")
     if self.implementation == "cudnn":
       from jax._src.cudnn.fused_attention_stablehlo import MaskType
       from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
@@ -103,20 +107,29 @@ class DotProductAttention:
 FlashKernel = Splash | DotProductAttention
 
 
-def flash_kernel(kernel: str, dtype) -> FlashKernel | None:
-  """The flash kernel a method's `kernel` option picks on this platform (None: the XLA path)."""
+def flash_kernel(kernel: str, dtype, pe: Positional | None = None) -> FlashKernel | None:
+  """The flash kernel a method's `kernel` option picks on this platform for a model whose logits
+  take `pe` (None: the XLA path). No kernel has ALiBi's bias; cuDNN has no soft-capping: "auto"
+  takes XLA for those."""
   platform = jax.default_backend()
   half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  alibi = pe is not None and not pe.rotates
+  softcap = None if pe is None else pe.softcap
   if kernel == "auto":
-    kernel = {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(platform, "xla")
+    kernel = {"tpu": "splash", "gpu": "cudnn" if half and softcap is None else "xla"}.get(platform, "xla")
+    kernel = "xla" if alibi else kernel
   if kernel == "xla":
     return None
+  if alibi:
+    raise UserError(f"the {kernel} kernel has no ALiBi bias: use --kernel auto or xla")
   if kernel == "splash":
     return Splash(interpret=platform != "tpu")
   if kernel == "cudnn":
     if platform != "gpu" or not half:
       raise UserError(f"the cudnn kernel needs a GPU and bf16/fp16 activations (here: {platform}, "
                       f"{jnp.dtype(dtype).name}): use --kernel auto or xla")
+    if softcap is not None:
+      raise UserError("the cudnn kernel has no logit soft-capping: use --kernel auto or xla")
     return DotProductAttention("cudnn")
   raise UserError(f"unknown kernel {kernel!r} (choose from {', '.join(KERNELS)})")
 
@@ -155,7 +168,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def flash_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-               inv_freq_h: jnp.ndarray, window: int, kernel: FlashKernel,
+               pe: Positional, window: int, kernel: FlashKernel,
                span: int = SPAN) -> tuple[jnp.ndarray, jnp.ndarray]:
   """The band alone, keys 0 <= i-j < window at true distance, through `kernel`: q [B,T,N,H], k/v
   [B,T,K,H] before RoPE -> (out [B,T,N,H] float32, lse [B,T,N]; 0 and -inf for padding). `span`:
@@ -180,10 +193,10 @@ def flash_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, po
 
   pos_xl = jnp.pad(pos_bt, ((0, 0), (0, extent - t)), mode="edge")[:, cols].reshape(b * count, plan.length)
   offsets_xl1 = (pos_xl - jnp.max(pos_xl, axis=1, keepdims=True))[:, :, None]
-  q_xlnh = apply_rope(segment(roll(q_btnh)), offsets_xl1, inv_freq_h) * h**-0.5
-  k_xlkh = apply_rope(segment(roll(k_btkh)), offsets_xl1, inv_freq_h)
+  q_xlnh = pe.rotate(segment(roll(q_btnh)), offsets_xl1) * h**-0.5
+  k_xlkh = pe.rotate(segment(roll(k_btkh)), offsets_xl1)
   o_xlnh, lse_xln = kernel(q_xlnh.astype(q_btnh.dtype), k_xlkh, segment(roll(v_btkh)),
-                           window if window < plan.length else None)
+                           window if window < plan.length else None, pe.softcap)
   # Back to the rows' own order; padding queries see nothing.
   slots = plan.output_slots().reshape(-1)[:t]
   o_btnh = o_xlnh.reshape(b, count * plan.length, n, h)[:, slots]
@@ -204,11 +217,11 @@ def merge(o_a: jnp.ndarray, lse_a: jnp.ndarray, o_b: jnp.ndarray, lse_b: jnp.nda
   return (o_a.astype(jnp.float32) * w_a + o_b.astype(jnp.float32) * w_b).astype(dtype), lse
 
 
-def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h):
+def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, positions_bt, pe):
   """A `BandMethod` spec's attention with its band through `kernel`: q [B,T,N,H], k/v [B,T,K,H]
   before RoPE -> (out [B,T,N,H], lse [B,T,N])."""
   band = spec.band()
-  o_band, lse_band = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, band.window, kernel)
+  o_band, lse_band = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, pe, band.window, kernel)
   if not band.n_start:
     return o_band.astype(q_btnh.dtype), lse_band
   positions_bt = positions_bt.astype(jnp.int32)
@@ -219,7 +232,7 @@ def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, posi
 
   def starts_step(ci, q_bcnh, pos_bc, idx_bc):
     state = bw.init_state(q_bcnh.shape[0], kv, q_bcnh.shape[2] // kv * q_bcnh.shape[1], h)
-    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, pos_bc[:, -1:], starts, inv_freq_h, band.window,
+    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, pos_bc[:, -1:], starts, pe, band.window,
                               band.rotation)
     return bw.finish(state, q_bcnh.shape[1], jnp.float32)
 
@@ -227,27 +240,27 @@ def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, posi
   return merge(o_band, lse_band, o_start, lse_start, q_btnh.dtype)
 
 
-def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, with_lse: bool = True):
+def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, pe, with_lse: bool = True):
   """attend(q, k, v, positions, inv_freq) -> (out, lse) (or out alone, `with_lse=False`) on each
   shard of rows and heads of the current mesh (XLA does not partition a Pallas or cuDNN kernel
   itself); directly without one. Not for a `sequence` axis (the band crosses shards)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or np.prod(list(dict(mesh.shape).values())) == 1:
-    return attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+    return attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)
   batch = logical_spec(("batch",), (q_btnh.shape[0],), mesh)[0]
   tensor = dict(mesh.shape).get("tensor", 1)
   heads = "tensor" if tensor > 1 and k_btkh.shape[2] % tensor == 0 else None  # GQA groups stay whole
   qkv = PartitionSpec(batch, None, heads, None)
   out_specs = (qkv, PartitionSpec(batch, None, heads)) if with_lse else qkv
   return jax.shard_map(attend, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None), PartitionSpec()),
-                       out_specs=out_specs, check_vma=False)(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+                       out_specs=out_specs, check_vma=False)(q_btnh, k_btkh, v_btkh, positions_bt, pe)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def xla_gradient(fast, reference, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h):
+def xla_gradient(fast, reference, q_btnh, k_btkh, v_btkh, positions_bt, pe):
   """fast(q, k, v, positions, inv_freq), differentiated (in q, k, v) as `reference`: the same
   attention through XLA, recomputed in the backward pass."""
-  return fast(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+  return fast(q_btnh, k_btkh, v_btkh, positions_bt, pe)
 
 
 def _forward(fast, reference, *inputs):
@@ -255,8 +268,8 @@ def _forward(fast, reference, *inputs):
 
 
 def _backward(fast, reference, inputs, cotangents):
-  q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h = inputs
-  xla = lambda q, k, v: reference(q, k, v, positions_bt, inv_freq_h)  # noqa: E731
+  q_btnh, k_btkh, v_btkh, positions_bt, pe = inputs
+  xla = lambda q, k, v: reference(q, k, v, positions_bt, pe)  # noqa: E731
   return (*jax.vjp(xla, q_btnh, k_btkh, v_btkh)[1](cotangents), None, None)
 
 

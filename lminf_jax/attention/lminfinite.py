@@ -56,15 +56,15 @@ class Lambda(BandMethod):
   def band(self) -> Band:
     return Band(self.n_global, self.n_local, AtDistance(self.limit) if self.distance_limit else TrueDistance())
 
-  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, layer):
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
     if not self.mask:  # ablation: distance limit without the mask, O(T^2)
       far = (self.n_local, self.limit) if self.distance_limit else None
-      return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, self.chunk, self.key_block, far)[0]
-    o_btnh, lse_btn = self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h)
+      return causal_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.chunk, self.key_block, far)[0]
+    o_btnh, lse_btn = self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)
     if self.top_k:
       if lse_btn is None:
         raise UserError("Lambda.top_k needs every key of the last query: not supported with sequence parallelism")
-      o_last = _add_top_k_middle(o_btnh[:, -1], lse_btn[:, -1], q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h,
+      o_last = _add_top_k_middle(o_btnh[:, -1], lse_btn[:, -1], q_btnh, k_btkh, v_btkh, positions_bt, pe,
                                  self)
       o_btnh = o_btnh.at[:, -1].set(jnp.where(layer >= self.top_k_from_layer, o_last, o_btnh[:, -1]))
     return o_btnh
@@ -75,14 +75,14 @@ class Lambda(BandMethod):
     return super().cache_layout(max_len)
 
 
-def _add_top_k_middle(o_bnh, lse_bn, q_btnh, k_btkh, v_btkh, positions_bt, inv_freq_h, spec: Lambda):
+def _add_top_k_middle(o_bnh, lse_bn, q_btnh, k_btkh, v_btkh, positions_bt, pe, spec: Lambda):
   """Adds to the last query's softmax, per head, the top_k middle keys n_global <= j <= i-n_local
   by (R_insert q_i).(R_0 k_j), at distance top_k_insert_at. O(T) memory. (X: the top_k keys.)"""
   b, t, n, h = q_btnh.shape
   kv = k_btkh.shape[2]
   idx_bt = bw.sequence_index(positions_bt)
-  q_bkgh = bw.query_tile(q_btnh[:, -1:], jnp.full((b, 1), spec.top_k_insert_at), inv_freq_h, kv)
-  s_bkgt = bw.scores(q_bkgh, jnp.swapaxes(k_btkh, 1, 2))
+  q_bkgh = bw.query_tile(q_btnh[:, -1:], jnp.full((b, 1), spec.top_k_insert_at), pe, kv)
+  s_bkgt = bw.scores(q_bkgh, bw.Tile(jnp.swapaxes(k_btkh, 1, 2), jnp.zeros((b, t), jnp.int32)), pe)
   middle_bt = bw.visible(idx_bt[:, -1:], idx_bt, min_dist=spec.n_local)[:, 0] & (idx_bt >= spec.n_global)
   s_bkgt = jnp.where(middle_bt[:, None, None], s_bkgt, -jnp.inf)
   top_s_bkgx, top_j_bkgx = jax.lax.top_k(s_bkgt, min(spec.top_k, t))

@@ -5,10 +5,13 @@ A method is one frozen dataclass that subclasses `AttentionMethod`: its fields a
 uses), and its methods are its math. It is a static pytree, so it passes to `jax.jit` as a plain
 static argument. Only `attend` is required:
 
-    attend(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], positions [B,T], inv_freq [H/2], layer) -> o [B,T,N,H]
+    attend(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], positions [B,T], pe, layer) -> o [B,T,N,H]
 
-q and k are projections before RoPE; positions are RoPE positions, negative for left padding;
-`layer` is the layer index (a traced scalar inside the layer scan). With only `attend`, a method
+q and k are projections before RoPE; positions are negative for left padding; `pe` is the
+model's positional scheme (lminf_jax.positional: `Rotary` or `ALiBi`, and a logit soft-cap): a
+method rotates query and key tiles by small offsets (`blockwise.query_tile`, `key_tile`) and
+gets logits from `blockwise.scores`, which adds ALiBi's bias and caps, so one method serves
+both; `layer` is the layer index (a traced scalar inside the layer scan). With only `attend`, a method
 runs every one-shot path (forward, token_nll, ppl, finetune). To run through a fixed-size cache
 (prefill, decode, generate, stream_nll, cached_token_nll) it also defines `cache_layout` and
 `attend_chunk`; `attend_token`, `capacity`, `ring_entries`, `init_extra` and `write_extra` have
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 
 from lminf_jax.attention.blockwise import Keys
 from lminf_jax.errors import UserError
+from lminf_jax.positional import Positional
 from lminf_jax.limits import INT32_MAX
 
 
@@ -125,7 +129,7 @@ class AttentionMethod(abc.ABC):
   # --- one-shot ---------------------------------------------------------------------------------
   @abc.abstractmethod
   def attend(self, q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-             inv_freq_h: jnp.ndarray, layer: jnp.ndarray | int) -> jnp.ndarray:
+             pe: Positional, layer: jnp.ndarray | int) -> jnp.ndarray:
     """The one-shot attention [B,T,N,H] (required: a class without it cannot be instantiated)."""
 
   def window_tokens(self) -> int:
@@ -147,7 +151,7 @@ class AttentionMethod(abc.ABC):
     """The one-line error for a call that needs `need` tokens of a cache whose rows hold `room`."""
     return f"{self.name.lower()} cache full: it holds {room} tokens, but this call needs {need} (init_cache's max_len)"
 
-  def attend_chunk(self, q_bcnh: jnp.ndarray, new: Keys, cached: CachedLayer, inv_freq_h: jnp.ndarray,
+  def attend_chunk(self, q_bcnh: jnp.ndarray, new: Keys, cached: CachedLayer, pe: Positional,
                    layer: jnp.ndarray | int) -> tuple[jnp.ndarray, Any]:
     """A chunk's queries q [B,C,N,H] over the cache and the chunk's own raw keys `new` [B,K,C,H]
     (positions, sequence indices [B,C]; idx -1: padding): (out [B,C,N,H], what `write_extra`
@@ -155,13 +159,13 @@ class AttentionMethod(abc.ABC):
     self.cache_layout(None)  # (refuses with the message above)
     raise UserError(f"{self.name} defines cache_layout but not attend_chunk: it cannot run through a cache")
 
-  def attend_token(self, q_b1nh: jnp.ndarray, new: Keys, cached: CachedLayer, inv_freq_h: jnp.ndarray,
+  def attend_token(self, q_b1nh: jnp.ndarray, new: Keys, cached: CachedLayer, pe: Positional,
                    layer: jnp.ndarray | int) -> tuple[jnp.ndarray, Any]:
     """`attend_chunk` for one token per row (a decode step)."""
-    return self.attend_chunk(q_b1nh, new, cached, inv_freq_h, layer)
+    return self.attend_chunk(q_b1nh, new, cached, pe, layer)
 
   def ring_entries(self, k_lbckh: jnp.ndarray, positions_bc: jnp.ndarray, ring_len: int,
-                   inv_freq_h: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+                   pe: Positional) -> tuple[jnp.ndarray, jnp.ndarray]:
     """What the ring stores for a chunk's raw keys [L, B, C, K, H]: (keys, their ring positions
     [B, C]). By default the raw keys at their positions."""
     return k_lbckh, positions_bc
@@ -173,7 +177,7 @@ class AttentionMethod(abc.ABC):
     return (), ()
 
   def write_extra(self, cached: CachedLayer, new: Keys, aux, next_idx_b: jnp.ndarray, ring_at_bc: jnp.ndarray,
-                  inv_freq_h: jnp.ndarray) -> tuple[Any, Any]:
+                  pe: Positional) -> tuple[Any, Any]:
     """(extra, shared) after a chunk: `cached` is every layer's cache before it, `new` the chunk's
     raw keys and values [L, B, C, K, H] with positions and indices [B, C], `aux` what every
     layer's `attend_chunk` returned (leading L axis), `ring_at_bc` the ring slot each token goes

@@ -15,11 +15,12 @@ from jax.sharding import PartitionSpec
 
 from lminf_jax.attention.banded import Band, band_attention
 from lminf_jax.attention.blockwise import Keys
+from lminf_jax.positional import Positional
 from lminf_jax.sharding import logical_spec
 
 
 def sequence_parallel_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-                           inv_freq_h: jnp.ndarray, chunk: int, key_block: int, band: Band) -> jnp.ndarray:
+                           pe: Positional, chunk: int, key_block: int, band: Band) -> jnp.ndarray:
   """Like `sink_and_band` (output only), with T split over the mesh's `sequence` axis."""
   mesh = jax.sharding.get_abstract_mesh()
   shards = dict(mesh.shape)["sequence"]
@@ -68,7 +69,7 @@ def sequence_parallel_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp
 
     starts = Keys(gather(k_bkth, 2), gather(v_bkth, 2), gather(pos_bt, 1),
                   jnp.where(global_bg < t, jnp.broadcast_to(g, global_bg.shape), -1))
-    return band_attention(q_btnh, pos_bt, idx_bt, keys, starts, inv_freq_h, chunk, key_block, window,
+    return band_attention(q_btnh, pos_bt, idx_bt, keys, starts, pe, chunk, key_block, window,
                           band.rotation)[0]
 
   return jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, pos_spec), out_specs=qkv_spec)(
