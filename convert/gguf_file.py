@@ -30,7 +30,9 @@ _GGUF_LAYER_TO_HF = {
 }
 # Phi-3 stores fused projections: attn_qkv, and ffn_up holding gate and up (llama.cpp splits it in half).
 _PHI3_LAYER_TO_HF = {**_GGUF_LAYER_TO_HF, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# MPT: a fused attn_qkv (its ffn_up is the ungated MLP's).
+_LAYER_TO_HF = {"phi3": _PHI3_LAYER_TO_HF, "mpt": {**_GGUF_LAYER_TO_HF, "attn_qkv": "self_attn.qkv_proj"}}
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt")
 _HALF_SPLIT_ROPE = ("qwen2", "qwen3", "phi3")  # stored as in Hugging Face (llama.cpp's NEOX rope): no q/k permutation
 _ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # Phi-3's longrope, as tensors
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
@@ -57,6 +59,8 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     raise UserError(f"unsupported model_type {arch!r} in {path} (supported: {', '.join(GGUF_ARCHS)})")
   get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
   names = {t.name for t in reader.tensors}
+  if arch == "mpt":
+    return _mpt_config(reader, path, get, names)
   num_heads = get("attention.head_count")
   hidden = get("embedding_length")
   eos = _field(reader, "tokenizer.ggml.eos_token_id")
@@ -107,6 +111,35 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     raise UserError(f"{path} (as Hugging Face config fields): {e}") from None
 
 
+def _mpt_config(reader, path: Path, get, names: set[str]) -> LlamaConfig:
+  """An MPT GGUF's config, as the MPT config.json fields llama.cpp's converter read it from
+  (max_alibi_bias 0 means no ALiBi; clamp_kqv is clip_qkv; a kv head count apart from the heads
+  is grouped attention): LlamaConfig.from_hf refuses what it does not support."""
+  heads, hidden = get("attention.head_count"), get("embedding_length")
+  ffn = get("feed_forward_length")
+  if "position_embd.weight" in names:
+    raise UserError(f"{path}: unsupported MPT with learned position embeddings (position_embd)")
+  if not (ffn and hidden and ffn % hidden == 0):
+    raise UserError(f"{path}: MPT feed_forward_length {ffn} is not a multiple of embedding_length {hidden}")
+  bias_max = get("attention.max_alibi_bias", 0.0)
+  tokens = reader.fields.get("tokenizer.ggml.tokens")
+  hf = {"model_type": "mpt", "vocab_size": get("vocab_size") or (len(tokens.data) if tokens else None),
+        "d_model": hidden, "n_heads": heads, "n_layers": get("block_count"), "max_seq_len": get("context_length"),
+        "expansion_ratio": ffn // hidden,
+        "layer_norm_epsilon": get("attention.layer_norm_epsilon", 1e-5),
+        "attn_config": {"alibi": bool(bias_max), "alibi_bias_max": bias_max or 8,
+                        "clip_qkv": get("attention.clamp_kqv"),
+                        "attn_type": "multihead_attention" if get("attention.head_count_kv", heads) == heads
+                        else "grouped_query_attention"},
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id")}
+  try:
+    return LlamaConfig.from_hf(hf)
+  except UserError as e:
+    raise UserError(f"{path} (as Hugging Face config fields): {e}") from None
+
+
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
   """Undoes llama.cpp's q/k row permutation: per head, interleaved pairs -> two halves."""
   rows = w.shape[0]
@@ -117,7 +150,7 @@ def iter_gguf_tensors(reader, config: LlamaConfig, path: Path) -> Iterator[tuple
   """(HF name, float32 array in HF layout) for every tensor, dequantised one at a time."""
   from gguf.quants import dequantize
 
-  names = _PHI3_LAYER_TO_HF if config.model_type == "phi3" else _GGUF_LAYER_TO_HF
+  names = _LAYER_TO_HF.get(config.model_type, _GGUF_LAYER_TO_HF)
   for tensor in reader.tensors:
     if match := _LAYER.fullmatch(tensor.name):
       layer, kind, suffix = match.groups()

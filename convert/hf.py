@@ -53,7 +53,28 @@ _FUSED = {
     "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
-FUSED_MODEL_TYPES = ("phi3",)
+FUSED_MODEL_TYPES = ("phi3", "mpt")
+# Checkpoints that name their tensors otherwise: model_type -> (their name, the Llama name above),
+# "{}" a layer index. Names are mapped on reading (before `_unfused`) and back on export.
+_RENAMED = {"mpt": (
+    ("transformer.wte.weight", "model.embed_tokens.weight"),
+    ("transformer.norm_f.weight", "model.norm.weight"),
+    ("transformer.blocks.{}.norm_1.weight", "model.layers.{}.input_layernorm.weight"),
+    ("transformer.blocks.{}.norm_2.weight", "model.layers.{}.post_attention_layernorm.weight"),
+    ("transformer.blocks.{}.attn.Wqkv.weight", "model.layers.{}.self_attn.qkv_proj.weight"),
+    ("transformer.blocks.{}.attn.out_proj.weight", "model.layers.{}.self_attn.o_proj.weight"),
+    ("transformer.blocks.{}.ffn.up_proj.weight", "model.layers.{}.mlp.up_proj.weight"),
+    ("transformer.blocks.{}.ffn.down_proj.weight", "model.layers.{}.mlp.down_proj.weight"),
+)}
+
+
+def _renamed(model_type: str, name: str, to_llama: bool = True) -> str:
+  """A tensor's Llama name (`to_llama`), or its name in a `model_type` checkpoint."""
+  for theirs, llama in _RENAMED.get(model_type, ()):
+    source, target = (theirs, llama) if to_llama else (llama, theirs)
+    if match := re.fullmatch(re.escape(source).replace(r"\{\}", r"(\d+)"), name):
+      return target.format(*match.groups())
+  return name
 
 
 def _to_layout(w: np.ndarray, layout: str, target_shape: tuple[int, ...]) -> np.ndarray:
@@ -100,7 +121,8 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
              ("this machine", host_memory_bytes()))
   params = jax.tree.map(lambda s: np.empty(s.shape, dtype), shapes)
   filled: set[tuple] = set()
-  for name, array in _unfused(config, tensors):
+  renamed = ((_renamed(config.model_type, name), array) for name, array in tensors)
+  for name, array in _unfused(config, renamed):
     if _IGNORED.match(name):
       continue
     layer, (path, layout) = None, _GLOBAL_TENSORS.get(name, (None, None))
@@ -146,7 +168,8 @@ def _unfused(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]]) -> 
     if not match or match.group(2) not in _FUSED:
       yield name, array
       continue
-    shapes = shapes or {t.name.split(".", 3)[3]: t.shape for t in hf_tensor_names(config, fused=False) if t.layer == 0}
+    shapes = shapes or {t.name.split(".", 3)[3]: t.shape for t in hf_tensor_names(config, as_saved=False)
+                        if t.layer == 0}
     parts = [(part, shapes[part]) for part in _FUSED[match.group(2)]]
     expected = (sum(shape[0] for _, shape in parts),) + parts[0][1][1:]
     if tuple(array.shape) != expected:
@@ -168,10 +191,10 @@ class HFTensor(NamedTuple):
   parts: tuple[HFTensor, ...] = ()
 
 
-def hf_tensor_names(config: LlamaConfig, fused: bool | None = None) -> list[HFTensor]:
+def hf_tensor_names(config: LlamaConfig, as_saved: bool = True) -> list[HFTensor]:
   """Every Hugging Face tensor that `config`'s params fill (the inverse of `assemble_params`'s
-  tables; no lm_head when the embeddings are tied; fused projections where the model_type's
-  checkpoints fuse them, unless `fused` says otherwise)."""
+  tables; no lm_head when the embeddings are tied): as the model_type's checkpoints hold them
+  (`as_saved`: fused projections, their own names), or one Llama-named tensor per param."""
   leaves = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(
       abstract_params(config))[0]}
   out = [HFTensor(name, _expected_source_shape(layout, leaves[path].shape), path, None, layout)
@@ -181,12 +204,15 @@ def hf_tensor_names(config: LlamaConfig, fused: bool | None = None) -> list[HFTe
                                   _expected_source_shape(layout, leaves[("layers",) + path].shape[1:]),
                                   ("layers",) + path, layer, layout)
                  for suffix, (path, layout) in _LAYER_TENSORS.items() if ("layers",) + path in leaves}
-    if config.model_type in FUSED_MODEL_TYPES if fused is None else fused:
+    if as_saved and config.model_type in FUSED_MODEL_TYPES:
       for fused, parts in _FUSED.items():
-        stacked = tuple(by_suffix.pop(part) for part in parts)
-        shape = (sum(t.shape[0] for t in stacked),) + stacked[0].shape[1:]
-        by_suffix[fused] = HFTensor(f"model.layers.{layer}.{fused}", shape, parts=stacked)
+        if all(part in by_suffix for part in parts):  # (MPT's MLP has no gate)
+          stacked = tuple(by_suffix.pop(part) for part in parts)
+          shape = (sum(t.shape[0] for t in stacked),) + stacked[0].shape[1:]
+          by_suffix[fused] = HFTensor(f"model.layers.{layer}.{fused}", shape, parts=stacked)
     out += by_suffix.values()
+  if as_saved:
+    out = [t._replace(name=_renamed(config.model_type, t.name, to_llama=False)) for t in out]
   return out
 
 

@@ -11,11 +11,11 @@ from typing import Any
 from lminf_jax.errors import UserError
 from lminf_jax.limits import INT32_MAX, gib
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = ("float32", "bfloat16")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                     "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "mpt": "MptForCausalLM"}
 MAX_PARAMS = 10**12  # far above any model this runs; a bigger config is a typo (or a hostile file)
 
 # Integer (positive, at most INT32_MAX) and float (positive, finite) fields, by the names of a
@@ -63,7 +63,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3).
+  """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3), or one that differs from it in
+  the parts named below (MPT: ALiBi, LayerNorm, a GELU MLP).
 
   `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
   activations; softmax and RMSNorm statistics are always float32.
@@ -76,7 +77,7 @@ class LlamaConfig:
   num_heads: int  # N
   num_kv_heads: int  # K
   head_dim: int  # H
-  rms_norm_eps: float = 1e-6
+  rms_norm_eps: float = 1e-6  # every norm's epsilon (LayerNorm's too)
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = RopeScaling()
   partial_rotary_factor: float = 1.0  # RoPE rotates the first int(H * this) dims of each head (Phi-3)
@@ -85,6 +86,10 @@ class LlamaConfig:
   qkv_bias: bool = False
   o_bias: bool = False
   qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
+  alibi_bias_max: float | None = None  # ALiBi with MPT's slopes for this bias max, instead of RoPE (MPT)
+  layer_norm: bool = False  # LayerNorm without bias instead of RMSNorm (MPT)
+  hidden_act: str = "silu"  # the MLP's activation: silu, or gelu (exact, MPT)
+  gated_mlp: bool = True  # down(act(gate x) * up x); False: down(act(up x)) (MPT)
   model_type: str = "llama"
   sliding_window: int | None = None  # each query sees only its last sliding_window keys (Mistral v0.1)
   bos_token_id: int | None = None
@@ -102,12 +107,15 @@ class LlamaConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         raise UserError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
+    if self.hidden_act not in ("silu", "gelu"):
+      raise UserError(f"unsupported hidden_act {self.hidden_act!r} (silu or gelu)")
 
   def num_params(self) -> int:
     """The number of parameters (computed from the sizes, nothing allocated)."""
     d, h, n, k = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
     bias = (n + 2 * k) * h * self.qkv_bias + d * self.o_bias
-    layer = 2 * d * h * (n + k) + bias + 2 * h * self.qk_norm + 3 * d * self.intermediate_size + 2 * d
+    mlp = (3 if self.gated_mlp else 2) * d * self.intermediate_size
+    layer = 2 * d * h * (n + k) + bias + 2 * h * self.qk_norm + mlp + 2 * d
     return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
 
   @property
@@ -136,6 +144,8 @@ class LlamaConfig:
     RoPE settings in both transformers 5's and 4.x's keys). Raises UserError for a combination
     that the model_type's transformers class cannot express (e.g. a GGUF llama with a window)."""
     mt = self.model_type
+    if mt == "mpt":
+      return self._to_mpt()
     no_bias = not (self.qkv_bias or self.o_bias)
     bias_ok = {"llama": self.qkv_bias == self.o_bias, "mistral": no_bias, "phi3": no_bias,
                "qwen2": self.qkv_bias and not self.o_bias, "qwen3": self.qkv_bias == self.o_bias}[mt]
@@ -185,6 +195,20 @@ class LlamaConfig:
                 max_window_layers=0 if self.sliding_window else self.num_layers)
     return hf
 
+  def _to_mpt(self) -> dict[str, Any]:
+    ratio = self.intermediate_size // self.hidden_size
+    if self.intermediate_size != 4 * self.hidden_size:
+      raise UserError(f"cannot export: transformers' mpt has an MLP of 4 * d_model, not {self.intermediate_size}")
+    eos, bias_max = self.eos_token_ids, self.alibi_bias_max
+    bias_max = int(bias_max) if float(bias_max).is_integer() else bias_max  # (MptAttentionConfig wants an int)
+    return {"architectures": [_HF_ARCHITECTURES["mpt"]], "model_type": "mpt", "vocab_size": self.vocab_size,
+            "d_model": self.hidden_size, "n_heads": self.num_heads, "n_layers": self.num_layers,
+            "expansion_ratio": ratio, "max_seq_len": self.max_position_embeddings,
+            "layer_norm_epsilon": self.rms_norm_eps, "no_bias": True, "tie_word_embeddings": True,
+            "attn_config": {"alibi": True, "alibi_bias_max": bias_max},
+            "bos_token_id": self.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None),
+            "dtype": self.param_dtype}
+
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
     """From `to_dict`'s output (a checkpoint's config.json)."""
@@ -204,6 +228,8 @@ class LlamaConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise UserError(f"unsupported model_type {model_type!r} "
                       f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type == "mpt":
+      return _from_mpt(hf)
     if hf.get("hidden_act", "silu") != "silu":
       raise UserError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
     if hf.get("mlp_bias"):
@@ -249,6 +275,44 @@ class LlamaConfig:
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
+
+
+# MPT attention options that this model does not have: (key, the value it must have).
+_MPT_REFUSED = (("attn_type", "multihead_attention"), ("alibi", True), ("prefix_lm", False), ("qk_ln", False),
+                ("clip_qkv", None), ("softmax_scale", None))
+
+
+def _from_mpt(hf: dict[str, Any]) -> LlamaConfig:
+  """An MPT config.json (transformers' `MptConfig`): ALiBi, LayerNorm without bias, no biases,
+  a GELU MLP of expansion_ratio * d_model, tied embeddings. What transformers' MPT does not
+  run (a prefix LM, q/k LayerNorm, clipped qkv, biases, ...) is refused."""
+  check_fields(hf, ("vocab_size", "d_model", "n_heads", "n_layers"), ("max_seq_len", "expansion_ratio"),
+               ("layer_norm_epsilon",))
+  attn = hf.get("attn_config") or {}
+  if not isinstance(attn, dict):
+    raise UserError(f"attn_config must be an object, got {attn!r}")
+  for key, value in _MPT_REFUSED:
+    if attn.get(key, value) != value:
+      raise UserError(f"unsupported MPT attn_config {key}={attn[key]!r} (only {value!r})")
+  if not hf.get("no_bias", True):
+    raise UserError("unsupported MPT no_bias=false (biases in its linear and norm layers)")
+  if hf.get("logit_scale") is not None:
+    raise UserError(f"unsupported MPT logit_scale {hf['logit_scale']!r}")
+  if not hf.get("tie_word_embeddings", True):
+    raise UserError("unsupported MPT tie_word_embeddings=false")
+  d, n = hf["d_model"], hf["n_heads"]
+  if d % n:
+    raise UserError(f"d_model {d} is not a multiple of n_heads {n}")
+  bias_max = attn.get("alibi_bias_max", 8)
+  check_fields({"alibi_bias_max": bias_max}, (), (), ("alibi_bias_max",))
+  eos = hf.get("eos_token_id")
+  return LlamaConfig(
+      vocab_size=hf["vocab_size"], hidden_size=d, intermediate_size=hf.get("expansion_ratio", 4) * d,
+      num_layers=hf["n_layers"], num_heads=n, num_kv_heads=n, head_dim=d // n,
+      rms_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), max_position_embeddings=hf.get("max_seq_len", 2048),
+      tie_word_embeddings=True, model_type="mpt", alibi_bias_max=float(bias_max), layer_norm=True, hidden_act="gelu",
+      gated_mlp=False, bos_token_id=hf.get("bos_token_id"),
+      eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,)))
 
 
 def _rope_scaling(hf: dict[str, Any], rope: dict[str, Any], head_dim: int, rotary_dim: int) -> RopeScaling:

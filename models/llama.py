@@ -1,4 +1,4 @@
-"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2, Qwen3 and Phi-3 checkpoints.
+"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2, Qwen3, Phi-3 and MPT checkpoints.
 
 Axis letters (used in parameter and variable names): B batch, T query length, S key length,
 D model width, N query heads, K kv heads, G query heads per kv head, H head dim, V vocab,
@@ -15,6 +15,7 @@ only the layers' inputs [B, T, D] and recomputes the rest, layer by layer.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ from lminf_jax.attention import AttentionMethod, Dense, attend
 from lminf_jax.attention.blockwise import after, count_on
 from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, write
 from lminf_jax.models.config import LlamaConfig
-from lminf_jax.positional import Positional, Rotary
+from lminf_jax.positional import ALiBi, Positional, Rotary, alibi_slopes
 from lminf_jax.rope import inv_frequencies
 from lminf_jax.sharding import constrain, mesh_axis_size
 
@@ -57,22 +58,28 @@ def rope_frequencies(config: LlamaConfig, positions_bt: jnp.ndarray) -> jnp.ndar
 
 def positional(config: LlamaConfig, positions_bt: jnp.ndarray) -> Positional:
   """How a call at `positions_bt` puts positions into the logits."""
+  if config.alibi_bias_max is not None:
+    return ALiBi(jnp.asarray(alibi_slopes(config.num_heads, config.alibi_bias_max)))
   return Rotary(rope_frequencies(config, positions_bt))
 
 
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis: the model width D (param `scale_d`), or with `axis="head_dim"`
-  each head's H (param `scale_h`, Qwen3's q/k norm)."""
+  each head's H (param `scale_h`, Qwen3's q/k norm). `center`: the mean is subtracted first
+  (LayerNorm without bias, MPT)."""
 
   eps: float
   param_dtype: str
   axis: str = "embed"
+  center: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     name = "scale_d" if self.axis == "embed" else "scale_h"
     scale = self.param(name, _const(nn.initializers.ones, self.axis), (x.shape[-1],), _dtype(self.param_dtype))
     x32 = x.astype(jnp.float32)
+    if self.center:
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
@@ -141,11 +148,13 @@ class MLP(nn.Module):
     cfg = self.config
     d, f = cfg.hidden_size, cfg.intermediate_size
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
-    w_gate_df = self.param("w_gate_df", _init("embed", "mlp"), (d, f), pdt).astype(dt)
+    act = jax.nn.silu if cfg.hidden_act == "silu" else functools.partial(jax.nn.gelu, approximate=False)
+    if cfg.gated_mlp:
+      w_gate_df = self.param("w_gate_df", _init("embed", "mlp"), (d, f), pdt).astype(dt)
     w_up_df = self.param("w_up_df", _init("embed", "mlp"), (d, f), pdt).astype(dt)
     w_down_fd = self.param("w_down_fd", _init("mlp", "embed"), (f, d), pdt).astype(dt)
-    gate_btf = jax.nn.silu(x_btd @ w_gate_df)
-    return (gate_btf * (x_btd @ w_up_df)) @ w_down_fd
+    up_btf = x_btd @ w_up_df
+    return (act(x_btd @ w_gate_df) * up_btf if cfg.gated_mlp else act(up_btf)) @ w_down_fd
 
 
 class DecoderLayer(nn.Module):
@@ -155,7 +164,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, attention: AttentionMethod,
                cached: CachedInput | None = None) -> tuple[jnp.ndarray, LayerWrite | None]:
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name=name)
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, center=cfg.layer_norm, name=name)
     attn_btd, new_kv = Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer, cached)
     x_btd = x_btd + attn_btd
     x_btd = x_btd + MLP(cfg, name="mlp")(norm("mlp_norm")(x_btd))
@@ -170,7 +179,7 @@ class Llama(nn.Module):
     cfg = self.config
     pdt = _dtype(cfg.param_dtype)
     self.embed_vd = self.param("embed_vd", _init("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size), pdt)
-    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, center=cfg.layer_norm)
     # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged;
     # a cache's per-layer keys and values are scanned along their leading L axis.
     layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer

@@ -39,8 +39,8 @@ def bench(spec, t: int, repeats: int) -> tuple[float, int]:
   q = jnp.asarray(rng.standard_normal((1, t, N, H)), jnp.float32)
   k, v = (jnp.asarray(rng.standard_normal((1, t, K, H)), jnp.float32) for _ in range(2))
   pos = jnp.arange(t, dtype=jnp.int32)[None]
-  inv_freq = Rotary(jnp.asarray(inv_frequencies(H, 100000.0, RopeScaling())))
-  fn = jax.jit(lambda q, k, v, pos: attend(q, k, v, pos, inv_freq, spec))
+  pe = Rotary(jnp.asarray(inv_frequencies(H, 100000.0, RopeScaling())))
+  fn = jax.jit(lambda q, k, v, pos: attend(q, k, v, pos, pe, spec))
   compiled = fn.lower(q, k, v, pos).compile()
   mem = compiled.memory_analysis()
   peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes

@@ -68,8 +68,8 @@ def timed(fn, *args, repeats: int) -> float:
 
 
 def layer(spec, h: int):
-  inv_freq = Rotary(jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling())))
-  return lambda q, k, v, pos: attend(q, k, v, pos, inv_freq, resolve(spec, 8192))
+  pe = Rotary(jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling())))
+  return lambda q, k, v, pos: attend(q, k, v, pos, pe, resolve(spec, 8192))
 
 
 def check(kernel: str, small: bool) -> None:
@@ -117,14 +117,14 @@ def lse_precision(small: bool) -> None:
   t, n, kv, h = (256, 9, 3, 64) if small else (1024, 9, 3, 64)
   f32 = inputs(t, n, kv, h, jnp.float32, offset=10**6)
   half = tuple(x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in f32)
-  inv_freq = Rotary(jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling())))
+  pe = Rotary(jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling())))
   kernel = DotProductAttention("cudnn") if jax.default_backend() == "gpu" else Splash(interpret=True)
   print(f"\nmerge precision (bf16 through {kernel}, T={t}; |diff| to the float32 XLA path):")
   for name, spec in [("dense, one call", Dense()), ("lambda L=T/4", Lambda(n_global=10, n_local=t // 4)),
                      ("streaming", Streaming(n_sink=4, n_recent=t // 4))]:
     spec = resolve(spec, 8192)
-    reference = spec.xla_attend(*f32, inv_freq)[0]
-    diffs = [jnp.abs(kernel_sink_and_band(spec, k, *half, inv_freq)[0].astype(jnp.float32) - reference)
+    reference = spec.xla_attend(*f32, pe)[0]
+    diffs = [jnp.abs(kernel_sink_and_band(spec, k, *half, pe)[0].astype(jnp.float32) - reference)
              for k in (kernel, HalfLse(kernel))]
     print(f"  {name:<18} float32 lse: max {float(diffs[0].max()):.2e} mean {float(diffs[0].mean()):.2e}   "
           f"bf16 lse: max {float(diffs[1].max()):.2e} mean {float(diffs[1].mean()):.2e}")

@@ -34,6 +34,11 @@ TINY_KINDS = {
     "phi3_window": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=1, pad_token_id=0,
                         bos_token_id=1, eos_token_id=2,
                         sliding_window=8, tie_word_embeddings=True),
+    # MPT: ALiBi (no RoPE), LayerNorm without bias, fused Wqkv, a GELU MLP of 4 * d_model, tied embeddings. Its
+    # positions stop at max_seq_len (transformers builds the bias up to it; it ignores attn_config's alibi_bias_max,
+    # which we follow as MosaicML's code does: every released MPT has 8).
+    "mpt": dict(model_type="mpt", num_attention_heads=4, max_seq_len=256),
+    "mpt_8heads": dict(model_type="mpt", num_attention_heads=8, max_seq_len=256),
 }
 
 
@@ -96,6 +101,8 @@ def write_gguf(model, path, arch: str) -> None:
   reads; no tokenizer."""
   import gguf
 
+  if arch == "mpt":
+    return _write_mpt_gguf(model, path)
   cfg = model.config
   heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -142,6 +149,34 @@ def write_gguf(model, path, arch: str) -> None:
       writer.add_tensor(f"blk.{parts[1]}.{kind}.{parts[-1]}", w)
     elif not (parts[0] == "lm_head" and cfg.tie_word_embeddings):
       writer.add_tensor(f"{names[parts[0]]}.{parts[-1]}", w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def _write_mpt_gguf(model, path, **metadata) -> None:
+  """`write_gguf` for MPT, as convert_hf_to_gguf.py's MPTModel writes it (no output.weight: tied);
+  `metadata` replaces or adds writer fields (name: the GGUFWriter.add_NAME method)."""
+  import gguf
+
+  cfg = model.config
+  writer = gguf.GGUFWriter(str(path), "mpt")
+  fields = dict(vocab_size=cfg.vocab_size, context_length=cfg.max_seq_len, embedding_length=cfg.d_model,
+                block_count=cfg.n_layers, feed_forward_length=4 * cfg.d_model, head_count=cfg.n_heads,
+                layer_norm_eps=1e-5, max_alibi_bias=cfg.attn_config.alibi_bias_max)
+  for name, value in dict(fields, **metadata).items():
+    getattr(writer, f"add_{name}")(value)
+  names = {"norm_1": "attn_norm", "attn.Wqkv": "attn_qkv", "attn.out_proj": "attn_output", "norm_2": "ffn_norm",
+           "ffn.up_proj": "ffn_up", "ffn.down_proj": "ffn_down"}
+  for name, tensor in model.state_dict().items():
+    parts = name.split(".")
+    if parts[1] == "blocks":
+      gguf_name = f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.weight"
+    else:
+      gguf_name = {"wte": "token_embd.weight", "norm_f": "output_norm.weight"}.get(parts[1])
+    if gguf_name:  # (lm_head: tied)
+      writer.add_tensor(gguf_name, tensor.float().numpy())
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()

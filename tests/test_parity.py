@@ -100,7 +100,7 @@ def test_sliding_window_models_match_transformers_cached_and_generating(kind, sa
 
 @pytest.mark.parametrize("kind, arch", [("llama_gqa", "llama"), ("mistral", "mistral"), ("qwen2_bias", "qwen2"),
                                         ("qwen3", "qwen3"), ("qwen3_bias_mha", "qwen3"),
-                                        ("phi3_longrope", "phi3"), ("phi3_window", "phi3")])
+                                        ("phi3_longrope", "phi3"), ("phi3_window", "phi3"), ("mpt", "mpt")])
 def test_gguf_written_by_the_gguf_package_matches_transformers(kind, arch, tmp_path):
   """A GGUF laid out as llama.cpp's converter writes it (q/k permuted for llama and mistral only)
   loads to transformers' logits."""

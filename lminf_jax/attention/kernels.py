@@ -241,7 +241,7 @@ def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, posi
 
 
 def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, pe, with_lse: bool = True):
-  """attend(q, k, v, positions, inv_freq) -> (out, lse) (or out alone, `with_lse=False`) on each
+  """attend(q, k, v, positions, pe) -> (out, lse) (or out alone, `with_lse=False`) on each
   shard of rows and heads of the current mesh (XLA does not partition a Pallas or cuDNN kernel
   itself); directly without one. Not for a `sequence` axis (the band crosses shards)."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -258,7 +258,7 @@ def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, pe, with_lse: bool = T
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def xla_gradient(fast, reference, q_btnh, k_btkh, v_btkh, positions_bt, pe):
-  """fast(q, k, v, positions, inv_freq), differentiated (in q, k, v) as `reference`: the same
+  """fast(q, k, v, positions, pe), differentiated (in q, k, v) as `reference`: the same
   attention through XLA, recomputed in the backward pass."""
   return fast(q_btnh, k_btkh, v_btkh, positions_bt, pe)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import tiny_hf_model
 
-from lminf_jax.attention import Dense, Lambda, Streaming, attend, resolve
+from lminf_jax.attention import Dense, Lambda, Rotary, Streaming, attend, resolve
 from lminf_jax.forward import token_nll
 from lminf_jax.loading import convert, load
 from lminf_jax.sharding import data_sharding, make_mesh, parse_mesh
@@ -78,7 +78,7 @@ def _attention_hlo(spec, mesh) -> str:
   q = jax.ShapeDtypeStruct((1, t, n, h), jnp.float32, sharding=split)
   k = jax.ShapeDtypeStruct((1, t, kv, h), jnp.float32, sharding=split)
   pos = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=split)
-  inv_freq = jnp.ones((h // 2,), jnp.float32)
+  inv_freq = Rotary(jnp.ones((h // 2,), jnp.float32))
   with jax.set_mesh(mesh):
     fn = jax.jit(lambda q, k, v, pos: attend(q, k, v, pos, inv_freq, resolve(spec, 1)))
     return fn.lower(q, k, k, pos).compile().as_text()
