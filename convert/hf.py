@@ -41,6 +41,9 @@ _LAYER_TENSORS = {
     "mlp.down_proj.weight": (("mlp", "w_down_fd"), "transpose"),
     "input_layernorm.weight": (("attn_norm", "scale_d"), "same"),
     "post_attention_layernorm.weight": (("mlp_norm", "scale_d"), "same"),
+    # Gemma 2's norms of the attention and MLP outputs (renamed from its own names: `_RENAMED`)
+    "post_attn_norm.weight": (("post_attn_norm", "scale_d"), "same"),
+    "post_mlp_norm.weight": (("post_mlp_norm", "scale_d"), "same"),
 }
 _GLOBAL_TENSORS = {
     "model.embed_tokens.weight": (("embed_vd",), "same"),
@@ -65,6 +68,10 @@ _RENAMED = {"mpt": (
     ("transformer.blocks.{}.attn.out_proj.weight", "model.layers.{}.self_attn.o_proj.weight"),
     ("transformer.blocks.{}.ffn.up_proj.weight", "model.layers.{}.mlp.up_proj.weight"),
     ("transformer.blocks.{}.ffn.down_proj.weight", "model.layers.{}.mlp.down_proj.weight"),
+), "gemma2": (  # (its post_attention_layernorm is the attention output's; pre_feedforward_layernorm the MLP input's)
+    ("model.layers.{}.post_attention_layernorm.weight", "model.layers.{}.post_attn_norm.weight"),
+    ("model.layers.{}.pre_feedforward_layernorm.weight", "model.layers.{}.post_attention_layernorm.weight"),
+    ("model.layers.{}.post_feedforward_layernorm.weight", "model.layers.{}.post_mlp_norm.weight"),
 )}
 
 

@@ -11,11 +11,12 @@ from typing import Any
 from lminf_jax.errors import UserError
 from lminf_jax.limits import INT32_MAX, gib
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt", "gemma2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = ("float32", "bfloat16")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "mpt": "MptForCausalLM"}
+                     "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "mpt": "MptForCausalLM",
+                     "gemma2": "Gemma2ForCausalLM"}
 MAX_PARAMS = 10**12  # far above any model this runs; a bigger config is a typo (or a hostile file)
 
 # Integer (positive, at most INT32_MAX) and float (positive, finite) fields, by the names of a
@@ -64,7 +65,8 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3), or one that differs from it in
-  the parts named below (MPT: ALiBi, LayerNorm, a GELU MLP).
+  the parts named below (MPT: ALiBi, LayerNorm, a GELU MLP; Gemma 2: the norms, scales, soft-caps
+  and per-layer windows).
 
   `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
   activations; softmax and RMSNorm statistics are always float32.
@@ -88,10 +90,17 @@ class LlamaConfig:
   qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
   alibi_bias_max: float | None = None  # ALiBi with MPT's slopes for this bias max, instead of RoPE (MPT)
   layer_norm: bool = False  # LayerNorm without bias instead of RMSNorm (MPT)
-  hidden_act: str = "silu"  # the MLP's activation: silu, or gelu (exact, MPT)
+  hidden_act: str = "silu"  # the MLP's activation: silu, gelu (exact, MPT) or gelu_tanh (Gemma)
   gated_mlp: bool = True  # down(act(gate x) * up x); False: down(act(up x)) (MPT)
+  norm_offset: bool = False  # RMSNorm scales by 1 + w, in float32 (Gemma)
+  post_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2)
+  embed_scale: float = 1.0  # embeddings are multiplied by it (Gemma: sqrt(D))
+  query_pre_attn_scalar: float | None = None  # logits scaled by its -1/2 power instead of H's (Gemma)
+  attn_softcap: float | None = None  # attention logits soft-capped: cap * tanh(s / cap) (Gemma 2)
+  final_softcap: float | None = None  # output logits soft-capped (Gemma 2)
   model_type: str = "llama"
   sliding_window: int | None = None  # each query sees only its last sliding_window keys (Mistral v0.1)
+  window_layers: tuple[bool, ...] = ()  # the layers that keep sliding_window (Gemma 2); empty: every layer
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   param_dtype: str = "float32"
@@ -107,15 +116,17 @@ class LlamaConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         raise UserError(f"{name} must be one of {', '.join(DTYPES)}, got {getattr(self, name)!r}")
-    if self.hidden_act not in ("silu", "gelu"):
-      raise UserError(f"unsupported hidden_act {self.hidden_act!r} (silu or gelu)")
+    if self.hidden_act not in ("silu", "gelu", "gelu_tanh"):
+      raise UserError(f"unsupported hidden_act {self.hidden_act!r} (silu, gelu or gelu_tanh)")
+    if self.window_layers and (len(self.window_layers) != self.num_layers or not self.sliding_window):
+      raise UserError(f"window_layers must name all {self.num_layers} layers and come with a sliding_window")
 
   def num_params(self) -> int:
     """The number of parameters (computed from the sizes, nothing allocated)."""
     d, h, n, k = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
     bias = (n + 2 * k) * h * self.qkv_bias + d * self.o_bias
     mlp = (3 if self.gated_mlp else 2) * d * self.intermediate_size
-    layer = 2 * d * h * (n + k) + bias + 2 * h * self.qk_norm + mlp + 2 * d
+    layer = 2 * d * h * (n + k) + bias + 2 * h * self.qk_norm + mlp + (4 if self.post_norms else 2) * d
     return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
 
   @property
@@ -130,8 +141,13 @@ class LlamaConfig:
     """`spec` with this model's defaults (attention.resolve): n_local = the training length, and
     Dense = the model's sliding window, if it has one."""
     from lminf_jax.attention import resolve
+    from lminf_jax.attention.per_layer import PerLayer
 
-    return resolve(spec, self.max_position_embeddings, self.sliding_window)
+    if not self.window_layers:
+      return resolve(spec, self.max_position_embeddings, self.sliding_window)
+    if isinstance(spec, PerLayer):
+      return spec
+    return PerLayer(resolve(spec, self.max_position_embeddings), self.sliding_window, self.window_layers)
 
   def replace(self, **changes: Any) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
@@ -148,7 +164,8 @@ class LlamaConfig:
       return self._to_mpt()
     no_bias = not (self.qkv_bias or self.o_bias)
     bias_ok = {"llama": self.qkv_bias == self.o_bias, "mistral": no_bias, "phi3": no_bias,
-               "qwen2": self.qkv_bias and not self.o_bias, "qwen3": self.qkv_bias == self.o_bias}[mt]
+               "qwen2": self.qkv_bias and not self.o_bias, "qwen3": self.qkv_bias == self.o_bias,
+               "gemma2": self.qkv_bias == self.o_bias}[mt]
     if not bias_ok:
       raise UserError(f"cannot export: transformers' {mt} has no form for q/k/v bias={self.qkv_bias} "
                       f"with o bias={self.o_bias}")
@@ -178,8 +195,15 @@ class LlamaConfig:
         "rope_scaling": None if scaling.kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
         "dtype": self.param_dtype,
     }
-    if mt in ("llama", "qwen3"):
+    if mt in ("llama", "qwen3", "gemma2"):
       hf["attention_bias"] = self.qkv_bias
+    if self.window_layers:
+      hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in self.window_layers]
+    if mt == "gemma2":
+      del hf["hidden_act"]
+      hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_whole(self.query_pre_attn_scalar),
+                attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap,
+                sliding_window=self.sliding_window)
     if mt in ("mistral", "phi3"):
       hf["sliding_window"] = self.sliding_window
     if mt == "phi3":
@@ -192,20 +216,20 @@ class LlamaConfig:
                       f"(partial_rotary_factor {self.partial_rotary_factor})")
     if mt in ("qwen2", "qwen3"):
       hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
-                max_window_layers=0 if self.sliding_window else self.num_layers)
+                max_window_layers=self.window_layers.index(True) if self.window_layers else
+                0 if self.sliding_window else self.num_layers)
     return hf
 
   def _to_mpt(self) -> dict[str, Any]:
     ratio = self.intermediate_size // self.hidden_size
     if self.intermediate_size != 4 * self.hidden_size:
       raise UserError(f"cannot export: transformers' mpt has an MLP of 4 * d_model, not {self.intermediate_size}")
-    eos, bias_max = self.eos_token_ids, self.alibi_bias_max
-    bias_max = int(bias_max) if float(bias_max).is_integer() else bias_max  # (MptAttentionConfig wants an int)
+    eos = self.eos_token_ids
     return {"architectures": [_HF_ARCHITECTURES["mpt"]], "model_type": "mpt", "vocab_size": self.vocab_size,
             "d_model": self.hidden_size, "n_heads": self.num_heads, "n_layers": self.num_layers,
             "expansion_ratio": ratio, "max_seq_len": self.max_position_embeddings,
             "layer_norm_epsilon": self.rms_norm_eps, "no_bias": True, "tie_word_embeddings": True,
-            "attn_config": {"alibi": True, "alibi_bias_max": bias_max},
+            "attn_config": {"alibi": True, "alibi_bias_max": _whole(self.alibi_bias_max)},
             "bos_token_id": self.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None),
             "dtype": self.param_dtype}
 
@@ -219,6 +243,7 @@ class LlamaConfig:
       rope[name] = tuple(rope.get(name, ()))
     d["rope_scaling"] = RopeScaling(**rope)
     d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+    d["window_layers"] = tuple(d.get("window_layers", ()))
     return cls(**d)
 
   @classmethod
@@ -230,8 +255,11 @@ class LlamaConfig:
                       f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if model_type == "mpt":
       return _from_mpt(hf)
-    if hf.get("hidden_act", "silu") != "silu":
-      raise UserError(f"unsupported hidden_act {hf['hidden_act']!r} (only silu)")
+    act = hf.get("hidden_act", "silu")
+    if model_type == "gemma2":
+      act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != {"gemma2": "gelu_pytorch_tanh"}.get(model_type, "silu"):
+      raise UserError(f"unsupported hidden_act {act!r} for {model_type}")
     if hf.get("mlp_bias"):
       raise UserError("unsupported mlp_bias=True")
     check_fields(hf, _HF_INTS, _HF_OPTIONAL_INTS, _FLOATS)
@@ -251,8 +279,9 @@ class LlamaConfig:
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     attention_bias = bool(hf.get("attention_bias", False))
-    sliding_window = _sliding_window(hf)
+    sliding_window, window_layers = _sliding_window(hf)
     check_fields({"sliding_window": sliding_window}, (), ("sliding_window",))
+    gemma = _gemma_fields(hf) if model_type == "gemma2" else {}
     return cls(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -266,20 +295,27 @@ class LlamaConfig:
         rope_scaling=scaling,
         partial_rotary_factor=float(partial),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma2")),
         qkv_bias=model_type == "qwen2" or attention_bias,
-        o_bias=model_type in ("llama", "qwen3") and attention_bias,
+        o_bias=model_type in ("llama", "qwen3", "gemma2") and attention_bias,
         qk_norm=model_type == "qwen3",
         model_type=model_type,
         sliding_window=sliding_window,
+        window_layers=window_layers,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        **gemma,
     )
 
 
 # MPT attention options that this model does not have: (key, the value it must have).
 _MPT_REFUSED = (("attn_type", "multihead_attention"), ("alibi", True), ("prefix_lm", False), ("qk_ln", False),
                 ("clip_qkv", None), ("softmax_scale", None))
+
+
+def _whole(x: float) -> int | float:
+  """x as an int when it is whole (transformers' configs type such fields int)."""
+  return int(x) if float(x).is_integer() else x
 
 
 def _from_mpt(hf: dict[str, Any]) -> LlamaConfig:
@@ -370,19 +406,35 @@ def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
   return {**scaling, **parameters}
 
 
-def _sliding_window(hf: dict[str, Any]) -> int | None:
-  """The window every layer applies, as transformers reads it: Mistral's `sliding_window`
-  (4096 when the key is absent); Qwen2's and Qwen3's only with `use_sliding_window`, on the layers from
-  `max_window_layers` on (`layer_types`), which must then be all of them."""
-  if hf["model_type"] == "mistral":
-    return hf.get("sliding_window", 4096)
-  if hf["model_type"] == "phi3":
-    return hf.get("sliding_window")
-  if hf["model_type"] not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or not hf.get("sliding_window"):
-    return None
-  n = hf["num_hidden_layers"]
-  types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-                                    for i in range(n)]
-  if "full_attention" in types and "sliding_attention" in types:
-    raise UserError(f"unsupported: a sliding window on some layers only ({types.count('sliding_attention')} of {n})")
-  return hf["sliding_window"] if "sliding_attention" in types else None
+def _sliding_window(hf: dict[str, Any]) -> tuple[int | None, tuple[bool, ...]]:
+  """(window, the layers that keep it; () when every layer does), as transformers reads them:
+  Mistral's `sliding_window` (4096 when the key is absent); Phi-3's; Qwen2's and Qwen3's only with
+  `use_sliding_window`, on the layers from `max_window_layers` on; Gemma 2's on its
+  `layer_types` "sliding_attention" (every other layer from the first by default)."""
+  mt, n = hf["model_type"], hf["num_hidden_layers"]
+  if mt == "mistral":
+    return hf.get("sliding_window", 4096), ()
+  if mt == "phi3":
+    return hf.get("sliding_window"), ()
+  if mt == "gemma2":
+    default = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+  elif mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    default = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n)]
+  else:
+    return None, ()
+  types = hf.get("layer_types") or default
+  if not isinstance(types, list) or len(types) != n or not set(types) <= {"sliding_attention", "full_attention"}:
+    raise UserError(f"layer_types must list {n} of sliding_attention / full_attention, got {types!r}")
+  if not hf.get("sliding_window") or "sliding_attention" not in types:
+    return None, ()
+  windowed = tuple(t == "sliding_attention" for t in types)
+  return hf["sliding_window"], (() if all(windowed) else windowed)
+
+
+def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """Gemma 2's fields of LlamaConfig beyond the Llama ones."""
+  check_fields(hf, (), (), ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"))
+  softcap = lambda key: None if hf.get(key) is None else float(hf[key])  # noqa: E731
+  return dict(hidden_act="gelu_tanh", norm_offset=True, post_norms=True, embed_scale=math.sqrt(hf["hidden_size"]),
+              query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+              attn_softcap=softcap("attn_logit_softcapping"), final_softcap=softcap("final_logit_softcapping"))

@@ -1,4 +1,4 @@
-"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2, Qwen3, Phi-3 and MPT checkpoints.
+"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2, Qwen3, Phi-3, MPT and Gemma 2 checkpoints.
 
 Axis letters (used in parameter and variable names): B batch, T query length, S key length,
 D model width, N query heads, K kv heads, G query heads per kv head, H head dim, V vocab,
@@ -26,7 +26,7 @@ from lminf_jax.attention import AttentionMethod, Dense, attend
 from lminf_jax.attention.blockwise import after, count_on
 from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, write
 from lminf_jax.models.config import LlamaConfig
-from lminf_jax.positional import ALiBi, Positional, Rotary, alibi_slopes
+from lminf_jax.positional import ALiBi, Positional, Rotary, alibi_slopes, cap
 from lminf_jax.rope import inv_frequencies
 from lminf_jax.sharding import constrain, mesh_axis_size
 
@@ -59,19 +59,20 @@ def rope_frequencies(config: LlamaConfig, positions_bt: jnp.ndarray) -> jnp.ndar
 def positional(config: LlamaConfig, positions_bt: jnp.ndarray) -> Positional:
   """How a call at `positions_bt` puts positions into the logits."""
   if config.alibi_bias_max is not None:
-    return ALiBi(jnp.asarray(alibi_slopes(config.num_heads, config.alibi_bias_max)))
-  return Rotary(rope_frequencies(config, positions_bt))
+    return ALiBi(jnp.asarray(alibi_slopes(config.num_heads, config.alibi_bias_max)), config.attn_softcap)
+  return Rotary(rope_frequencies(config, positions_bt), config.attn_softcap)
 
 
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis: the model width D (param `scale_d`), or with `axis="head_dim"`
   each head's H (param `scale_h`, Qwen3's q/k norm). `center`: the mean is subtracted first
-  (LayerNorm without bias, MPT)."""
+  (LayerNorm without bias, MPT). `offset`: the scale is 1 + the param, applied in float32 (Gemma)."""
 
   eps: float
   param_dtype: str
   axis: str = "embed"
   center: bool = False
+  offset: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -81,6 +82,8 @@ class RMSNorm(nn.Module):
     if self.center:
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (normed * (1 + scale.astype(jnp.float32))).astype(x.dtype)
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -125,6 +128,8 @@ class Attention(nn.Module):
       q_btnh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="q_norm")(q_btnh)
       k_btkh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="k_norm")(k_btkh)
     pe = positional(cfg, positions_bt)
+    if cfg.query_pre_attn_scalar is not None:  # (logits scaled by it^-1/2; the attention scales by H^-1/2)
+      q_btnh = q_btnh * jnp.asarray((h / cfg.query_pre_attn_scalar) ** 0.5, dt)
     if cfg.rope_scaling.attention_factor != 1:  # (longrope: cos and sin times it, so rotated q.k times its square)
       q_btnh = q_btnh * jnp.where(jnp.arange(h) < cfg.rotary_dim, cfg.rope_scaling.attention_factor**2, 1).astype(dt)
     if cached is None or cached.kv is None:  # (one-shot; with idx, into an empty cache: `Llama.cached_layers`)
@@ -148,7 +153,8 @@ class MLP(nn.Module):
     cfg = self.config
     d, f = cfg.hidden_size, cfg.intermediate_size
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
-    act = jax.nn.silu if cfg.hidden_act == "silu" else functools.partial(jax.nn.gelu, approximate=False)
+    act = {"silu": jax.nn.silu, "gelu": functools.partial(jax.nn.gelu, approximate=False),
+           "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}[cfg.hidden_act]
     if cfg.gated_mlp:
       w_gate_df = self.param("w_gate_df", _init("embed", "mlp"), (d, f), pdt).astype(dt)
     w_up_df = self.param("w_up_df", _init("embed", "mlp"), (d, f), pdt).astype(dt)
@@ -164,10 +170,12 @@ class DecoderLayer(nn.Module):
   def __call__(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, layer: jnp.ndarray, attention: AttentionMethod,
                cached: CachedInput | None = None) -> tuple[jnp.ndarray, LayerWrite | None]:
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, center=cfg.layer_norm, name=name)
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, center=cfg.layer_norm,  # noqa: E731
+                                offset=cfg.norm_offset, name=name)
+    post = lambda name, y: norm(name)(y) if cfg.post_norms else y  # noqa: E731
     attn_btd, new_kv = Attention(cfg, attention, name="attn")(norm("attn_norm")(x_btd), positions_bt, layer, cached)
-    x_btd = x_btd + attn_btd
-    x_btd = x_btd + MLP(cfg, name="mlp")(norm("mlp_norm")(x_btd))
+    x_btd = x_btd + post("post_attn_norm", attn_btd)
+    x_btd = x_btd + post("post_mlp_norm", MLP(cfg, name="mlp")(norm("mlp_norm")(x_btd)))
     return constrain(x_btd, "batch", "length", "embed"), new_kv
 
 
@@ -179,7 +187,7 @@ class Llama(nn.Module):
     cfg = self.config
     pdt = _dtype(cfg.param_dtype)
     self.embed_vd = self.param("embed_vd", _init("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size), pdt)
-    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, center=cfg.layer_norm)
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, center=cfg.layer_norm, offset=cfg.norm_offset)
     # Attention specs are static pytrees (no leaves), so they pass through the scan unchanged;
     # a cache's per-layer keys and values are scanned along their leading L axis.
     layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
@@ -220,6 +228,8 @@ class Llama(nn.Module):
   def embed(self, tokens_bt: jnp.ndarray) -> jnp.ndarray:
     """Token embeddings [B, T, D] (compute dtype)."""
     x_btd = jnp.take(self.embed_vd, tokens_bt, axis=0).astype(_dtype(self.config.dtype))
+    if self.config.embed_scale != 1:
+      x_btd = x_btd * jnp.asarray(self.config.embed_scale, x_btd.dtype)
     return constrain(x_btd, "batch", "length", "embed")
 
   def cached_layers(self, x_btd: jnp.ndarray, positions_bt: jnp.ndarray, attention, cache: Cache,
@@ -240,7 +250,8 @@ class Llama(nn.Module):
   def unembed(self, x_btd: jnp.ndarray) -> jnp.ndarray:
     """Logits [B, T, V] in float32."""
     w_dv = self.embed_vd.T if self.config.tie_word_embeddings else self.w_unembed_dv
-    return jnp.einsum("btd,dv->btv", x_btd, w_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+    return cap(jnp.einsum("btd,dv->btv", x_btd, w_dv.astype(x_btd.dtype), preferred_element_type=jnp.float32),
+               self.config.final_softcap)
 
   def __call__(self, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray | None = None, attention=Dense(),
                cache: Cache | None = None):

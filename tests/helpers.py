@@ -17,6 +17,9 @@ TINY_KINDS = {
     "mistral_window": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=8),
     "qwen2_window": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                          sliding_window=8, max_window_layers=0),
+    # Qwen2's max_window_layers=1: layer 0 full, layer 1 windowed.
+    "qwen2_window_layer1": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2,
+                                use_sliding_window=True, sliding_window=8, max_window_layers=1),
     "qwen2_bias": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     # Qwen3: per-head q/k RMSNorm before RoPE; a head_dim apart from hidden/heads; attention_bias on every projection.
     "qwen3": dict(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=12),
@@ -39,6 +42,12 @@ TINY_KINDS = {
     # which we follow as MosaicML's code does: every released MPT has 8).
     "mpt": dict(model_type="mpt", num_attention_heads=4, max_seq_len=256),
     "mpt_8heads": dict(model_type="mpt", num_attention_heads=8, max_seq_len=256),
+    # Gemma 2: (1 + w) RMSNorms before and after attention and MLP, GeGLU (tanh), embeddings times sqrt(D),
+    # query_pre_attn_scalar, attention and final soft-capping (small caps, so that they bite), and a window of 8 on
+    # layers 0 and 2 of 3.
+    "gemma2": dict(model_type="gemma2", num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+                   sliding_window=8),
 }
 
 
@@ -49,8 +58,9 @@ def tiny_hf_model(kind: str, seed: int = 0, **overrides):
 
   spec = dict(TINY_KINDS[kind], **overrides)
   model_type = spec.pop("model_type")
-  config = AutoConfig.for_model(model_type, vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
-                                max_position_embeddings=256, rms_norm_eps=1e-5, **spec)
+  sizes = dict(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=2, max_position_embeddings=256,
+               rms_norm_eps=1e-5)
+  config = AutoConfig.for_model(model_type, **{**sizes, **spec})
   torch.manual_seed(seed)
   model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
   with torch.no_grad():  # random, not zero, biases and norm scales so that every tensor matters

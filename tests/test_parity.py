@@ -75,10 +75,12 @@ def test_bfloat16_params_within_bound(compute_dtype, save_tiny, tmp_path, capsys
   assert diff <= BF16_BOUND, diff
 
 
-@pytest.mark.parametrize("kind", ["mistral_window", "qwen2_window", "qwen3_window", "phi3_window"])
+@pytest.mark.parametrize("kind", ["mistral_window", "qwen2_window", "qwen3_window", "phi3_window",
+                                  "qwen2_window_layer1", "gemma2"])
 def test_sliding_window_models_match_transformers_cached_and_generating(kind, save_tiny):
   """A model's own sliding window is applied by `dense` everywhere: the one-shot forward, the cache
-  (fed in chunks), and greedy generation past the window equal transformers."""
+  (fed in chunks), and greedy generation past the window equal transformers; also on models
+  whose window is on some layers only (qwen2_window_layer1, gemma2)."""
   import torch
   from helpers import feed_cached
 
@@ -89,7 +91,7 @@ def test_sliding_window_models_match_transformers_cached_and_generating(kind, sa
   config, params, _ = load(hf_dir)
   assert config.sliding_window == 8
   positions = np.broadcast_to(np.arange(40, dtype=np.int32), TOKENS.shape)
-  cached = feed_cached(params, config, Dense(), jnp.asarray(TOKENS), jnp.asarray(positions), [5, 16, 19])
+  cached = feed_cached(params, config, Dense(), jnp.asarray(TOKENS), jnp.asarray(positions), [5, 16, 19], max_len=40)
   np.testing.assert_allclose(cached, torch_logits(model, TOKENS), atol=1e-4, rtol=0)
   prompt = TOKENS[0, :12].tolist()
   with torch.no_grad():
@@ -140,12 +142,3 @@ def test_longrope_short_and_long_factors_match_transformers(save_tiny):
     for attention in (Dense(), Lambda(n_global=2, n_local=64)):  # (lambda's window holds it all: dense's tokens)
       assert generate(params, config, [expected[:prompt_len]], new, attention=attention, eos_ids=(), chunk=64)[0] \
           == expected[prompt_len:], (prompt_len, attention)
-
-
-def test_sliding_window_on_some_layers_only_is_refused(save_tiny):
-  """Qwen2's max_window_layers between 0 and the layer count mixes windowed and full layers."""
-  from lminf_jax.errors import UserError
-
-  _, hf_dir = save_tiny("qwen2_window", max_window_layers=1)
-  with pytest.raises(UserError, match="sliding window on some layers only"):
-    load(hf_dir)
