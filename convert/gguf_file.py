@@ -30,10 +30,16 @@ _GGUF_LAYER_TO_HF = {
 }
 # Phi-3 stores fused projections: attn_qkv, and ffn_up holding gate and up (llama.cpp splits it in half).
 _PHI3_LAYER_TO_HF = {**_GGUF_LAYER_TO_HF, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-# MPT: a fused attn_qkv (its ffn_up is the ungated MLP's).
-_LAYER_TO_HF = {"phi3": _PHI3_LAYER_TO_HF, "mpt": {**_GGUF_LAYER_TO_HF, "attn_qkv": "self_attn.qkv_proj"}}
-GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt")
-_HALF_SPLIT_ROPE = ("qwen2", "qwen3", "phi3")  # stored as in Hugging Face (llama.cpp's NEOX rope): no q/k permutation
+# MPT: a fused attn_qkv (its ffn_up is the ungated MLP's). Gemma: norms after attention and MLP too,
+# named as in its Hugging Face checkpoints (convert/hf.py renames them).
+_GEMMA_LAYER_TO_HF = {**_GGUF_LAYER_TO_HF, "post_attention_norm": "post_attention_layernorm",
+                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_LAYER_TO_HF = {"phi3": _PHI3_LAYER_TO_HF, "mpt": {**_GGUF_LAYER_TO_HF, "attn_qkv": "self_attn.qkv_proj"},
+                "gemma2": _GEMMA_LAYER_TO_HF, "gemma3_text": _GEMMA_LAYER_TO_HF}
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt", "gemma2", "gemma3")
+_MODEL_TYPES = {"gemma3": "gemma3_text"}  # GGUF architecture -> model_type, where they differ
+# stored as in Hugging Face (llama.cpp's NEOX rope): no q/k permutation
+_HALF_SPLIT_ROPE = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 _ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # Phi-3's longrope, as tensors
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -66,7 +72,7 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
   eos = _field(reader, "tokenizer.ggml.eos_token_id")
   tokens = reader.fields.get("tokenizer.ggml.tokens")
   hf = {
-      "model_type": arch,
+      "model_type": _MODEL_TYPES.get(arch, arch),
       "vocab_size": get("vocab_size") or (len(tokens.data) if tokens else None),
       "hidden_size": hidden,
       "intermediate_size": get("feed_forward_length"),
@@ -101,7 +107,10 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
           "original_max_position_embeddings": get("rope.scaling.original_context_length"),
           "attention_factor": get("rope.scaling.attn_factor"),
       }
-  optional = ("head_dim", "bos_token_id", "eos_token_id", "sliding_window")
+  if arch in ("gemma2", "gemma3"):
+    hf.update(_gemma_fields(arch, get, hf))
+  optional = ("head_dim", "bos_token_id", "eos_token_id", "sliding_window", "attn_logit_softcapping",
+              "final_logit_softcapping", "rope_scaling")
   missing = [k for k, v in hf.items() if v is None and k not in optional]
   if missing:
     raise UserError(f"{path} lacks metadata for {', '.join(missing)}")
@@ -109,6 +118,32 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     return LlamaConfig.from_hf(hf)
   except UserError as e:
     raise UserError(f"{path} (as Hugging Face config fields): {e}") from None
+
+
+def _gemma_fields(arch: str, get, hf: dict) -> dict:
+  """Gemma's config fields as llama.cpp reads them: the windowed layers every 2nd (Gemma 2) or all
+  but every 6th (Gemma 3) unless `sliding_window_pattern` says; the query scale 1/sqrt(head_dim),
+  or 1/sqrt(hidden / heads) for the 27B models (46 or 62 layers); Gemma 3's windowed layers at
+  RoPE theta 10000 (or `rope.freq_base_swa`), its global ones at rope.freq_base with the scaling."""
+  n, heads, hidden = hf["num_hidden_layers"], hf["num_attention_heads"], hf["hidden_size"]
+  head_dim = hf["head_dim"] or (hidden // heads if hidden and heads else None)
+  pattern = get("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+  if isinstance(pattern, list):
+    types = ["sliding_attention" if w else "full_attention" for w in pattern]
+  else:
+    types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n or 0)]
+  big = n == {"gemma2": 46, "gemma3": 62}[arch]
+  fields = {"hidden_activation": "gelu_pytorch_tanh", "layer_types": types,
+            "query_pre_attn_scalar": hidden // heads if big else head_dim,
+            "attn_logit_softcapping": get("attn_logit_softcapping"),
+            "final_logit_softcapping": get("final_logit_softcapping")}
+  if arch == "gemma3":
+    full = {"rope_type": "default", "rope_theta": hf["rope_theta"]}
+    if "rope_scaling" in hf:
+      full.update(hf["rope_scaling"])
+    local = {"rope_type": "default", "rope_theta": get("rope.freq_base_swa", 10000.0)}
+    fields.update(rope_parameters={"full_attention": full, "sliding_attention": local}, rope_scaling=None)
+  return fields
 
 
 def _mpt_config(reader, path: Path, get, names: set[str]) -> LlamaConfig:
@@ -170,6 +205,8 @@ def iter_gguf_tensors(reader, config: LlamaConfig, path: Path) -> Iterator[tuple
       raise UserError(f"{path}: tensor {tensor.name} is truncated or corrupt")
     if config.model_type not in _HALF_SPLIT_ROPE and kind in ("attn_q", "attn_k"):
       array = _unpermute(array, config.num_heads if kind == "attn_q" else config.num_kv_heads)
+    if config.norm_offset and tensor.name.endswith("norm.weight"):
+      array = array - 1  # (llama.cpp stores Gemma's norm scales as 1 + w)
     yield name, array
 
 

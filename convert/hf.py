@@ -73,6 +73,7 @@ _RENAMED = {"mpt": (
     ("model.layers.{}.pre_feedforward_layernorm.weight", "model.layers.{}.post_attention_layernorm.weight"),
     ("model.layers.{}.post_feedforward_layernorm.weight", "model.layers.{}.post_mlp_norm.weight"),
 )}
+_RENAMED["gemma3_text"] = _RENAMED["gemma2"]
 
 
 def _renamed(model_type: str, name: str, to_llama: bool = True) -> str:

@@ -11,12 +11,13 @@ from typing import Any
 from lminf_jax.errors import UserError
 from lminf_jax.limits import INT32_MAX, gib
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = ("float32", "bfloat16")
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "mpt": "MptForCausalLM",
-                     "gemma2": "Gemma2ForCausalLM"}
+                     "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 MAX_PARAMS = 10**12  # far above any model this runs; a bigger config is a typo (or a hostile file)
 
 # Integer (positive, at most INT32_MAX) and float (positive, finite) fields, by the names of a
@@ -65,8 +66,8 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Phi-3), or one that differs from it in
-  the parts named below (MPT: ALiBi, LayerNorm, a GELU MLP; Gemma 2: the norms, scales, soft-caps
-  and per-layer windows).
+  the parts named below (MPT: ALiBi, LayerNorm, a GELU MLP; Gemma 2 and 3: the norms, scales,
+  soft-caps, per-layer windows and, Gemma 3, the windowed layers' own RoPE theta).
 
   `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
   activations; softmax and RMSNorm statistics are always float32.
@@ -98,6 +99,7 @@ class LlamaConfig:
   query_pre_attn_scalar: float | None = None  # logits scaled by its -1/2 power instead of H's (Gemma)
   attn_softcap: float | None = None  # attention logits soft-capped: cap * tanh(s / cap) (Gemma 2)
   final_softcap: float | None = None  # output logits soft-capped (Gemma 2)
+  local_rope_theta: float | None = None  # the windowed layers' RoPE theta, unscaled (Gemma 3); None: rope_theta
   model_type: str = "llama"
   sliding_window: int | None = None  # each query sees only its last sliding_window keys (Mistral v0.1)
   window_layers: tuple[bool, ...] = ()  # the layers that keep sliding_window (Gemma 2); empty: every layer
@@ -120,6 +122,8 @@ class LlamaConfig:
       raise UserError(f"unsupported hidden_act {self.hidden_act!r} (silu, gelu or gelu_tanh)")
     if self.window_layers and (len(self.window_layers) != self.num_layers or not self.sliding_window):
       raise UserError(f"window_layers must name all {self.num_layers} layers and come with a sliding_window")
+    if self.local_rope_theta is not None and not self.sliding_window:
+      raise UserError("local_rope_theta needs windowed layers (a sliding_window)")
 
   def num_params(self) -> int:
     """The number of parameters (computed from the sizes, nothing allocated)."""
@@ -165,7 +169,7 @@ class LlamaConfig:
     no_bias = not (self.qkv_bias or self.o_bias)
     bias_ok = {"llama": self.qkv_bias == self.o_bias, "mistral": no_bias, "phi3": no_bias,
                "qwen2": self.qkv_bias and not self.o_bias, "qwen3": self.qkv_bias == self.o_bias,
-               "gemma2": self.qkv_bias == self.o_bias}[mt]
+               "gemma2": self.qkv_bias == self.o_bias, "gemma3_text": self.qkv_bias == self.o_bias}[mt]
     if not bias_ok:
       raise UserError(f"cannot export: transformers' {mt} has no form for q/k/v bias={self.qkv_bias} "
                       f"with o bias={self.o_bias}")
@@ -195,11 +199,15 @@ class LlamaConfig:
         "rope_scaling": None if scaling.kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
         "dtype": self.param_dtype,
     }
-    if mt in ("llama", "qwen3", "gemma2"):
+    if mt in ("llama", "qwen3") + GEMMA:
       hf["attention_bias"] = self.qkv_bias
     if self.window_layers:
       hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in self.window_layers]
-    if mt == "gemma2":
+    if mt == "gemma3_text":  # (RoPE per layer type)
+      local = {"rope_type": "default", "rope_theta": self.local_rope_theta or self.rope_theta}
+      hf.update(rope_parameters={"full_attention": rope, "sliding_attention": local}, rope_scaling=None)
+      del hf["rope_theta"]
+    if mt in GEMMA:
       del hf["hidden_act"]
       hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=_whole(self.query_pre_attn_scalar),
                 attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.final_softcap,
@@ -256,10 +264,15 @@ class LlamaConfig:
     if model_type == "mpt":
       return _from_mpt(hf)
     act = hf.get("hidden_act", "silu")
-    if model_type == "gemma2":
+    if model_type in GEMMA:
       act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-    if act != {"gemma2": "gelu_pytorch_tanh"}.get(model_type, "silu"):
+    if act != ("gelu_pytorch_tanh" if model_type in GEMMA else "silu"):
       raise UserError(f"unsupported hidden_act {act!r} for {model_type}")
+    if hf.get("use_bidirectional_attention"):
+      raise UserError("unsupported use_bidirectional_attention=true (an encoder)")
+    local_theta = None
+    if model_type == "gemma3_text":
+      hf, local_theta = _gemma3_rope(hf)
     if hf.get("mlp_bias"):
       raise UserError("unsupported mlp_bias=True")
     check_fields(hf, _HF_INTS, _HF_OPTIONAL_INTS, _FLOATS)
@@ -281,7 +294,9 @@ class LlamaConfig:
     attention_bias = bool(hf.get("attention_bias", False))
     sliding_window, window_layers = _sliding_window(hf)
     check_fields({"sliding_window": sliding_window}, (), ("sliding_window",))
-    gemma = _gemma_fields(hf) if model_type == "gemma2" else {}
+    gemma = _gemma_fields(hf) if model_type in GEMMA else {}
+    if local_theta is not None:
+      gemma["local_rope_theta"] = local_theta
     return cls(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -295,10 +310,10 @@ class LlamaConfig:
         rope_scaling=scaling,
         partial_rotary_factor=float(partial),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma2")),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA)),
         qkv_bias=model_type == "qwen2" or attention_bias,
-        o_bias=model_type in ("llama", "qwen3", "gemma2") and attention_bias,
-        qk_norm=model_type == "qwen3",
+        o_bias=model_type in ("llama", "qwen3") + GEMMA and attention_bias,
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
         model_type=model_type,
         sliding_window=sliding_window,
         window_layers=window_layers,
@@ -416,8 +431,9 @@ def _sliding_window(hf: dict[str, Any]) -> tuple[int | None, tuple[bool, ...]]:
     return hf.get("sliding_window", 4096), ()
   if mt == "phi3":
     return hf.get("sliding_window"), ()
-  if mt == "gemma2":
-    default = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+  if mt in GEMMA:  # (Gemma 2: every other layer from the first; Gemma 3: 5 of each 6)
+    period = 2 if mt == "gemma2" else hf.get("sliding_window_pattern", 6)
+    default = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
   elif mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
     default = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n)]
   else:
@@ -431,8 +447,27 @@ def _sliding_window(hf: dict[str, Any]) -> tuple[int | None, tuple[bool, ...]]:
   return hf["sliding_window"], (() if all(windowed) else windowed)
 
 
+def _gemma3_rope(hf: dict[str, Any]) -> tuple[dict[str, Any], float]:
+  """(hf with the global layers' RoPE as its only RoPE settings, the windowed layers' theta).
+  transformers 5 keeps Gemma 3's RoPE per layer type in `rope_parameters`; 4.x has `rope_theta`
+  and `rope_scaling` (the global layers') and `rope_local_base_freq`. The windowed layers' RoPE
+  must be unscaled."""
+  params = hf.get("rope_parameters") or {}
+  if not isinstance(params, dict):
+    raise UserError(f"rope_parameters must be an object, got {params!r}")
+  by_type = "full_attention" in params or "sliding_attention" in params
+  full = dict(params.get("full_attention") or {}) if by_type else dict(params)
+  local = dict(params.get("sliding_attention") or {}) if by_type else {}
+  if local.get("rope_type", "default") != "default":
+    raise UserError(f"unsupported RoPE scaling {local['rope_type']!r} on the sliding layers (only default)")
+  local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+  check_fields({"rope_local_base_freq": local_theta}, (), (), ("rope_local_base_freq",))
+  full.setdefault("rope_theta", hf.get("rope_theta", 1000000.0))
+  return {**hf, "rope_parameters": full}, float(local_theta)
+
+
 def _gemma_fields(hf: dict[str, Any]) -> dict[str, Any]:
-  """Gemma 2's fields of LlamaConfig beyond the Llama ones."""
+  """Gemma 2's and 3's fields of LlamaConfig beyond the Llama ones."""
   check_fields(hf, (), (), ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"))
   softcap = lambda key: None if hf.get(key) is None else float(hf[key])  # noqa: E731
   return dict(hidden_act="gelu_tanh", norm_offset=True, post_norms=True, embed_scale=math.sqrt(hf["hidden_size"]),

@@ -1,4 +1,4 @@
-"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2, Qwen3, Phi-3, MPT and Gemma 2 checkpoints.
+"""Pure-functional Flax (linen) Llama decoder: Llama, Mistral, Qwen2, Qwen3, Phi-3, MPT, Gemma 2 and 3 checkpoints.
 
 Axis letters (used in parameter and variable names): B batch, T query length, S key length,
 D model width, N query heads, K kv heads, G query heads per kv head, H head dim, V vocab,
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from lminf_jax.attention import AttentionMethod, Dense, attend
 from lminf_jax.attention.blockwise import after, count_on
 from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, write
-from lminf_jax.models.config import LlamaConfig
+from lminf_jax.models.config import LlamaConfig, RopeScaling
 from lminf_jax.positional import ALiBi, Positional, Rotary, alibi_slopes, cap
 from lminf_jax.rope import inv_frequencies
 from lminf_jax.sharding import constrain, mesh_axis_size
@@ -56,11 +56,21 @@ def rope_frequencies(config: LlamaConfig, positions_bt: jnp.ndarray) -> jnp.ndar
   return jnp.where(jnp.max(positions_bt) + 1 > scaling.original_max_position_embeddings, long, short)
 
 
-def positional(config: LlamaConfig, positions_bt: jnp.ndarray) -> Positional:
-  """How a call at `positions_bt` puts positions into the logits."""
+def positional(config: LlamaConfig, positions_bt: jnp.ndarray, layer: jnp.ndarray | None = None) -> Positional:
+  """How a call at `positions_bt` puts positions into layer `layer`'s logits. With windowed layers
+  of their own RoPE theta (Gemma 3) and no `layer`: every layer's, frequencies [L, 1, 1, 1, R/2],
+  to rotate a cache write's keys [L, B, C, K, H]."""
   if config.alibi_bias_max is not None:
     return ALiBi(jnp.asarray(alibi_slopes(config.num_heads, config.alibi_bias_max)), config.attn_softcap)
-  return Rotary(rope_frequencies(config, positions_bt), config.attn_softcap)
+  inv_freq_h = rope_frequencies(config, positions_bt)
+  if config.local_rope_theta is not None:
+    local_h = jnp.asarray(inv_frequencies(config.rotary_dim, config.local_rope_theta, RopeScaling()))
+    windowed = jnp.asarray(config.window_layers or (True,) * config.num_layers)
+    if layer is None:
+      inv_freq_h = jnp.where(windowed[:, None], local_h, inv_freq_h)[:, None, None, None]
+    else:
+      inv_freq_h = jnp.where(windowed[layer], local_h, inv_freq_h)
+  return Rotary(inv_freq_h, config.attn_softcap)
 
 
 class RMSNorm(nn.Module):
@@ -125,9 +135,9 @@ class Attention(nn.Module):
       k_btkh += self.param("bk_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
       v_btkh += self.param("bv_kh", _const(zeros, "kv_heads", "head_dim"), (kv, h), pdt).astype(dt)
     if cfg.qk_norm:
-      q_btnh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="q_norm")(q_btnh)
-      k_btkh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", name="k_norm")(k_btkh)
-    pe = positional(cfg, positions_bt)
+      q_btnh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", offset=cfg.norm_offset, name="q_norm")(q_btnh)
+      k_btkh = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, "head_dim", offset=cfg.norm_offset, name="k_norm")(k_btkh)
+    pe = positional(cfg, positions_bt, layer)
     if cfg.query_pre_attn_scalar is not None:  # (logits scaled by it^-1/2; the attention scales by H^-1/2)
       q_btnh = q_btnh * jnp.asarray((h / cfg.query_pre_attn_scalar) ** 0.5, dt)
     if cfg.rope_scaling.attention_factor != 1:  # (longrope: cos and sin times it, so rotated q.k times its square)
@@ -271,13 +281,15 @@ def cached_layer(config: LlamaConfig, layer_params: dict, layer: int, x_btd: jnp
   squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
   x_btd, new_kv = DecoderLayer(config).apply({"params": squeeze(layer_params)}, x_btd, positions_bt, jnp.int32(layer),
                                              attention, CachedInput(squeeze(cache.kv), cache._replace(kv=None), idx_bt))
-  return _write(config, x_btd, cache, jax.tree.map(lambda x: x[None], new_kv), positions_bt, idx_bt, attention)
+  return _write(config, x_btd, cache, jax.tree.map(lambda x: x[None], new_kv), positions_bt, idx_bt, attention,
+                jnp.int32(layer))
 
 
 def _write(config: LlamaConfig, x_btd: jnp.ndarray, cache: Cache, new_kv: LayerWrite, positions_bt, idx_bt,
-           attention) -> tuple[jnp.ndarray, Cache]:
-  """(x, the cache with the layers' keys and values [L, B, T, K, H] stored). The stores wait for
-  the layers' output x (`after`), so they follow every read of the cache and update it in place."""
+           attention, layer: jnp.ndarray | None = None) -> tuple[jnp.ndarray, Cache]:
+  """(x, the cache with the layers' keys and values [L, B, T, K, H] stored: every layer's, or
+  `layer`'s alone). The stores wait for the layers' output x (`after`), so they follow every read
+  of the cache and update it in place."""
   k_lbtkh, v_lbtkh = after(new_kv.k_btkh, x_btd), after(new_kv.v_btkh, x_btd)
-  return x_btd, write(cache, k_lbtkh, v_lbtkh, new_kv.aux, positions_bt, idx_bt, positional(config, positions_bt),
-                      attention)
+  return x_btd, write(cache, k_lbtkh, v_lbtkh, new_kv.aux, positions_bt, idx_bt,
+                      positional(config, positions_bt, layer), attention)

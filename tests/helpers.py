@@ -48,6 +48,12 @@ TINY_KINDS = {
     "gemma2": dict(model_type="gemma2", num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                    head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
                    sliding_window=8),
+    # Gemma 3: as Gemma 2 with (1 + w) q/k norms, no soft-caps, the 5:1 pattern (layers 0-4 windowed, 5 global), and
+    # RoPE per layer type: theta 10000 on the windowed layers, linear scaling 4 and theta 10^6 on the global one.
+    "gemma3_text": dict(model_type="gemma3_text", num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+                        head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                        rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e6),
+                                         "sliding_attention": dict(rope_type="default", rope_theta=10000.0)}),
 }
 
 
@@ -126,11 +132,24 @@ def write_gguf(model, path, arch: str) -> None:
   writer.add_key_length(head_dim)
   writer.add_value_length(head_dim)
   writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+  if arch != "gemma3":  # (per layer type: below)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
   writer.add_context_length(cfg.max_position_embeddings)
   if getattr(cfg, "sliding_window", None):
     writer.add_sliding_window(cfg.sliding_window)
   rope = cfg.rope_parameters
+  gemma = arch in ("gemma2", "gemma3")
+  if gemma:  # as convert_hf_to_gguf.py's Gemma2Model / Gemma3Model: soft-caps, window, the global layers' RoPE
+    if arch == "gemma2":
+      writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+      writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    writer.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma3":
+      full = rope["full_attention"]
+      writer.add_rope_freq_base(full["rope_theta"])
+      if full.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(full["factor"])
   if arch == "phi3":  # as convert_hf_to_gguf.py's Phi3MiniModel: rotary dims, and longrope's factors as tensors
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if rope.get("rope_type") == "longrope":
@@ -148,8 +167,13 @@ def write_gguf(model, path, arch: str) -> None:
                  "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                  "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
                  "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+  if gemma:
+    layer_names.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                        "post_feedforward_layernorm": "post_ffw_norm"})
   for name, tensor in model.state_dict().items():
     w = tensor.float().numpy()
+    if gemma and name.endswith("norm.weight"):
+      w = w + 1  # (llama.cpp stores Gemma's norm scales as 1 + w)
     parts = name.removeprefix("model.").split(".")
     if parts[0] == "layers":
       module = ".".join(parts[2:-1])

@@ -1,6 +1,6 @@
 """Every method on the model families whose attention differs from Llama's: MPT (ALiBi instead of
-RoPE) and Gemma 2 (soft-capped logits, a sliding window on every other layer, the method on the
-rest): chunked caches and token-by-token decoding equal the one-shot forward, streams at offset
+RoPE), Gemma 2 (soft-capped logits, a sliding window on every other layer, the method on the
+rest) and Gemma 3 (windows on 5 of 6 layers, with their own RoPE theta; q/k norms): chunked caches and token-by-token decoding equal the one-shot forward, streams at offset
 10^8 equal those at 0, and a per-layer model's layers attend as their kind says (against the
 naive reference). Parity with transformers: test_parity.py, test_mpt.py."""
 
@@ -31,9 +31,10 @@ SPECS = {
 }
 
 
-@pytest.fixture(scope="module", params=["mpt", "gemma2"])
+@pytest.fixture(scope="module", params=["mpt", "gemma2", "gemma3_text"])
 def family(request, tmp_path_factory):
-  """(config, params) of a tiny random model of the family (gemma2: windows of 8 on layers 0, 2)."""
+  """(config, params) of a tiny random model of the family (windows of 8: gemma2 on layers 0 and 2,
+  gemma3_text on 0-4)."""
   from helpers import tiny_hf_model
 
   out = tmp_path_factory.mktemp(request.param) / "hf"
@@ -45,7 +46,7 @@ def family(request, tmp_path_factory):
 @pytest.mark.parametrize("method", sorted(SPECS))
 def test_every_method_cached_and_decoded_equals_one_shot(family, method):
   """Chunked cached NLL and token-by-token decoding (after a 30-token prefill) equal the one-shot
-  forward, with windows (20, 17 + 2, 24; gemma2's 8) far shorter than the 90 tokens."""
+  forward, with windows (20, 17 + 2, 24; the Gemmas' 8) far shorter than the 90 tokens."""
   config, params = family
   spec = config.resolve_attention(SPECS[method])
   tokens = jnp.asarray(TOKENS)

@@ -76,7 +76,7 @@ def test_bfloat16_params_within_bound(compute_dtype, save_tiny, tmp_path, capsys
 
 
 @pytest.mark.parametrize("kind", ["mistral_window", "qwen2_window", "qwen3_window", "phi3_window",
-                                  "qwen2_window_layer1", "gemma2"])
+                                  "qwen2_window_layer1", "gemma2", "gemma3_text"])
 def test_sliding_window_models_match_transformers_cached_and_generating(kind, save_tiny):
   """A model's own sliding window is applied by `dense` everywhere: the one-shot forward, the cache
   (fed in chunks), and greedy generation past the window equal transformers; also on models
@@ -102,18 +102,20 @@ def test_sliding_window_models_match_transformers_cached_and_generating(kind, sa
 
 @pytest.mark.parametrize("kind, arch", [("llama_gqa", "llama"), ("mistral", "mistral"), ("qwen2_bias", "qwen2"),
                                         ("qwen3", "qwen3"), ("qwen3_bias_mha", "qwen3"),
-                                        ("phi3_longrope", "phi3"), ("phi3_window", "phi3"), ("mpt", "mpt")])
+                                        ("phi3_longrope", "phi3"), ("phi3_window", "phi3"), ("mpt", "mpt"),
+                                        ("gemma2", "gemma2"), ("gemma3_text", "gemma3")])
 def test_gguf_written_by_the_gguf_package_matches_transformers(kind, arch, tmp_path):
-  """A GGUF laid out as llama.cpp's converter writes it (q/k permuted for llama and mistral only)
-  loads to transformers' logits."""
+  """A GGUF laid out as llama.cpp's converter writes it (q/k permuted for llama and mistral only;
+  Gemma's norm scales stored as 1 + w) loads to transformers' logits. (llama.cpp scales Gemma's
+  queries by 1/sqrt(head_dim) below 27B, so the Gemmas here have query_pre_attn_scalar = head_dim.)"""
   from helpers import tiny_hf_model, write_gguf
 
   from lminf_jax.convert.gguf_file import load_gguf
 
-  model = tiny_hf_model(kind)
+  model = tiny_hf_model(kind, **({"query_pre_attn_scalar": 16} if arch.startswith("gemma") else {}))
   write_gguf(model, tmp_path / "tiny.gguf", arch)
   config, params = load_gguf(tmp_path / "tiny.gguf")
-  assert config.model_type == arch and config.qk_norm == (arch == "qwen3")
+  assert config.model_type == model.config.model_type and config.qk_norm == (arch in ("qwen3", "gemma3"))
   ours = np.asarray(forward(params, config, jnp.asarray(TOKENS)))
   np.testing.assert_allclose(ours, torch_logits(model, TOKENS), atol=1e-4, rtol=0)
 
