@@ -94,7 +94,7 @@ class LlamaConfig:
   hidden_act: str = "silu"  # the MLP's activation: silu, gelu (exact, MPT) or gelu_tanh (Gemma)
   gated_mlp: bool = True  # down(act(gate x) * up x); False: down(act(up x)) (MPT)
   norm_offset: bool = False  # RMSNorm scales by 1 + w, in float32 (Gemma)
-  post_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2)
+  post_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2 and 3)
   embed_scale: float = 1.0  # embeddings are multiplied by it (Gemma: sqrt(D))
   query_pre_attn_scalar: float | None = None  # logits scaled by its -1/2 power instead of H's (Gemma)
   attn_softcap: float | None = None  # attention logits soft-capped: cap * tanh(s / cap) (Gemma 2)
@@ -102,7 +102,7 @@ class LlamaConfig:
   local_rope_theta: float | None = None  # the windowed layers' RoPE theta, unscaled (Gemma 3); None: rope_theta
   model_type: str = "llama"
   sliding_window: int | None = None  # each query sees only its last sliding_window keys (Mistral v0.1)
-  window_layers: tuple[bool, ...] = ()  # the layers that keep sliding_window (Gemma 2); empty: every layer
+  window_layers: tuple[bool, ...] = ()  # the layers that keep sliding_window (Gemma, Qwen2); empty: every layer
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   param_dtype: str = "float32"

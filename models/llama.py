@@ -87,7 +87,8 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     name = "scale_d" if self.axis == "embed" else "scale_h"
-    scale = self.param(name, _const(nn.initializers.ones, self.axis), (x.shape[-1],), _dtype(self.param_dtype))
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones  # (an identity at init)
+    scale = self.param(name, _const(init, self.axis), (x.shape[-1],), _dtype(self.param_dtype))
     x32 = x.astype(jnp.float32)
     if self.center:
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
