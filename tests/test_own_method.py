@@ -61,8 +61,7 @@ class Dilated(AttentionMethod):
     k_tile = bw.key_tile(keys.k_bklh, keys.pos_bl - ref_b1, pe)
     dist_bts = idx_bt[:, :, None] - keys.idx_bl[:, None, :]
     mask_bts = bw.visible(idx_bt, keys.idx_bl, self.window) & (dist_bts % self.stride == 0)
-    b, k, m, h = q_tile.x.shape
-    state = bw.update(bw.init_state(b, k, m, h), bw.scores(q_tile, k_tile, pe), keys.v_bklh, mask_bts)
+    state = bw.update(bw.init_state(q_tile.x), bw.scores(q_tile, k_tile, pe), keys.v_bklh, mask_bts)
     return bw.finish(state, q_btnh.shape[1], q_btnh.dtype)[0]
 
 

@@ -117,7 +117,7 @@ def band_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.ndarray
   def chunk_step(ci, q_bcnh, pos_bc, idx_bc):
     ref_b1 = pos_bc[:, -1:]
     q_near = bw.query_tile(q_bcnh, pos_bc - ref_b1, pe, kv)
-    state = bw.init_state(b, kv, q_near.x.shape[2], q_near.x.shape[3])
+    state = bw.init_state(q_near.x)
     state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, ref_b1, starts, pe, window, rotation)
 
     def key_step(state, kb):
@@ -150,10 +150,9 @@ def attend_one(q_b1nh: jnp.ndarray, new: Keys, slots: Keys, ring_keys: Keys, pe:
                rotation: Rotation) -> jnp.ndarray:
   """One query per row [B, 1, N, H] over an anchored ring in place (`ring`), its own key `new` and
   the starting slots: [B, 1, N, H]."""
-  b, _, n, h = q_b1nh.shape
   kv_heads = ring_keys.k_bklh.shape[1]
   pos_b1, idx_b1 = new.pos_bl, new.idx_bl
-  state = bw.init_state(b, kv_heads, n // kv_heads, h)
+  state = bw.init_state(bw.tile_rows(q_b1nh, kv_heads))
   state = add_starting_keys(state, q_b1nh, pos_b1, idx_b1, pos_b1, slots, pe, window, rotation)
   state = bw.update(state, ring.ring_scores(q_b1nh, pos_b1, ring_keys, pe), ring_keys.v_bklh,
                     bw.visible(idx_b1, ring_keys.idx_bl, window))

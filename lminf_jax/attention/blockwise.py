@@ -87,10 +87,11 @@ class SoftmaxState(NamedTuple):
   acc_bkmh: jnp.ndarray
 
 
-def init_state(batch: int, kv_heads: int, rows: int, head_dim: int) -> SoftmaxState:
-  shape = (batch, kv_heads, rows)
-  return SoftmaxState(jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-                      jnp.zeros(shape + (head_dim,), jnp.float32))
+def init_state(q_bkmh: jnp.ndarray) -> SoftmaxState:
+  """The empty softmax of a query tile [B, K, M, H], typed as the tile is (inside a shard_map:
+  varying over the same mesh axes, so a scan or cond that carries it keeps one type)."""
+  zeros_bkmh = jnp.zeros_like(q_bkmh, jnp.float32)
+  return SoftmaxState(zeros_bkmh[..., 0] - jnp.inf, zeros_bkmh[..., 0], zeros_bkmh)
 
 
 class Tile(NamedTuple):
@@ -101,12 +102,17 @@ class Tile(NamedTuple):
   off: jnp.ndarray
 
 
+def tile_rows(q_bcnh: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+  """Queries [B, C, N, H] as the rows of their kv heads' tiles [B, K, G*C, H] (row m = g*C + c)."""
+  b, c, n, h = q_bcnh.shape
+  return q_bcnh.reshape(b, c, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, h)
+
+
 def query_tile(q_bcnh: jnp.ndarray, offsets_bc: jnp.ndarray, pe: Positional, kv_heads: int) -> Tile:
   """Rotates queries by `offsets` and scales by 1/sqrt(H): [B, C, N, H] -> [B, K, G*C, H]."""
-  b, c, n, h = q_bcnh.shape
+  n, h = q_bcnh.shape[2:]
   q_bcnh = pe.rotate(q_bcnh, offsets_bc[:, :, None]) * h**-0.5
-  q_bkmh = q_bcnh.reshape(b, c, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, h)
-  return Tile(q_bkmh, jnp.tile(offsets_bc, (1, n // kv_heads)))
+  return Tile(tile_rows(q_bcnh, kv_heads), jnp.tile(offsets_bc, (1, n // kv_heads)))
 
 
 def key_tile(k_bksh: jnp.ndarray, offsets_bs: jnp.ndarray, pe: Positional) -> Tile:

@@ -112,7 +112,7 @@ def causal_attention(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarr
 
       return bw.fold_block(state, scores_and_values, idx_bc, idx_bs), None
 
-    init = bw.init_state(b, kv, q_near.x.shape[2], q_near.x.shape[3])
+    init = bw.init_state(q_near.x)
     state, _ = jax.lax.scan(key_step, init, jnp.arange(key_idx_bt.shape[1] // s))
     return bw.finish(state, c, q_btnh.dtype)
 

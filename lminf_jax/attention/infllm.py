@@ -195,12 +195,12 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   no key), `starts` the init tokens; `local_branch`, if given, the local branch's (out [B,C,N,H],
   lse [B,C,N]) from a flash kernel. Returns (out [B,C,N,H], local probability column sums
   [B,N,W+C] over the context, from the chunk's real queries)."""
-  b, c, n, h = q_bcnh.shape
+  b, c, n, _ = q_bcnh.shape
   kv = context.k_bklh.shape[1]
   g = n // kv
   n_local, bs = spec.n_local, spec.block_size
   pending = context.slice(0, bs + c)
-  state = add_far_keys(bw.init_state(b, kv, g * c, h), q_bcnh, pos_bc, idx_bc, pending, starts, pool, pe,
+  state = add_far_keys(bw.init_state(bw.tile_rows(q_bcnh, kv)), q_bcnh, pos_bc, idx_bc, pending, starts, pool, pe,
                        spec)
 
   # Local: the context from entry bs on, in key blocks of S, rotated relative to the chunk's last query.
@@ -346,13 +346,13 @@ def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, pe, spec: InfLLM):
   """`infllm_chunk` for one query per row, with the ring read where it lies (its rotated copy):
   (out [B, 1, N, H], local probability sums [B, N, W+1] of the ring, oldest first, and the query's
   own key). One pass: a single query's softmax needs no blocks."""
-  b, _, n, h = q_b1nh.shape
+  b, _, n, _ = q_b1nh.shape
   raw = cached.ring  # raw keys at their positions
   kv_heads, ring_len = raw.k_bklh.shape[1], raw.k_bklh.shape[2]
   pos_b1, idx_b1 = new.pos_bl, new.idx_bl
   order_bw = cached.ring_order()
   pending = raw.take(order_bw[:, :spec.block_size + 1])
-  state = bw.init_state(b, kv_heads, n // kv_heads, h)
+  state = bw.init_state(bw.tile_rows(q_b1nh, kv_heads))
   state = add_far_keys(state, q_b1nh, pos_b1, idx_b1, pending, cached.slots, _pool(cached), pe, spec)
   rotated = Keys(cached.extra.ring_rk, raw.v_bklh, ring.anchors(raw.pos_bl, ring_len, pe), raw.idx_bl)
   s_bkgw = ring.ring_scores(q_b1nh, pos_b1, rotated, pe)

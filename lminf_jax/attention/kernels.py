@@ -228,10 +228,10 @@ def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, posi
   idx_bt = bw.sequence_index(positions_bt)
   keys = Keys(jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt, idx_bt)
   starts = starting_keys(keys, min(band.n_start, q_btnh.shape[1]))
-  kv, h = k_btkh.shape[2], q_btnh.shape[3]
+  kv = k_btkh.shape[2]
 
   def starts_step(ci, q_bcnh, pos_bc, idx_bc):
-    state = bw.init_state(q_bcnh.shape[0], kv, q_bcnh.shape[2] // kv * q_bcnh.shape[1], h)
+    state = bw.init_state(bw.tile_rows(q_bcnh, kv))
     state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, pos_bc[:, -1:], starts, pe, band.window,
                               band.rotation)
     return bw.finish(state, q_bcnh.shape[1], jnp.float32)

@@ -58,6 +58,24 @@ def test_sharded_nll_equals_single_device(ckpt, batch, mesh_text, spec_name):
   np.testing.assert_allclose(got[valid], expected[valid], atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mpt", "gemma3_text"])
+@pytest.mark.parametrize("mesh_text", ["sequence=8", "data=2,sequence=4"])
+def test_alibi_and_per_layer_models_sharded_equal_single_device(tmp_path_factory, batch, mesh_text, kind):
+  """ALiBi (MPT) and per-layer windows with their own RoPE (Gemma 3) under sequence parallelism."""
+  root = tmp_path_factory.mktemp(kind)
+  tiny_hf_model(kind).save_pretrained(root / "hf")
+  spec = SPECS["lambda_window_past_shard"]
+  tokens, positions = batch
+  config, params, _ = load(root / "hf")
+  expected = np.asarray(token_nll(params, config, tokens, positions, attention=spec))
+  mesh = make_mesh(parse_mesh(mesh_text))
+  with jax.set_mesh(mesh):
+    placed = [jax.device_put(x, data_sharding(mesh, x.shape)) for x in (tokens, positions)]
+    got = np.asarray(token_nll(params, config, *placed, attention=spec))
+  valid = np.asarray(positions)[:, 1:] > 0
+  np.testing.assert_allclose(got[valid], expected[valid], atol=1e-5)
+
+
 def test_params_are_really_sharded(ckpt):
   mesh = make_mesh({"fsdp": 2, "tensor": 2, "sequence": 2})
   config, params, _ = load(ckpt, mesh=mesh)
