@@ -108,7 +108,7 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
           "attention_factor": get("rope.scaling.attn_factor"),
       }
   if arch in ("gemma2", "gemma3"):
-    hf.update(_gemma_fields(arch, get, hf))
+    hf.update(_gemma_fields(arch, get, hf, path))
   optional = ("head_dim", "bos_token_id", "eos_token_id", "sliding_window", "attn_logit_softcapping",
               "final_logit_softcapping", "rope_scaling")
   missing = [k for k, v in hf.items() if v is None and k not in optional]
@@ -120,18 +120,24 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     raise UserError(f"{path} (as Hugging Face config fields): {e}") from None
 
 
-def _gemma_fields(arch: str, get, hf: dict) -> dict:
+def _gemma_fields(arch: str, get, hf: dict, path: Path) -> dict:
   """Gemma's config fields as llama.cpp reads them: the windowed layers every 2nd (Gemma 2) or all
   but every 6th (Gemma 3) unless `sliding_window_pattern` says; the query scale 1/sqrt(head_dim),
   or 1/sqrt(hidden / heads) for the 27B models (46 or 62 layers); Gemma 3's windowed layers at
   RoPE theta 10000 (or `rope.freq_base_swa`), its global ones at rope.freq_base with the scaling."""
   n, heads, hidden = hf["num_hidden_layers"], hf["num_attention_heads"], hf["hidden_size"]
-  head_dim = hf["head_dim"] or (hidden // heads if hidden and heads else None)
+  if not all(isinstance(x, int) and x > 0 for x in (n, heads, hidden)):
+    raise UserError(f"{path} lacks {arch}.block_count, attention.head_count or embedding_length (or one is not "
+                    f"positive)")
+  head_dim = hf["head_dim"] or hidden // heads
   pattern = get("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
   if isinstance(pattern, list):
     types = ["sliding_attention" if w else "full_attention" for w in pattern]
+  elif isinstance(pattern, int) and pattern > 0:
+    types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
   else:
-    types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n or 0)]
+    raise UserError(f"{path}: {arch}.attention.sliding_window_pattern must be a positive integer or a list, got "
+                    f"{pattern!r}")
   big = n == {"gemma2": 46, "gemma3": 62}[arch]
   fields = {"hidden_activation": "gelu_pytorch_tanh", "layer_types": types,
             "query_pre_attn_scalar": hidden // heads if big else head_dim,

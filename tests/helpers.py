@@ -110,19 +110,21 @@ def feed_cached(params, config, spec, tokens, positions, chunks: list[int], max_
   return np.concatenate(outs, axis=1)
 
 
-def write_gguf(model, path, arch: str) -> None:
+def write_gguf(model, path, arch: str, **metadata) -> None:
   """Writes a transformers model as a float32 GGUF the way llama.cpp's convert_hf_to_gguf.py
   names and lays out the tensors: llama/mistral q/k rows permuted for interleaved RoPE, qwen and
   phi3 (NEOX RoPE) as they are, phi3's fused projections kept fused. Only the metadata the loader
-  reads; no tokenizer."""
+  reads, plus `metadata` (name: the GGUFWriter.add_NAME method); no tokenizer."""
   import gguf
 
   if arch == "mpt":
-    return _write_mpt_gguf(model, path)
+    return _write_mpt_gguf(model, path, **metadata)
   cfg = model.config
   heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
   writer = gguf.GGUFWriter(str(path), arch)
+  for name, value in metadata.items():
+    getattr(writer, f"add_{name}")(value)
   writer.add_vocab_size(cfg.vocab_size)
   writer.add_embedding_length(cfg.hidden_size)
   writer.add_feed_forward_length(cfg.intermediate_size)

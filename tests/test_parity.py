@@ -120,6 +120,15 @@ def test_gguf_written_by_the_gguf_package_matches_transformers(kind, arch, tmp_p
   np.testing.assert_allclose(ours, torch_logits(model, TOKENS), atol=1e-4, rtol=0)
 
 
+def test_gemma_gguf_with_a_bad_window_pattern_is_refused_in_one_line(tmp_path, capsys):
+  from helpers import tiny_hf_model, write_gguf
+
+  write_gguf(tiny_hf_model("gemma2"), tmp_path / "g.gguf", "gemma2", sliding_window_pattern=0)
+  code, _, err = run_cli(capsys, "convert", tmp_path / "g.gguf", tmp_path / "ckpt")
+  assert code != 0 and err.startswith("lminf: error: ") and "sliding_window_pattern" in err and err.count("\n") == 1
+  assert not (tmp_path / "ckpt").exists()
+
+
 def test_longrope_short_and_long_factors_match_transformers(save_tiny):
   """Phi-3's longrope (partial rotary 0.75) uses its short factors while a call's largest position
   + 1 is within original_max_position_embeddings (32) and its long ones past it, as transformers
