@@ -110,6 +110,25 @@ def feed_cached(params, config, spec, tokens, positions, chunks: list[int], max_
   return np.concatenate(outs, axis=1)
 
 
+def assert_cached_and_greedy_match_transformers(model, params, config, tokens: np.ndarray) -> None:
+  """`dense` through a cache fed in chunks of 5, 16 and the rest gives transformers' logits of
+  `tokens` [B, T], and greedy generation of 20 tokens after row 0's first 12 gives its tokens."""
+  import torch
+
+  from lminf_jax.attention import Dense
+  from lminf_jax.generation import generate
+
+  t = tokens.shape[1]
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
+  cached = feed_cached(params, config, Dense(), tokens, positions, [5, 16, t - 21], max_len=t)
+  np.testing.assert_allclose(cached, torch_logits(model, tokens), atol=1e-4, rtol=0)
+  prompt = tokens[0, :12].tolist()
+  with torch.no_grad():
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+  assert generate(params, config, [prompt], 20, attention=Dense(), eos_ids=(), chunk=5)[0] == \
+      expected[0, len(prompt):].tolist()
+
+
 def write_gguf(model, path, arch: str, **metadata) -> None:
   """Writes a transformers model as a float32 GGUF the way llama.cpp's convert_hf_to_gguf.py
   names and lays out the tensors: llama/mistral q/k rows permuted for interleaved RoPE, qwen and

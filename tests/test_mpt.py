@@ -5,12 +5,10 @@ against the naive reference: test_alibi.py.)"""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import feed_cached, run_cli, torch_logits
+from helpers import assert_cached_and_greedy_match_transformers, run_cli
 
-from lminf_jax.attention import Dense
 from lminf_jax.errors import UserError
 from lminf_jax.loading import load
 from lminf_jax.models.config import LlamaConfig
@@ -32,21 +30,9 @@ def mpt(tmp_path_factory):
 
 
 def test_cached_prefill_and_greedy_generation_match_transformers(mpt):
-  import torch
-
-  from lminf_jax.generation import generate
-
   model, config, params = mpt
   assert config.alibi_bias_max == 8 and config.layer_norm and not config.gated_mlp
-  tokens = TOKENS
-  positions = np.broadcast_to(np.arange(40, dtype=np.int32), tokens.shape)
-  cached = feed_cached(params, config, Dense(), jnp.asarray(tokens), jnp.asarray(positions), [5, 16, 19], max_len=40)
-  np.testing.assert_allclose(cached, torch_logits(model, tokens), atol=1e-4, rtol=0)
-  prompt = tokens[0, :12].tolist()
-  with torch.no_grad():
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0)
-  assert generate(params, config, [prompt], 20, attention=Dense(), eos_ids=(), chunk=5)[0] == \
-      expected[0, len(prompt):].tolist()
+  assert_cached_and_greedy_match_transformers(model, params, config, TOKENS)
 
 
 @pytest.mark.parametrize("heads, bias_max", [(3, 8), (4, 8), (6, 8), (12, 4), (32, 8)])

@@ -81,23 +81,12 @@ def test_sliding_window_models_match_transformers_cached_and_generating(kind, sa
   """A model's own sliding window is applied by `dense` everywhere: the one-shot forward, the cache
   (fed in chunks), and greedy generation past the window equal transformers; also on models
   whose window is on some layers only (qwen2_window_layer1, gemma2)."""
-  import torch
-  from helpers import feed_cached
-
-  from lminf_jax.attention import Dense
-  from lminf_jax.generation import generate
+  from helpers import assert_cached_and_greedy_match_transformers
 
   model, hf_dir = save_tiny(kind)
   config, params, _ = load(hf_dir)
   assert config.sliding_window == 8
-  positions = np.broadcast_to(np.arange(40, dtype=np.int32), TOKENS.shape)
-  cached = feed_cached(params, config, Dense(), jnp.asarray(TOKENS), jnp.asarray(positions), [5, 16, 19], max_len=40)
-  np.testing.assert_allclose(cached, torch_logits(model, TOKENS), atol=1e-4, rtol=0)
-  prompt = TOKENS[0, :12].tolist()
-  with torch.no_grad():
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0)
-  assert generate(params, config, [prompt], 20, attention=Dense(), eos_ids=(), chunk=5)[0] == \
-      expected[0, len(prompt):].tolist()
+  assert_cached_and_greedy_match_transformers(model, params, config, TOKENS)
 
 
 @pytest.mark.parametrize("kind, arch", [("llama_gqa", "llama"), ("mistral", "mistral"), ("qwen2_bias", "qwen2"),
