@@ -1,4 +1,5 @@
-"""Checkpoint -> Hugging Face model dir (config.json, safetensors, tokenizer files), written atomically.
+"""Checkpoint -> Hugging Face model dir (config.json, generation_config.json, safetensors, tokenizer
+files), written atomically.
 
 The safetensors are split into shards of at most `MAX_SHARD_BYTES` as `save_pretrained` does
 (one `model.safetensors`, or `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`),
@@ -16,7 +17,7 @@ import numpy as np
 
 from lminf_jax.atomic import atomic_dir
 from lminf_jax.convert.hf import HFTensor, hf_tensor, hf_tensor_names
-from lminf_jax.models.config import LlamaConfig
+from lminf_jax.models.config import LlamaConfig, hf_token_ids
 
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -40,6 +41,7 @@ def write_hf(out: Path, config: LlamaConfig, params: dict, tokenizer=None, dtype
   (default: the params' own), that transformers' `AutoModelForCausalLM.from_pretrained` loads."""
   import ml_dtypes
   from safetensors.numpy import save_file
+  from transformers import GenerationConfig
 
   config = config.replace(param_dtype=dtype or config.param_dtype)
   hf_config = config.to_hf()  # refuses what transformers cannot express, before any work
@@ -63,4 +65,7 @@ def write_hf(out: Path, config: LlamaConfig, params: dict, tokenizer=None, dtype
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    # (as `save_pretrained` writes it for a model: the ids `generate` starts and stops with)
+    GenerationConfig(bos_token_id=config.bos_token_id,
+                     eos_token_id=hf_token_ids(config.eos_token_ids)).save_pretrained(str(tmp))
   return out

@@ -59,6 +59,12 @@ def _field(reader, key: str, default=None):
   return default if field is None else field.contents()
 
 
+def _end_ids(reader) -> list[int]:
+  """The tokens generation ends at, as llama.cpp reads them: end of text, of turn, of message."""
+  ids = (_field(reader, f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom"))
+  return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def gguf_config(reader, path: Path) -> LlamaConfig:
   arch = _field(reader, "general.architecture")
   if arch not in GGUF_ARCHS:
@@ -69,7 +75,6 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
     return _mpt_config(reader, path, get, names)
   num_heads = get("attention.head_count")
   hidden = get("embedding_length")
-  eos = _field(reader, "tokenizer.ggml.eos_token_id")
   tokens = reader.fields.get("tokenizer.ggml.tokens")
   hf = {
       "model_type": _MODEL_TYPES.get(arch, arch),
@@ -87,7 +92,7 @@ def gguf_config(reader, path: Path) -> LlamaConfig:
       "tie_word_embeddings": "output.weight" not in names,
       "attention_bias": "blk.0.attn_q.bias" in names and arch != "qwen2",  # (qwen2's is implied)
       "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-      "eos_token_id": eos,
+      "eos_token_id": _end_ids(reader),
       "sliding_window": get("attention.sliding_window"),  # absent: no window
   }
   if (kind := get("rope.scaling.type")) not in (None, "none"):
@@ -174,7 +179,7 @@ def _mpt_config(reader, path: Path, get, names: set[str]) -> LlamaConfig:
                         else "grouped_query_attention"},
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id")}
+        "eos_token_id": _end_ids(reader)}
   try:
     return LlamaConfig.from_hf(hf)
   except UserError as e:

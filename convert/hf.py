@@ -20,7 +20,7 @@ import numpy as np
 from lminf_jax.errors import UserError
 from lminf_jax.files import read_json_object
 from lminf_jax.limits import check_fits, host_memory_bytes
-from lminf_jax.models.config import LlamaConfig
+from lminf_jax.models.config import LlamaConfig, token_ids
 from lminf_jax.models.params import abstract_params
 
 # HF name -> (params path, layout). Layouts turn an HF [out, in] matrix into our einsum axes.
@@ -256,12 +256,21 @@ def read_hf_config(model_dir: Path) -> dict:
 
 
 def hf_config(model_dir: Path) -> LlamaConfig:
-  """The LlamaConfig of an HF model dir; errors name its config.json."""
+  """The LlamaConfig of an HF model dir; errors name its config.json. Its EOS ids are those of
+  generation_config.json when that gives any, as transformers' `generate` stops at them."""
   hf = read_hf_config(model_dir)
   try:
-    return LlamaConfig.from_hf(hf)
+    config = LlamaConfig.from_hf(hf)
   except UserError as e:
     raise UserError(f"{model_dir / 'config.json'}: {e}") from None
+  generation = model_dir / "generation_config.json"
+  if not generation.is_file():
+    return config
+  try:
+    eos = token_ids(read_json_object(generation).get("eos_token_id"))
+  except UserError as e:
+    raise UserError(f"{generation}: {e}") from None
+  return config.replace(eos_token_ids=eos) if eos else config
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

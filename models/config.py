@@ -49,6 +49,19 @@ def check_fields(d: Mapping[str, Any], ints: tuple[str, ...], optional_ints: tup
       raise UserError(f"{name} must be a positive number, got {value!r}")
 
 
+def token_ids(value: Any) -> tuple[int, ...]:
+  """A Hugging Face eos_token_id (an id, a list of ids or null) as a tuple of ids."""
+  ids = value if isinstance(value, (list, tuple)) else (() if value is None else (value,))
+  if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i <= INT32_MAX for i in ids):
+    raise UserError(f"eos_token_id must be a token id or a list of them, got {value!r}")
+  return tuple(int(i) for i in ids)
+
+
+def hf_token_ids(ids: tuple[int, ...]) -> int | list[int] | None:
+  """`token_ids`' inverse as transformers writes it: one id, a list, or null."""
+  return ids[0] if len(ids) == 1 else (list(ids) or None)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """RoPE frequency scaling (Hugging Face `rope_type` names)."""
@@ -104,7 +117,7 @@ class LlamaConfig:
   sliding_window: int | None = None  # each query sees only its last sliding_window keys (Mistral v0.1)
   window_layers: tuple[bool, ...] = ()  # the layers that keep sliding_window (Gemma, Qwen2); empty: every layer
   bos_token_id: int | None = None
-  eos_token_ids: tuple[int, ...] = ()
+  eos_token_ids: tuple[int, ...] = ()  # generation ends at any of them (HF: generation_config.json's when given)
   param_dtype: str = "float32"
   dtype: str = "float32"
 
@@ -186,7 +199,6 @@ class LlamaConfig:
       rope.update(short_factor=list(scaling.short_factor), long_factor=list(scaling.long_factor),
                   attention_factor=scaling.attention_factor,
                   original_max_position_embeddings=scaling.original_max_position_embeddings)
-    eos = self.eos_token_ids
     hf = {
         "architectures": [_HF_ARCHITECTURES[mt]], "model_type": mt, "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -194,7 +206,7 @@ class LlamaConfig:
         "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
         "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
         "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None),
+        "eos_token_id": hf_token_ids(self.eos_token_ids),
         "rope_parameters": rope, "rope_theta": self.rope_theta,
         "rope_scaling": None if scaling.kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
         "dtype": self.param_dtype,
@@ -232,13 +244,12 @@ class LlamaConfig:
     ratio = self.intermediate_size // self.hidden_size
     if self.intermediate_size != 4 * self.hidden_size:
       raise UserError(f"cannot export: transformers' mpt has an MLP of 4 * d_model, not {self.intermediate_size}")
-    eos = self.eos_token_ids
     return {"architectures": [_HF_ARCHITECTURES["mpt"]], "model_type": "mpt", "vocab_size": self.vocab_size,
             "d_model": self.hidden_size, "n_heads": self.num_heads, "n_layers": self.num_layers,
             "expansion_ratio": ratio, "max_seq_len": self.max_position_embeddings,
             "layer_norm_epsilon": self.rms_norm_eps, "no_bias": True, "tie_word_embeddings": True,
             "attn_config": {"alibi": True, "alibi_bias_max": _whole(self.alibi_bias_max)},
-            "bos_token_id": self.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None),
+            "bos_token_id": self.bos_token_id, "eos_token_id": hf_token_ids(self.eos_token_ids),
             "dtype": self.param_dtype}
 
   @classmethod
@@ -289,8 +300,6 @@ class LlamaConfig:
       raise UserError(f"partial_rotary_factor must be in (0, 1] and rotate an even number of the {head_dim} "
                       f"head dims, got {partial!r}")
     scaling = _rope_scaling(hf, rope, head_dim, int(head_dim * partial))
-    eos = hf.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     attention_bias = bool(hf.get("attention_bias", False))
     sliding_window, window_layers = _sliding_window(hf)
     check_fields({"sliding_window": sliding_window}, (), ("sliding_window",))
@@ -318,7 +327,7 @@ class LlamaConfig:
         sliding_window=sliding_window,
         window_layers=window_layers,
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids,
+        eos_token_ids=token_ids(hf.get("eos_token_id")),
         **gemma,
     )
 
@@ -356,14 +365,13 @@ def _from_mpt(hf: dict[str, Any]) -> LlamaConfig:
     raise UserError(f"d_model {d} is not a multiple of n_heads {n}")
   bias_max = attn.get("alibi_bias_max", 8)
   check_fields({"alibi_bias_max": bias_max}, (), (), ("alibi_bias_max",))
-  eos = hf.get("eos_token_id")
   return LlamaConfig(
       vocab_size=hf["vocab_size"], hidden_size=d, intermediate_size=hf.get("expansion_ratio", 4) * d,
       num_layers=hf["n_layers"], num_heads=n, num_kv_heads=n, head_dim=d // n,
       rms_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), max_position_embeddings=hf.get("max_seq_len", 2048),
       tie_word_embeddings=True, model_type="mpt", alibi_bias_max=float(bias_max), layer_norm=True, hidden_act="gelu",
       gated_mlp=False, bos_token_id=hf.get("bos_token_id"),
-      eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,)))
+      eos_token_ids=token_ids(hf.get("eos_token_id")))
 
 
 def _rope_scaling(hf: dict[str, Any], rope: dict[str, Any], head_dim: int, rotary_dim: int) -> RopeScaling:

@@ -257,6 +257,9 @@ CASES = [
                   rope_parameters={"sliding_attention": dict(rope_type="linear", factor=2.0)}), CONVERT,
         ["'linear' on the sliding layers"], id="gemma3 scaled local rope"),
     row(file_in("hf", "config.json", b"[1, 2]"), CONVERT, ["JSON object", "list"], id="config is a list"),
+    row(file_in("hf", "generation_config.json", b'{"eos_token_id": [2, "x"]}'), CONVERT,
+        ["generation_config.json", "eos_token_id must be a token id"], id="generation config eos not ids"),
+    row(hf_config(eos_token_id=-1), CONVERT, ["config.json", "eos_token_id must be a token id"], id="eos negative"),
     row(file_in("hf", "config.json", b'{"model_type": "llama\xff"}'), CONVERT, ["config.json", "not UTF-8"],
         id="config not UTF-8"),
     # A) config.json of a checkpoint dir

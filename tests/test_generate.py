@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,34 @@ def test_eos_stops_a_row(tiny):
   stopped = generate(params, config, [PROMPTS[0]], 24, eos_ids=(eos,))[0]
   assert stopped == free[:free.index(eos) + 1]
   assert stopped == _hf_greedy(hf, PROMPTS[0], 24, eos=eos)
+
+
+def test_generation_config_eos_stops_as_in_transformers(tiny, tmp_path, capsys):
+  """An HF dir whose generation_config.json adds an EOS id to config.json's (as Gemma's
+  <end_of_turn>): generation from its conversion stops where transformers' `generate` stops, and
+  so does transformers' `generate` on our export of it."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  hf, config, params, _ = tiny
+  prompt = PROMPTS[0]
+  free = generate(params, config, [prompt], 24, eos_ids=())[0]
+  end = next(t for t in free[3:] if t not in config.eos_token_ids)
+  hf.save_pretrained(tmp_path / "hf")
+  (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [*config.eos_token_ids, end]}))
+
+  def hf_generate(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32", attn_implementation="eager")
+    with torch.no_grad():
+      out = model.eval().generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+  expected = hf_generate(tmp_path / "hf")
+  assert expected == free[:free.index(end) + 1]  # (the file is what stops it)
+  config2, params2, _ = load(convert(tmp_path / "hf", tmp_path / "ckpt"))
+  assert generate(params2, config2, [prompt], 24)[0] == expected
+  assert run_cli(capsys, "export", tmp_path / "ckpt", tmp_path / "export")[0] == 0
+  assert hf_generate(tmp_path / "export") == expected
 
 
 @pytest.mark.parametrize("spec", [Dense(chunk=4), Lambda(n_global=2, n_local=9, chunk=4, key_block=4),

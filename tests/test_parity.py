@@ -118,6 +118,20 @@ def test_gemma_gguf_with_a_bad_window_pattern_is_refused_in_one_line(tmp_path, c
   assert not (tmp_path / "ckpt").exists()
 
 
+def test_gguf_generation_ends_at_eos_eot_and_eom(tmp_path):
+  """llama.cpp ends generation at a GGUF's end-of-text, end-of-turn and end-of-message ids
+  (tokenizer.ggml.eos/eot/eom_token_id); so does a GGUF's conversion, and without eot/eom at EOS only."""
+  from helpers import tiny_hf_model, write_gguf
+
+  from lminf_jax.convert.gguf_file import load_gguf
+
+  model = tiny_hf_model("llama_gqa")
+  write_gguf(model, tmp_path / "chat.gguf", "llama", eos_token_id=2, eot_token_id=7, eom_token_id=9)
+  write_gguf(model, tmp_path / "base.gguf", "llama", eos_token_id=2)
+  assert load_gguf(tmp_path / "chat.gguf")[0].eos_token_ids == (2, 7, 9)
+  assert load_gguf(tmp_path / "base.gguf")[0].eos_token_ids == (2,)
+
+
 def test_longrope_short_and_long_factors_match_transformers(save_tiny):
   """Phi-3's longrope (partial rotary 0.75) uses its short factors while a call's largest position
   + 1 is within original_max_position_embeddings (32) and its long ones past it, as transformers
