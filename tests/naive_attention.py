@@ -88,7 +88,7 @@ def _positions(positions, t):
     return pos.astype(np.float64)
 
 
-def _mask_and_distance(q, k, inv_freq, pos, method, p):
+def _mask_and_distance(q, k, inv_freq, pos, method, p, alibi):
     """Returns allowed [N, T, T] bool and dist [T, T] float64 (query pos minus key pos)."""
     t, n_heads, h = q.shape
     g = n_heads // k.shape[1]
@@ -142,9 +142,10 @@ def _mask_and_distance(q, k, inv_freq, pos, method, p):
         middle = np.arange(n_global, last - n_local + 1)  # n_global <= j <= i - n_local
         if middle.size:
             insert_at = float(p["insert_at"])
-            qr = rope(q[last], insert_at, inv_freq)  # [N, H]: R_insert q_i
+            # (R_insert q_i).(R_0 k_j); under ALiBi q_i.k_j (the bias of distance insert_at is the same for all)
+            qr = q[last] if alibi else rope(q[last], insert_at, inv_freq)  # [N, H]
             for n in range(n_heads):
-                score = k[middle, n // g, :] @ qr[n]  # (R_insert q_i).(R_0 k_j)
+                score = k[middle, n // g, :] @ qr[n]
                 # largest first; ties broken towards the smaller j (stable sort)
                 order = np.argsort(-score, kind="stable")[:top_k]
                 allowed[n, last, middle[order]] = True
@@ -190,7 +191,7 @@ def naive_attention(q, k, v, positions, inv_freq, method, alibi_slopes=None, sof
     p = _params(method, params)
     pos = _positions(positions, t)
 
-    allowed, dist = _mask_and_distance(q, k, inv_freq, pos, method, p)
+    allowed, dist = _mask_and_distance(q, k, inv_freq, pos, method, p, alibi_slopes is not None)
 
     scale = 1.0 / np.sqrt(h)
     logits = np.full((n_heads, t, t), -np.inf)

@@ -54,6 +54,22 @@ def test_rope_softcap_matches_naive(method, t, n_start, window, chunk, kv, group
   np.testing.assert_allclose(ours, expected, atol=2e-5)
 
 
+@pytest.mark.parametrize("layer", [3, 4])
+@pytest.mark.parametrize("t, top_k, softcap", [(90, 5, None), (90, 200, None), (40, 5, 1.5), (25, 3, None)])
+def test_lambda_top_k_alibi_matches_naive(layer, t, top_k, softcap):
+  """Lambda's top_k middle keys under ALiBi: chosen by q.k (their bias, of distance insert_at, is
+  the same for all) and seen with that bias, from layer top_k_from_layer on; at offset 10^8 too."""
+  q, k, v = _inputs(t + layer, t, 2, 2, 16)
+  slopes = alibi_slopes(4)
+  spec = resolve(Lambda(n_global=4, n_local=16, top_k=top_k, top_k_from_layer=4, top_k_insert_at=24, chunk=7,
+                        key_block=9), 1)
+  expected, _ = naive_attention(q, k, v, None, None, "lambda", alibi_slopes=slopes, softcap=softcap, n_global=4,
+                                n_local=16, top_k=top_k, top_k_from_layer=4, insert_at=24, layer=layer)
+  args = [jnp.asarray(x)[None] for x in (q, k, v, np.arange(t) + 10**8)]
+  ours = np.asarray(attend(*args, ALiBi(jnp.asarray(slopes), softcap), spec, layer=layer)[0])
+  np.testing.assert_allclose(ours, expected, atol=2e-5)
+
+
 @pytest.mark.parametrize("n_local, chunk", [(64, 16), (12, 8)])
 def test_infllm_alibi(n_local, chunk):
   """InfLLM with ALiBi: with no far keys it is dense; with far keys its far branch has the bias of
