@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention import AttentionMethod, Dense, attend
-from lminf_jax.attention.blockwise import after, count_on
+from lminf_jax.attention.blockwise import after
 from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, write
 from lminf_jax.models.config import LlamaConfig, RopeScaling
 from lminf_jax.positional import ALiBi, Positional, Rotary, alibi_slopes, cap
@@ -217,7 +217,8 @@ class Llama(nn.Module):
     (`one_shot`: see `cached_layers`).
 
     Without a cache, under a mesh with a `sequence` axis, T is padded at the end to a multiple
-    of it (padded tokens lie in every real token's future, so they change nothing) and cut back.
+    of it and cut back: padded tokens lie in every real token's future, and at its row's last
+    position, so they change nothing (not even the longrope factors a call's largest position picks).
     """
     cfg = self.config
     t = tokens_bt.shape[1]
@@ -227,7 +228,7 @@ class Llama(nn.Module):
     pad = -t % mesh_axis_size("sequence") if cache is None else 0
     if pad:
       tokens_bt = jnp.pad(tokens_bt, ((0, 0), (0, pad)))
-      positions_bt = count_on(positions_bt, pad)
+      positions_bt = jnp.concatenate([positions_bt, jnp.repeat(jnp.maximum(positions_bt[:, -1:], 0), pad, axis=1)], 1)
     attention = cfg.resolve_attention(attention)
     x_btd = self.embed(tokens_bt)
     if cache is None:

@@ -76,6 +76,21 @@ def test_alibi_and_per_layer_models_sharded_equal_single_device(tmp_path_factory
   np.testing.assert_allclose(got[valid], expected[valid], atol=1e-5)
 
 
+def test_longrope_switch_ignores_sequence_padding(tmp_path_factory):
+  """28 tokens of a longrope model trained to 30 positions, on sequence=8: padded to 32 tokens
+  across the shards, it still uses its short factors, as on one device (and as transformers)."""
+  root = tmp_path_factory.mktemp("longrope")
+  tiny_hf_model("phi3_longrope", original_max_position_embeddings=30).save_pretrained(root / "hf")
+  config, params, _ = load(root / "hf")
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 97, size=(1, 28)), jnp.int32)
+  expected = np.asarray(token_nll(params, config, tokens, attention=Dense(chunk=8, key_block=8)))
+  mesh = make_mesh(parse_mesh("sequence=8"))
+  with jax.set_mesh(mesh):
+    got = np.asarray(token_nll(params, config, jax.device_put(tokens, data_sharding(mesh, tokens.shape)),
+                               attention=Dense(chunk=8, key_block=8)))
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_params_are_really_sharded(ckpt):
   mesh = make_mesh({"fsdp": 2, "tensor": 2, "sequence": 2})
   config, params, _ = load(ckpt, mesh=mesh)
