@@ -169,7 +169,8 @@ def naive_attention(q, k, v, positions, inv_freq, method, alibi_slopes=None, sof
       "streaming": n_sink [4], n_recent (required).
 
     alibi_slopes [N] (ALiBi models, DESIGN.md section 4): no RoPE (inv_freq is ignored); a key at
-    the method's distance d (the distance RoPE would use) adds ``-slope_n * d`` to the logit.
+    the method's distance d (the distance RoPE would use) adds ``-slope_n * d`` to the logit;
+    lambda's top_k then picks the middle keys by q.k (their bias, of distance insert_at, is common).
     softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask and the bias-free
     softmax (Gemma 2; applied to the scaled q.k, and after ALiBi's bias if both are given).
 
