@@ -88,7 +88,7 @@ def _positions(positions, t):
     return pos.astype(np.float64)
 
 
-def _mask_and_distance(q, k, inv_freq, pos, method, p, alibi):
+def _mask_and_distance(q, k, inv_freq, pos, method, p, alibi=False):
     """Returns allowed [N, T, T] bool and dist [T, T] float64 (query pos minus key pos)."""
     t, n_heads, h = q.shape
     g = n_heads // k.shape[1]
