@@ -261,7 +261,7 @@ class LlamaConfig:
     for name in ("short_factor", "long_factor"):  # (JSON lists)
       rope[name] = tuple(rope.get(name, ()))
     d["rope_scaling"] = RopeScaling(**rope)
-    d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+    d["eos_token_ids"] = token_ids(d.get("eos_token_ids"))
     d["window_layers"] = tuple(d.get("window_layers", ()))
     return cls(**d)
 

@@ -267,6 +267,8 @@ CASES = [
     row(ckpt_config(num_heads=0), nll("{src}"), ["num_heads", "got 0"], id="ckpt zero heads"),
     row(ckpt_config(hidden_size="64"), nll("{src}"), ["hidden_size", "'64'"], id="ckpt string hidden_size"),
     row(ckpt_config(vocab_size=DELETE), nll("{src}"), ["lacks vocab_size"], id="ckpt missing vocab_size"),
+    row(ckpt_config(eos_token_ids=[2, "x"]), nll("{src}"), ["config.json", "eos_token_id must be a token id"],
+        id="ckpt eos not ids"),
     row(ckpt_config(vocab_size=10**12), nll("{src}"), ["vocab_size", str(2**31 - 1)], id="ckpt huge vocab_size"),
     row(ckpt_config(max_position_embeddings=0), nll("{src}"), ["max_position_embeddings"], id="ckpt zero positions"),
     row(file_in("ckpt", "config.json", b"[]"), nll("{src}"), ["JSON object", "list"], id="ckpt config is a list"),
