@@ -2,7 +2,7 @@
 
 A checkpoint dir is written under a temporary sibling name and renamed into place only when
 complete, so a failed or interrupted conversion never leaves a dir that looks valid, and the
-temporary is removed (`lminf_jax.atomic`).
+temporary is removed (`lminf_jax.util.atomic`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.atomic import atomic_dir
+from lminf_jax.util.atomic import atomic_dir
 from lminf_jax.errors import UserError, without_closed_loop_reports
-from lminf_jax.files import read_json_object
+from lminf_jax.util.files import read_json_object
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.params import abstract_params
 
@@ -30,7 +30,7 @@ def is_checkpoint(path: Path) -> bool:
 
 def save_checkpoint(out: Path, config: LlamaConfig, params: dict, tokenizer=None) -> Path:
   """Writes params (Orbax), config and tokenizer to `out`, which must not exist yet (atomically:
-  `lminf_jax.atomic.atomic_dir`)."""
+  `lminf_jax.util.atomic.atomic_dir`)."""
   import orbax.checkpoint as ocp
 
   out = Path(out).absolute()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lminf_jax.atomic import atomic_dir
+from lminf_jax.util.atomic import atomic_dir
 from lminf_jax.convert.hf import HFTensor, hf_tensor, hf_tensor_names
 from lminf_jax.models.config import LlamaConfig, hf_token_ids
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from lminf_jax.convert.hf import assemble_params
 from lminf_jax.errors import UserError
-from lminf_jax.files import readable_file
+from lminf_jax.util.files import readable_file
 from lminf_jax.models.config import LlamaConfig
 
 _GGUF_TO_HF = {

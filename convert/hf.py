@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.errors import UserError
-from lminf_jax.files import read_json_object
-from lminf_jax.limits import check_fits, host_memory_bytes
+from lminf_jax.util.files import read_json_object
+from lminf_jax.util.limits import check_fits, host_memory_bytes
 from lminf_jax.models.config import LlamaConfig, token_ids
 from lminf_jax.models.params import abstract_params
 

@@ -17,13 +17,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lminf_jax import interrupt
-from lminf_jax.atomic import atomic_file, check_output_dir, check_output_file, disk_full
+from lminf_jax.util import interrupt
+from lminf_jax.util.atomic import atomic_file, check_output_dir, check_output_file, disk_full
 from lminf_jax.errors import UserError, without_closed_loop_reports
-from lminf_jax.files import read_text, readable_file
-from lminf_jax.limits import INT32_MAX, check_fits, device_memory
-from lminf_jax.ruler import TASKS as RULER_TASKS
-from lminf_jax.texts import builtin_text
+from lminf_jax.util.files import read_text, readable_file
+from lminf_jax.util.limits import INT32_MAX, check_fits, device_memory
+from lminf_jax.eval.ruler import TASKS as RULER_TASKS
+from lminf_jax.eval.texts import builtin_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -296,10 +296,10 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-  from lminf_jax.loading import convert
+  from lminf_jax.loading import convert_checkpoint
 
   start = time.perf_counter()
-  out = convert(Path(args.src), Path(args.out), args.dtype)
+  out = convert_checkpoint(Path(args.src), Path(args.out), args.dtype)
   print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
@@ -315,7 +315,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
-  from lminf_jax.fetch import fetch_smollm2
+  from lminf_jax.util.fetch import fetch_smollm2
 
   print(fetch_smollm2(Path(args.out) if args.out else None))
 
@@ -332,7 +332,7 @@ def load_model_and_tokens(args: argparse.Namespace) -> tuple:
 def cmd_nll(args: argparse.Namespace) -> None:
   import jax.numpy as jnp
 
-  from lminf_jax.forward import cached_token_nll, token_nll
+  from lminf_jax.inference.forward import cached_token_nll, token_nll
 
   attention = attention_from_args(args, args.attention)
   if args.cached and args.mesh:
@@ -377,7 +377,7 @@ def place_tokens(tokens_bt, mesh):
 
 def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: int, bucket: int,
             json_out: Path | None, plot_out: Path | None, title: str, mesh=None) -> None:
-  from lminf_jax import evaluate
+  from lminf_jax.eval import perplexity as evaluate
   from lminf_jax.loading import load
 
   for out, suffix in ((json_out, None), (plot_out, ".png")):
@@ -422,7 +422,7 @@ def cmd_ppl(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
   """The main job: SmolLM2, dense against lambda, past the 8192-token training length."""
   from lminf_jax.attention import Dense, Lambda
-  from lminf_jax.fetch import fetch_smollm2
+  from lminf_jax.util.fetch import fetch_smollm2
 
   out = check_output_dir(Path(args.out), exist_ok=True)
   out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +435,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
   import jax
 
-  from lminf_jax.generation import Sampling, generate
+  from lminf_jax.inference.generation import Sampling, generate
   from lminf_jax.loading import load
 
   prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
@@ -473,7 +473,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
 
   from lminf_jax.cache import init_cache
   from lminf_jax.loading import load
-  from lminf_jax.stream import document_stream, peak_rss_mib, stream_nll
+  from lminf_jax.inference.stream import document_stream, peak_rss_mib, stream_nll
 
   attention = attention_from_args(args, args.attention)
   config, params, tokenizer = load(Path(args.ckpt))
@@ -506,8 +506,8 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
 def cmd_passkey(args: argparse.Namespace) -> None:
   from tqdm import tqdm
 
-  from lminf_jax.generation import generate
-  from lminf_jax.passkey import depth_bucket, first_integer, make_sample, plot_heatmap
+  from lminf_jax.inference.generation import generate
+  from lminf_jax.eval.passkey import depth_bucket, first_integer, make_sample, plot_heatmap
 
   methods = methods_from_args(args)
   config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
@@ -573,7 +573,7 @@ def _write_json(path: str | None, report: dict) -> None:
 def cmd_ruler(args: argparse.Namespace) -> None:
   from tqdm import tqdm
 
-  from lminf_jax import ruler
+  from lminf_jax.eval import ruler
 
   methods = methods_from_args(args)
   tasks = ruler.task_names(args.tasks)
@@ -597,7 +597,7 @@ def cmd_ruler(args: argparse.Namespace) -> None:
   _write_json(args.json, dict(methods={k: repr(v) for k, v in methods.items()}, tasks=tasks, lengths=args.lengths,
                               samples=args.samples, seed=args.seed, seconds=seconds, results=results))
   if args.plot is not None:
-    from lminf_jax.plots import heatmap
+    from lminf_jax.eval.plots import heatmap
 
     with atomic_file(Path(args.plot)) as tmp:
       heatmap(tmp, {m: ruler.score_grid(results, m, tasks, args.lengths) for m in methods},
@@ -609,7 +609,7 @@ def cmd_ruler(args: argparse.Namespace) -> None:
 def cmd_longbench(args: argparse.Namespace) -> None:
   from tqdm import tqdm
 
-  from lminf_jax import longbench
+  from lminf_jax.eval import longbench
 
   methods = methods_from_args(args)
   spec = longbench.task(args.task)
@@ -639,7 +639,7 @@ def cmd_longbench(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
   from tqdm import tqdm
 
-  from lminf_jax.stream import peak_rss_mib
+  from lminf_jax.inference.stream import peak_rss_mib
   from lminf_jax.train import TrainSettings, finetune
 
   settings = TrainSettings(seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch, accum=args.accum,

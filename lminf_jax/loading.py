@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lminf_jax.atomic import check_output_dir
+from lminf_jax.util.atomic import check_output_dir
 from lminf_jax.convert.checkpoint import is_checkpoint, load_checkpoint, read_config, save_checkpoint
 from lminf_jax.convert.gguf_file import load_gguf, open_gguf
 from lminf_jax.convert.gguf_tokenizer import gguf_tokenizer
@@ -44,7 +44,7 @@ def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict
   return config, params, _hf_tokenizer(src)
 
 
-def convert(src: Path, out: Path, dtype: str = "float32") -> Path:
+def convert_checkpoint(src: Path, out: Path, dtype: str = "float32") -> Path:
   """Converts an HF dir or .gguf file into a checkpoint dir at `out` (atomically)."""
   check_output_dir(out)  # before the conversion's work
   config, params, tokenizer = convert_source(src, dtype)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lminf_jax.errors import UserError
-from lminf_jax.limits import INT32_MAX, gib
+from lminf_jax.util.limits import INT32_MAX, gib
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mpt", "gemma2", "gemma3_text")
 GEMMA = ("gemma2", "gemma3_text")

@@ -24,7 +24,7 @@ JARGON = Path(__file__).resolve().parents[2] / "shared" / "data" / "jargon.txt"
 def prompt_ids(length: int) -> np.ndarray:
   from transformers import AutoTokenizer
 
-  from lminf_jax.fetch import fetch_smollm2
+  from lminf_jax.util.fetch import fetch_smollm2
 
   tokenizer = AutoTokenizer.from_pretrained(str(fetch_smollm2()))
   ids = tokenizer(JARGON.read_text()[:length * 8], add_special_tokens=False)["input_ids"]
@@ -37,8 +37,8 @@ def run_lminf(method: str, length: int, new_tokens: int) -> dict:
 
   from lminf_jax.attention import Dense, InfLLM, Lambda
   from lminf_jax.cache import init_cache
-  from lminf_jax.fetch import fetch_smollm2
-  from lminf_jax.generation import Sampling, decode, left_pad, prefill
+  from lminf_jax.util.fetch import fetch_smollm2
+  from lminf_jax.inference.generation import Sampling, decode, left_pad, prefill
   from lminf_jax.loading import load
 
   config, params, _ = load(fetch_smollm2())
@@ -71,7 +71,7 @@ def run_torch(length: int, new_tokens: int) -> dict:
   import torch
   from transformers import AutoModelForCausalLM
 
-  from lminf_jax.fetch import smollm2_gguf
+  from lminf_jax.util.fetch import smollm2_gguf
 
   gguf = smollm2_gguf()
   model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

@@ -157,8 +157,8 @@ def layers(kernel: str, small: bool, repeats: int) -> None:
 
 def model(kernel: str, small: bool, repeats: int) -> None:
   from lminf_jax.cache import init_cache
-  from lminf_jax.forward import token_nll
-  from lminf_jax.generation import Sampling, decode, left_pad, prefill
+  from lminf_jax.inference.forward import token_nll
+  from lminf_jax.inference.generation import Sampling, decode, left_pad, prefill
   from lminf_jax.models.llama import Llama
 
   config = SMOLLM2

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.attention import Dense, Lambda
-from lminf_jax.fetch import fetch_smollm2, smollm2_gguf
-from lminf_jax.forward import token_nll
+from lminf_jax.util.fetch import fetch_smollm2, smollm2_gguf
+from lminf_jax.inference.forward import token_nll
 from lminf_jax.loading import load
 
 JARGON = Path(__file__).resolve().parents[2] / "shared" / "data" / "jargon.txt"

@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 
 from lminf_jax.attention import Lambda  # noqa: E402
 from lminf_jax.convert.checkpoint import read_config  # noqa: E402
-from lminf_jax.fetch import fetch_smollm2  # noqa: E402
-from lminf_jax.forward import token_nll  # noqa: E402
+from lminf_jax.util.fetch import fetch_smollm2  # noqa: E402
+from lminf_jax.inference.forward import token_nll  # noqa: E402
 from lminf_jax.loading import load  # noqa: E402
 from lminf_jax.models.params import abstract_params, param_shardings  # noqa: E402
 from lminf_jax.sharding import data_sharding, make_mesh  # noqa: E402

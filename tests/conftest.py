@@ -34,18 +34,18 @@ def save_tiny(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
   """(config, params, checkpoint dir) of a tiny random Llama (GQA), shared read-only by the tests."""
-  from lminf_jax.loading import convert, load
+  from lminf_jax.loading import convert_checkpoint, load
 
   root = tmp_path_factory.mktemp("tiny_model")
   tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
-  ckpt = convert(root / "hf", root / "ckpt")
+  ckpt = convert_checkpoint(root / "hf", root / "ckpt")
   config, params, _ = load(ckpt)
   return config, params, ckpt
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-  from lminf_jax.fetch import smollm2_gguf
+  from lminf_jax.util.fetch import smollm2_gguf
 
   return smollm2_gguf()
 
@@ -53,7 +53,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_ckpt() -> Path:
   """SmolLM2 via `lminf fetch` (cached under ~/.cache/lminf_jax between test runs)."""
-  from lminf_jax.fetch import fetch_smollm2
+  from lminf_jax.util.fetch import fetch_smollm2
 
   return fetch_smollm2()
 
@@ -65,7 +65,7 @@ def jargon_text() -> str:
   path = SHARED_DATA / "jargon.txt"
   if path.is_file():
     return path.read_text(encoding="utf-8")
-  from lminf_jax.texts import builtin_text
+  from lminf_jax.eval.texts import builtin_text
 
   return builtin_text()
 

@@ -98,7 +98,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 def feed_cached(params, config, spec, tokens, positions, chunks: list[int], max_len: int | None = None) -> np.ndarray:
   """Logits of feeding `tokens` [B, T] at `positions` through a fresh cache in chunks of the given lengths."""
   from lminf_jax.cache import init_cache
-  from lminf_jax.forward import forward_cached
+  from lminf_jax.inference.forward import forward_cached
 
   cache = init_cache(config, spec, tokens.shape[0], max_len=max_len)
   outs, start = [], 0
@@ -116,7 +116,7 @@ def assert_cached_and_greedy_match_transformers(model, params, config, tokens: n
   import torch
 
   from lminf_jax.attention import Dense
-  from lminf_jax.generation import generate
+  from lminf_jax.inference.generation import generate
 
   t = tokens.shape[1]
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)

@@ -1,4 +1,4 @@
-"""The top-level API (`lminf_jax.load`, `convert`, `forward`, `token_nll`, `generate`) as a user
+"""The top-level API (`lminf_jax.load`, `convert_checkpoint`, `forward`, `token_nll`, `generate`) as a user
 calls it, each case in a fresh interpreter (what was imported before matters), against the
 functions imported from their modules in this process."""
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import tiny_hf_model, torch_logits
 
-from lminf_jax.forward import forward, token_nll
+from lminf_jax.inference.forward import forward, token_nll
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 12)).astype(np.int32)
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -48,18 +48,18 @@ CASES = {
                  logits_again=lminf_jax.forward(params, config, TOKENS))
         """,
     "submodule_imported_first": """
-        import lminf_jax.forward
-        from lminf_jax.forward import forward
-        import lminf_jax.forward as module
+        import lminf_jax.inference.forward as module
+        from lminf_jax.inference.forward import forward
+        import lminf_jax
+        assert lminf_jax.forward is forward and module.forward is forward and module.forward_cached
         config, params, _ = lminf_jax.load(CKPT)
-        assert module is lminf_jax.forward and module.forward is forward and lminf_jax.forward.forward_cached
         np.savez(OUT, logits=lminf_jax.forward(params, config, TOKENS), logits_imported=forward(params, config, TOKENS),
                  nll=lminf_jax.token_nll(params, config, TOKENS))
         """,
     "convert_after_load": """
         import lminf_jax
         lminf_jax.load(CKPT)  # imports the subpackage lminf_jax.convert
-        out = lminf_jax.convert(HF, CONVERTED)
+        out = lminf_jax.convert_checkpoint(HF, CONVERTED)
         import lminf_jax.convert.checkpoint as checkpoint
         assert checkpoint.is_checkpoint(out)
         config, params, _ = lminf_jax.load(out)
@@ -107,5 +107,27 @@ def test_readme_python_api_runs_as_written(tiny_model, tmp_path):
 
 def test_import_is_cheap():
   code = "import sys, lminf_jax; assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')], sys.modules"
+  result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_top_level_names_are_the_functions_themselves():
+  """No module class swapping: `lminf_jax` is a plain module, and each API name is its function, so
+  `inspect.signature` and `help()` show the function's own."""
+  code = textwrap.dedent("""
+      import inspect, sys, types
+      import lminf_jax
+      from lminf_jax.inference import forward as forward_module, generation
+      from lminf_jax import loading
+      assert type(sys.modules["lminf_jax"]) is types.ModuleType
+      import lminf_jax.convert.checkpoint  # the converters' package keeps its name
+      assert isinstance(lminf_jax.convert, types.ModuleType)
+      for name, module in (("load", loading), ("convert_checkpoint", loading), ("forward", forward_module),
+                           ("token_nll", forward_module), ("generate", generation)):
+        function = getattr(lminf_jax, name)
+        assert function is getattr(module, name) and not isinstance(function, types.ModuleType), name
+        assert inspect.signature(function) == inspect.signature(getattr(module, name)), name
+      assert sorted(lminf_jax.__all__) == ["convert_checkpoint", "forward", "generate", "load", "token_nll"]
+      """)
   result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -11,9 +11,9 @@ from helpers import feed_cached, run_cli
 from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming, resolve
 from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
-from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
-from lminf_jax.generation import Sampling, decode
-from lminf_jax.stream import stream_nll
+from lminf_jax.inference.forward import cached_token_nll, forward, forward_cached, token_nll
+from lminf_jax.inference.generation import Sampling, decode
+from lminf_jax.inference.stream import stream_nll
 
 SPECS = {
     "dense": lambda c: Dense(chunk=c, key_block=8),

@@ -25,7 +25,7 @@ import pytest
 from helpers import run_cli, tiny_hf_model
 
 from lminf_jax.errors import UserError
-from lminf_jax.passkey import FILLER, NEEDLE, PREFIX, QUESTION
+from lminf_jax.eval.passkey import FILLER, NEEDLE, PREFIX, QUESTION
 
 DELETE = object()  # a config value that removes the key
 
@@ -53,14 +53,14 @@ def _word_tokenizer(model_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> dict[str, Path]:
   """The read-only inputs of every case: {hf}, {tok}, {ckpt}, {tokens}."""
-  from lminf_jax.loading import convert
+  from lminf_jax.loading import convert_checkpoint
 
   root = tmp_path_factory.mktemp("shared")
   tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
   shutil.copytree(root / "hf", root / "tok")
   _word_tokenizer(root / "tok")
   np.save(root / "tokens.npy", np.arange(20) % 97)
-  return dict(hf=root / "hf", tok=root / "tok", ckpt=convert(root / "tok", root / "ckpt"), tokens=root / "tokens.npy")
+  return dict(hf=root / "hf", tok=root / "tok", ckpt=convert_checkpoint(root / "tok", root / "ckpt"), tokens=root / "tokens.npy")
 
 
 @dataclasses.dataclass
@@ -345,7 +345,7 @@ def test_passkey_minimum_is_the_template_without_filler(env, capsys):
   """The length the passkey error asks for works, and one less does not."""
   from transformers import AutoTokenizer
 
-  from lminf_jax.passkey import make_sample
+  from lminf_jax.eval.passkey import make_sample
 
   tokenizer = AutoTokenizer.from_pretrained(str(env.shared["tok"]))
   template = " ".join([PREFIX, NEEDLE.format(key=12345)]) + QUESTION  # (each key is one word, [UNK])

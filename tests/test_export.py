@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import TINY_KINDS, run_cli, torch_logits
 
-from lminf_jax.forward import forward
+from lminf_jax.inference.forward import forward
 from lminf_jax.loading import load
 from lminf_jax.train.loop import FINAL
 

@@ -17,7 +17,7 @@ from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, Streaming, attend
 from lminf_jax.attention.per_layer import PerLayer
 from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
-from lminf_jax.forward import cached_token_nll, forward, token_nll
+from lminf_jax.inference.forward import cached_token_nll, forward, token_nll
 from lminf_jax.loading import load
 from lminf_jax.models.config import LlamaConfig
 

@@ -11,9 +11,9 @@ import pytest
 from helpers import run_cli, tiny_hf_model
 
 from lminf_jax.attention import Dense, Lambda, Streaming
-from lminf_jax.forward import forward
-from lminf_jax.generation import Sampling, generate
-from lminf_jax.loading import convert, load
+from lminf_jax.inference.forward import forward
+from lminf_jax.inference.generation import Sampling, generate
+from lminf_jax.loading import convert_checkpoint, load
 
 PROMPTS = [[5, 17, 33, 8, 64, 12, 9], [40, 2, 71, 19]]
 
@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("gen")
   hf = tiny_hf_model("llama_gqa")
   hf.save_pretrained(root / "hf")
-  ckpt = convert(root / "hf", root / "ckpt")
+  ckpt = convert_checkpoint(root / "hf", root / "ckpt")
   config, params, _ = load(ckpt)
   return hf, config, params, ckpt
 
@@ -75,7 +75,7 @@ def test_generation_config_eos_stops_as_in_transformers(tiny, tmp_path, capsys):
 
   expected = hf_generate(tmp_path / "hf")
   assert expected == free[:free.index(end) + 1]  # (the file is what stops it)
-  config2, params2, _ = load(convert(tmp_path / "hf", tmp_path / "ckpt"))
+  config2, params2, _ = load(convert_checkpoint(tmp_path / "hf", tmp_path / "ckpt"))
   assert generate(params2, config2, [prompt], 24)[0] == expected
   assert run_cli(capsys, "export", tmp_path / "ckpt", tmp_path / "export")[0] == 0
   assert hf_generate(tmp_path / "export") == expected

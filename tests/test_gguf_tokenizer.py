@@ -13,7 +13,7 @@ import pytest
 
 from lminf_jax.convert.gguf_file import open_gguf
 from lminf_jax.convert.gguf_tokenizer import gguf_tokenizer, read_tokenizer_metadata
-from lminf_jax.passkey import make_sample
+from lminf_jax.eval.passkey import make_sample
 
 MIXED = ("Grüße, 世界! Ελληνικά, русский, العربية 🤖🚀 café\t\ttabs  and   spaces\r\n\nnew line 12345 "
          "3.14159 don't I'LL <|im_start|>user\nHi<|im_end|><|endoftext|> <s> </s> <repo_name>x")

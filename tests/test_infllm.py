@@ -15,8 +15,8 @@ from naive_infllm import infllm_key_sets, memory_state, naive_infllm
 from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, attend, resolve
 from lminf_jax.errors import UserError
 from lminf_jax.cache import init_cache
-from lminf_jax.forward import cached_token_nll, forward, forward_cached, token_nll
-from lminf_jax.generation import generate
+from lminf_jax.inference.forward import cached_token_nll, forward, forward_cached, token_nll
+from lminf_jax.inference.generation import generate
 from lminf_jax.rope import apply_rope
 
 

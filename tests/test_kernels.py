@@ -20,8 +20,8 @@ from lminf_jax.attention.infllm import infllm_attention
 from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band, kernel_sink_and_band
 from lminf_jax.errors import UserError
 from lminf_jax.cache import init_cache
-from lminf_jax.forward import token_nll
-from lminf_jax.generation import _feed, generate, left_pad, prefill
+from lminf_jax.inference.forward import token_nll
+from lminf_jax.inference.generation import _feed, generate, left_pad, prefill
 
 KERNELS = {"splash": Splash(interpret=True), "dpa_xla": DotProductAttention("xla")}
 # name -> (spec, naive method and params); T = 200 (not a multiple of 128)

@@ -10,7 +10,7 @@ import pytest
 from helpers import run_cli, tiny_hf_model
 
 from lminf_jax.attention import Dense, Lambda, Streaming
-from lminf_jax.forward import forward
+from lminf_jax.inference.forward import forward
 from lminf_jax.loading import load
 
 
@@ -29,9 +29,9 @@ def tiny_ckpt(tmp_path_factory):
   """A tiny random Llama (GQA) converted to a checkpoint dir, plus a 1-D tokens file."""
   root = tmp_path_factory.mktemp("long")
   tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
-  from lminf_jax.loading import convert
+  from lminf_jax.loading import convert_checkpoint
 
-  convert(root / "hf", root / "ckpt")
+  convert_checkpoint(root / "hf", root / "ckpt")
   _letter_tokenizer().save_pretrained(root / "ckpt")
   np.save(root / "tokens.npy", np.random.default_rng(0).integers(0, 97, size=150))
   return root
@@ -62,7 +62,7 @@ def test_model_is_invariant_to_a_1e8_position_offset(tiny_ckpt, spec):
 
 
 def test_ppl_cli_writes_table_json_and_plot(tiny_ckpt, tmp_path, capsys):
-  from lminf_jax.forward import token_nll
+  from lminf_jax.inference.forward import token_nll
 
   text = tmp_path / "text.txt"
   text.write_text("".join(chr(65 + i % 26) for i in range(400)))

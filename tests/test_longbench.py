@@ -1,4 +1,4 @@
-"""LongBench (lminf_jax.longbench): its metrics on hand-written cases, the metric and template per
+"""LongBench (lminf_jax.eval.longbench): its metrics on hand-written cases, the metric and template per
 task, the middle truncation, the JSONL checks, and `lminf longbench` end to end on SmolLM2 with
 small JSONL files written here."""
 
@@ -10,7 +10,7 @@ import pytest
 from helpers import run_cli
 
 from lminf_jax.errors import UserError
-from lminf_jax.longbench import (TASKS, classification, code_sim, count, normalize_answer, prompt_ids, qa_f1,
+from lminf_jax.eval.longbench import (TASKS, classification, code_sim, count, normalize_answer, prompt_ids, qa_f1,
                                  read_jsonl, retrieval, rouge_l, score)
 
 
@@ -88,7 +88,7 @@ def test_prompt_is_cut_in_the_middle(tokenizer):
 def test_a_missing_metric_package_is_refused(monkeypatch):
   import importlib.util
 
-  from lminf_jax.longbench import check_packages
+  from lminf_jax.eval.longbench import check_packages
 
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge" else real(name, *a))

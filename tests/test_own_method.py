@@ -26,10 +26,10 @@ from lminf_jax.attention import AttentionMethod, CacheLayout, Keys, option
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
-from lminf_jax.forward import cached_token_nll, forward, token_nll
-from lminf_jax.generation import Sampling, decode, generate, left_pad, prefill
+from lminf_jax.inference.forward import cached_token_nll, forward, token_nll
+from lminf_jax.inference.generation import Sampling, decode, generate, left_pad, prefill
 from lminf_jax.positional import Rotary
-from lminf_jax.stream import stream_nll
+from lminf_jax.inference.stream import stream_nll
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -8,7 +8,7 @@ import pytest
 from helpers import TINY_KINDS, run_cli, torch_logits
 
 from lminf_jax.attention import Dense
-from lminf_jax.forward import forward, token_nll
+from lminf_jax.inference.forward import forward, token_nll
 from lminf_jax.loading import load
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 40))
@@ -141,7 +141,7 @@ def test_longrope_short_and_long_factors_match_transformers(save_tiny):
   `generate` special-cases Phi-3 near the switch)."""
 
   from lminf_jax.attention import Lambda
-  from lminf_jax.generation import generate
+  from lminf_jax.inference.generation import generate
 
   model, hf_dir = save_tiny("phi3_longrope")
   config, params, _ = load(hf_dir)

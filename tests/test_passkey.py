@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from lminf_jax.passkey import FILLER, NEEDLE, PREFIX, QUESTION, accuracy_grid, depth_bucket, first_integer, make_sample, \
+from lminf_jax.eval.passkey import FILLER, NEEDLE, PREFIX, QUESTION, accuracy_grid, depth_bucket, first_integer, make_sample, \
     plot_heatmap
 
 

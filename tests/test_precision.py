@@ -14,7 +14,7 @@ import numpy as np
 from helpers import tiny_hf_model, torch_logits
 
 from lminf_jax.attention import Dense
-from lminf_jax.forward import forward
+from lminf_jax.inference.forward import forward
 from lminf_jax.loading import load
 from lminf_jax.rope import apply_rope, inv_frequencies
 

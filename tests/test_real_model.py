@@ -52,7 +52,7 @@ def test_greedy_generation_matches_transformers(smollm2_ckpt, transformers_smoll
   import torch
 
   from lminf_jax.attention import Dense, Lambda
-  from lminf_jax.generation import generate
+  from lminf_jax.inference.generation import generate
   from lminf_jax.loading import load
 
   model, tokenizer = transformers_smollm2

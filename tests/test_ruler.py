@@ -1,4 +1,4 @@
-"""RULER's tasks (lminf_jax.ruler): exact lengths, needles where they are said to be, RULER's
+"""RULER's tasks (lminf_jax.eval.ruler): exact lengths, needles where they are said to be, RULER's
 scoring on hand-written predictions, and `lminf ruler` end to end on SmolLM2."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from helpers import run_cli
 
 from lminf_jax.errors import UserError
-from lminf_jax.ruler import TASKS, Words, _Builder, make_sample, string_match_all
-from lminf_jax.texts import builtin_text
+from lminf_jax.eval.ruler import TASKS, Words, _Builder, make_sample, string_match_all
+from lminf_jax.eval.texts import builtin_text
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 
 from lminf_jax.attention import Dense, Lambda, Streaming, resolve
 from lminf_jax.cache import init_cache
-from lminf_jax.forward import token_nll
-from lminf_jax.stream import document_stream, stream_nll
+from lminf_jax.inference.forward import token_nll
+from lminf_jax.inference.stream import document_stream, stream_nll
 
 
 def test_document_stream_repeats_the_text_with_bos():

@@ -16,7 +16,7 @@ from lminf_jax.attention.dense import Dense, SlidingWindow
 from lminf_jax.attention.infllm import InfLLM
 from lminf_jax.attention.lminfinite import Lambda
 from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, option
-from lminf_jax.attention.methods import ATTENTION_METHODS, method_class, resolve
+from lminf_jax.attention.registry import ATTENTION_METHODS, method_class, resolve
 from lminf_jax.attention.streaming import Streaming
 from lminf_jax.errors import UserError
 from lminf_jax.positional import ALiBi, Positional, Rotary

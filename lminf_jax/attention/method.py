@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from lminf_jax.attention.blockwise import Keys
 from lminf_jax.errors import UserError
 from lminf_jax.positional import Positional
-from lminf_jax.limits import INT32_MAX
+from lminf_jax.util.limits import INT32_MAX
 
 
 def option(default, help: str, minimum: int | None = None, model_default: bool = False,

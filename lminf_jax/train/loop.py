@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lminf_jax.atomic import atomic_file, disk_full
+from lminf_jax.util.atomic import atomic_file, disk_full
 from lminf_jax.attention import Dense
 from lminf_jax.convert.checkpoint import save_checkpoint
 from lminf_jax.errors import UserError
@@ -147,7 +147,7 @@ def _restore(manager, step: int, fresh: TrainState) -> tuple[TrainState, dict]:
 
 
 def _write_log(out: Path, history: list[dict], settings: dict) -> None:
-  """log.json and loss.png, each written atomically (`lminf_jax.atomic`)."""
+  """log.json and loss.png, each written atomically (`lminf_jax.util.atomic`)."""
   with atomic_file(out / LOG) as tmp:
     tmp.write_text(json.dumps(dict(settings=settings, history=history), indent=2))
   import matplotlib

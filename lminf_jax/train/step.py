@@ -1,6 +1,6 @@
 """One jit-compiled training step: next-token cross-entropy through the inference model.
 
-The loss is `lminf_jax.forward.nll_from_hidden` over `Llama.hidden`: the same modules and
+The loss is `lminf_jax.inference.forward.nll_from_hidden` over `Llama.hidden`: the same modules and
 attention functions that inference runs, differentiated by `jax.grad`. Axis letters as in
 `lminf_jax.models.llama`, plus A for gradient-accumulation microbatches.
 """
@@ -19,7 +19,7 @@ from flax import traverse_util
 
 from lminf_jax.attention import Dense
 from lminf_jax.errors import UserError
-from lminf_jax.forward import nll_from_hidden
+from lminf_jax.inference.forward import nll_from_hidden
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.llama import Llama
 

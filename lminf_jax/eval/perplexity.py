@@ -34,7 +34,7 @@ def perplexity_vs_length(params, config, token_ids: np.ndarray, lengths: list[in
   `place` puts each [1, L] token array on devices (e.g. sharded over a mesh)."""
   from tqdm import tqdm
 
-  from lminf_jax.forward import token_nll
+  from lminf_jax.inference.forward import token_nll
 
   needed = offset + max(lengths)
   if len(token_ids) < needed:

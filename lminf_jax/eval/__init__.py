@@ -1,0 +1,2 @@
+"""Evaluation tasks (DESIGN section 7): perplexity against length, passkey retrieval, RULER and
+LongBench, their texts and plots."""
