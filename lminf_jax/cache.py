@@ -20,11 +20,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import math
+
 import numpy as np
 
 from lminf_jax.attention.blockwise import Keys, after, scatter_layers
 from lminf_jax.attention.method import AttentionMethod, CachedLayer
 from lminf_jax.errors import UserError
+from lminf_jax.util.limits import INT32_MAX, check_fits, device_memory
 
 
 class LayerKV(NamedTuple):
@@ -73,6 +76,26 @@ def init_cache(config, spec: AttentionMethod, batch: int, max_len: int | None = 
   return Cache(LayerKV(kv(layout.slots), kv(layout.slots), kv(layout.ring), kv(layout.ring), extra),
                index(layout.slots, 0), index(layout.slots, -1), index(layout.ring, 0), index(layout.ring, -1),
                jnp.zeros((batch,), jnp.int32), shared)
+
+
+def check_memory(config, attention, max_len: int | None = None, batch: int = 1) -> None:
+  """Refuses, from sizes alone (nothing allocated), what would not fit in the device's memory:
+  one layer's keys and values over the attention's window (banded attention pads a chunk's keys
+  to it, however few tokens there are), and a cache for `max_len` tokens, if given (refused, too,
+  beyond int32 positions)."""
+  spec = config.resolve_attention(attention)
+  name, memory = spec.name.lower(), device_memory()
+  if window := spec.window_tokens():
+    per_token = 2 * batch * config.num_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
+    check_fits(f"{name} attention over a window of {window} tokens", (window + getattr(spec, "chunk", 0)) * per_token,
+               memory)
+  if max_len is None:
+    return
+  if max_len > INT32_MAX:
+    raise UserError(f"{max_len} tokens are more than int32 positions hold (at most {INT32_MAX})")
+  shapes = jax.eval_shape(lambda: init_cache(config, spec, batch, max_len=max_len))
+  nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  check_fits(f"a {name} cache for {max_len} tokens", nbytes, memory)
 
 
 def capacity(spec: AttentionMethod, cache: Cache, kv: LayerKV) -> int | None:

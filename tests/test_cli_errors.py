@@ -178,7 +178,7 @@ def gguf_with(**metadata):
 def device_memory_of(nbytes: int):
   """Pretends the device has `nbytes` of memory (the cache checks then do not depend on the machine)."""
   def setup(env: Env) -> dict:
-    env.monkeypatch.setattr("lminf_jax.cli.device_memory", lambda: ("the test device", nbytes))
+    env.monkeypatch.setattr("lminf_jax.cache.device_memory", lambda: ("the test device", nbytes))
     return {}
   return setup
 
@@ -450,7 +450,7 @@ def _as_nobody(*paths: Path):
                                   ("ppl", "{model}", "--text-file", "{file}")])
 def test_unreadable_text_file(argv, env, capsys):
   import lminf_jax.attention  # noqa: F401  (imported before dropping to nobody)
-  import lminf_jax.generation  # noqa: F401
+  import lminf_jax.inference.generation  # noqa: F401
   import lminf_jax.loading  # noqa: F401
 
   text = env.tmp / "text.txt"
@@ -462,7 +462,7 @@ def test_unreadable_text_file(argv, env, capsys):
 
 def test_unreadable_model_config(shared, capsys):
   """A model dir whose config.json cannot be read (in a dir all can reach, for nobody)."""
-  import lminf_jax.generation  # noqa: F401  (imported before dropping to nobody)
+  import lminf_jax.inference.generation  # noqa: F401  (imported before dropping to nobody)
   import lminf_jax.sharding  # noqa: F401
 
   root = Path(tempfile.mkdtemp())

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from lminf_jax.attention import ATTENTION_METHODS, InfLLM, Lambda, Streaming
-from lminf_jax.cli import attention_from_args, build_parser
+from lminf_jax.cli.app import build_parser
+from lminf_jax.cli.options import attention_from_args
 from lminf_jax.errors import UserError
 
 
@@ -79,3 +80,15 @@ def test_prefill_chunk_is_its_own_flag():
   assert args.prefill_chunk == 16 and attention_from_args(args, "dense").chunk == 64
   with pytest.raises(SystemExit):
     parser.parse_args(["ppl", "ckpt", "--prefill-chunk", "16"])  # (ppl feeds no cache)
+
+
+def test_every_command_keeps_its_flags():
+  """`lminf <command> --help` lists the flags each command had at a4f7749 (tests/cli_flags.json, dumped from
+  that commit's parser): a layout change renames none of them by accident."""
+  import json
+  from pathlib import Path
+
+  expected = json.loads((Path(__file__).parent / "cli_flags.json").read_text())
+  commands = build_parser()._subparsers._group_actions[0].choices
+  got = {name: sorted(s for a in p._actions for s in (a.option_strings or [a.dest])) for name, p in commands.items()}
+  assert got == expected

@@ -1,0 +1,67 @@
+"""The `lminf` command line. Bad input prints one line `lminf: error: ...` and exits non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from lminf_jax.cli import eval as eval_commands
+from lminf_jax.cli import model, run
+from lminf_jax.errors import UserError, without_closed_loop_reports
+from lminf_jax.util import interrupt
+from lminf_jax.util.atomic import disk_full
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):  # one line, no usage dump
+    print(f"lminf: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="lminf", description="Training-free long-context attention for Llama models in JAX.")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  model.register(sub)
+  run.register(sub)
+  eval_commands.register(sub)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  # transformers without torch (the run time needs none) would print an advisory on every command.
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  # Orbax logs each failure of its writer threads with a traceback; the error that reaches us says it in one line.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  sys.unraisablehook = without_closed_loop_reports(sys.unraisablehook)
+  args = build_parser().parse_args(argv)
+  with interrupt.handling():
+    try:
+      args.func(args)
+    except UserError as e:
+      return _error(str(e))
+    except Exception as e:
+      if disk_full(e):
+        return _error(f"no space left on device{_file_of(e)}")
+      if isinstance(e, OSError) and e.strerror:  # permissions, read-only file systems, ...
+        return _error(f"{e.strerror}{_file_of(e)}")
+      raise
+    finally:
+      if interrupt.requested():
+        interrupt.exit_now()
+  return 0
+
+
+def _error(message: str) -> int:
+  print(f"lminf: error: {message}", file=sys.stderr)
+  return 1
+
+
+def _file_of(error: BaseException) -> str:
+  """': PATH' for the first file named by `error` or the errors it was raised from."""
+  while error is not None:
+    if isinstance(error, OSError) and error.filename:
+      return f": {error.filename}"
+    error = error.__cause__ or error.__context__
+  return ""

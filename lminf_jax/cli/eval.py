@@ -1,0 +1,252 @@
+"""Evaluation commands: ppl, demo, passkey, ruler, longbench."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lminf_jax.cache import check_memory
+from lminf_jax.cli.options import (_load_for_answers, _write_json, add_attention_args, add_mesh_args, mesh_context,
+                                   mesh_from_args, methods_from_args, non_negative_int, parse_lengths, place_tokens,
+                                   positive_int, seed_int)
+from lminf_jax.errors import UserError
+from lminf_jax.eval.ruler import TASKS as RULER_TASKS
+from lminf_jax.eval.texts import builtin_text
+from lminf_jax.util.atomic import atomic_file, check_output_dir, check_output_file
+from lminf_jax.util.files import read_text, readable_file
+
+def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: int, bucket: int,
+            json_out: Path | None, plot_out: Path | None, title: str, mesh=None) -> None:
+  from lminf_jax.eval import perplexity as evaluate
+  from lminf_jax.loading import load
+
+  for out, suffix in ((json_out, None), (plot_out, ".png")):
+    if out is not None:
+      check_output_file(out, suffix)
+  config, params, tokenizer = load(ckpt, mesh=mesh)
+  if tokenizer is None:
+    raise UserError(f"{ckpt} has no tokenizer")
+  for spec in methods.values():
+    check_memory(config, spec)
+  ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+  with mesh_context(mesh):
+    results = evaluate.perplexity_vs_length(params, config, ids, lengths, methods, offset, bucket,
+                                            place=lambda tokens: place_tokens(tokens, mesh))
+  print(evaluate.format_table(results, bucket))
+  if json_out is not None:
+    with atomic_file(json_out) as tmp:
+      evaluate.write_json(tmp, results, bucket, dict(checkpoint=str(ckpt), offset=offset,
+                                                     methods={k: repr(v) for k, v in methods.items()}))
+    print(f"wrote {json_out}")
+  if plot_out is not None:
+    with atomic_file(plot_out) as tmp:
+      evaluate.plot(tmp, results, bucket, title)
+    print(f"wrote {plot_out}")
+
+
+def _ppl_parser(sub) -> None:
+  p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--text-file", help="UTF-8 text (default: the built-in text)")
+  p.add_argument("--lengths", type=parse_lengths, default=[4096, 8192, 16384], help="comma-separated slice lengths")
+  p.add_argument("--offset", type=non_negative_int, default=0, help="token offset of the slices in the text")
+  p.add_argument("--bucket", type=positive_int, default=1024, help="positions per bucket")
+  p.add_argument("--json", help="write the results as JSON")
+  p.add_argument("--plot", help="write a PNG of NLL against position")
+  add_attention_args(p, several=True)
+  add_mesh_args(p)
+  p.set_defaults(func=cmd_ppl, attention="lambda,dense")
+
+
+def cmd_ppl(args: argparse.Namespace) -> None:
+  methods = methods_from_args(args)
+  text = read_text(args.text_file) if args.text_file else builtin_text()
+  title = f"{Path(args.ckpt).name}: {Path(args.text_file).name if args.text_file else 'built-in text'}"
+  run_ppl(Path(args.ckpt), text, args.lengths, methods, args.offset, args.bucket,
+          Path(args.json) if args.json else None, Path(args.plot) if args.plot else None, title, mesh_from_args(args))
+
+
+def _demo_parser(sub) -> None:
+  p = sub.add_parser("demo", help="the main job: SmolLM2 perplexity past its training length, dense vs lambda")
+  p.add_argument("--length", type=positive_int, default=16384, help="tokens (default 16384, twice the training length)")
+  p.add_argument("--out", default="lminf-demo", help="directory for ppl.json and ppl.png")
+  p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+  """The main job: SmolLM2, dense against lambda, past the 8192-token training length."""
+  from lminf_jax.attention import Dense, Lambda
+  from lminf_jax.util.fetch import fetch_smollm2
+
+  out = check_output_dir(Path(args.out), exist_ok=True)
+  out.mkdir(parents=True, exist_ok=True)
+  ckpt = fetch_smollm2()
+  methods = {"dense": Dense(), "lambda": Lambda(n_global=10, n_local=8192)}
+  run_ppl(ckpt, builtin_text(), [args.length], methods, 0, 1024, out / "ppl.json", out / "ppl.png",
+          f"SmolLM2-135M on Python's help topics ({args.length} tokens)")
+
+
+def _passkey_parser(sub) -> None:
+  p = sub.add_parser("passkey", help="passkey retrieval accuracy per length and needle depth")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096, 8192, 16384], help="prompt lengths in tokens")
+  p.add_argument("--samples", type=positive_int, default=20, help="samples per length")
+  p.add_argument("--seed", type=seed_int, default=0)
+  p.add_argument("--batch", type=positive_int, default=4, help="samples decoded together (left-padded)")
+  p.add_argument("--depth-buckets", type=positive_int, default=5)
+  p.add_argument("--json", help="write every sample's result as JSON")
+  p.add_argument("--plot", help="write a PNG heatmap: context length x needle depth, accuracy, a panel per method")
+  add_attention_args(p, several=True, feeds=True)
+  p.set_defaults(func=cmd_passkey, attention="lambda,dense")
+
+
+def cmd_passkey(args: argparse.Namespace) -> None:
+  from tqdm import tqdm
+
+  from lminf_jax.inference.generation import generate
+  from lminf_jax.eval.passkey import depth_bucket, first_integer, make_sample, plot_heatmap
+
+  methods = methods_from_args(args)
+  config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
+  for spec in methods.values():  # (each answer is 8 new tokens)
+    check_memory(config, spec, max(args.lengths) + 8, batch=args.batch)
+  rng = np.random.default_rng(args.seed)
+  samples = {length: [make_sample(tokenizer, length, rng) for _ in range(args.samples)] for length in args.lengths}
+  results = []
+  total = len(methods) * sum(args.lengths) * args.samples
+  with tqdm(total=total, unit="tok", desc="passkey") as bar:
+    for name, spec in methods.items():
+      for length, batch in samples.items():
+        for start in range(0, len(batch), args.batch):
+          rows = batch[start:start + args.batch]
+          outputs = generate(params, config, [s.token_ids for s in rows], 8, spec, chunk=args.prefill_chunk)
+          for sample, out in zip(rows, outputs):
+            answer = first_integer(tokenizer.decode(out, skip_special_tokens=True))
+            results.append(dict(method=name, length=length, depth=sample.depth, key=sample.key, answer=answer,
+                                correct=answer == sample.key, prompt_tokens=len(sample.token_ids)))
+          bar.update(length * len(rows))
+  buckets = args.depth_buckets
+  header = " ".join(f"d{b * 100 // buckets:02d}-{(b + 1) * 100 // buckets:02d}" for b in range(buckets))
+  print(f"{'method':<10} {'length':>7} {'accuracy':>9}   per depth bucket: {header}")
+  for name in methods:
+    for length in args.lengths:
+      rows = [r for r in results if r["method"] == name and r["length"] == length]
+      per_bucket = []
+      for b in range(buckets):
+        hits = [r["correct"] for r in rows if depth_bucket(r["depth"], buckets) == b]
+        per_bucket.append(f"{sum(hits)}/{len(hits)}" if hits else "-")
+      accuracy = sum(r["correct"] for r in rows) / len(rows)
+      print(f"{name:<10} {length:>7} {accuracy:>9.2f}   " + " ".join(f"{x:>7}" for x in per_bucket))
+  _write_json(args.json, dict(methods={k: repr(v) for k, v in methods.items()}, results=results))
+  if args.plot is not None:
+    with atomic_file(Path(args.plot)) as tmp:
+      plot_heatmap(tmp, results, list(methods), args.lengths, buckets,
+                   f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
+    print(f"wrote {args.plot}")
+
+
+def _ruler_parser(sub) -> None:
+  p = sub.add_parser("ruler", help="RULER's synthetic tasks: score per task, length and method")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--lengths", type=parse_lengths, default=[4096, 8192, 16384], help="prompt lengths in tokens")
+  p.add_argument("--tasks", default=",".join(RULER_TASKS), help="comma-separated RULER tasks (default: all)")
+  p.add_argument("--samples", type=positive_int, default=10, help="samples per task and length")
+  p.add_argument("--seed", type=seed_int, default=0)
+  p.add_argument("--batch", type=positive_int, default=4, help="samples decoded together")
+  p.add_argument("--haystack-file", help="UTF-8 text for the essay haystacks (default: the built-in text)")
+  p.add_argument("--json", help="write every sample's result as JSON")
+  p.add_argument("--plot", help="write a PNG heatmap: task x length, score, a panel per method")
+  add_attention_args(p, several=True, feeds=True)
+  p.set_defaults(func=cmd_ruler, attention="lambda,dense")
+
+
+def cmd_ruler(args: argparse.Namespace) -> None:
+  from tqdm import tqdm
+
+  from lminf_jax.eval import ruler
+
+  methods = methods_from_args(args)
+  tasks = ruler.task_names(args.tasks)
+  config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
+  most_new = max(ruler.TASKS[t].new_tokens for t in tasks)
+  for spec in methods.values():
+    check_memory(config, spec, max(args.lengths) + most_new, batch=args.batch)
+  essay = read_text(args.haystack_file) if args.haystack_file else builtin_text()
+  samples = ruler.generate_samples(tokenizer, tasks, args.lengths, args.samples, args.seed, essay)
+  start = time.perf_counter()
+  total = len(methods) * len(tasks) * sum(args.lengths) * args.samples
+  with tqdm(total=total, unit="tok", desc="ruler") as bar:
+    results = ruler.evaluate(params, config, tokenizer, methods, samples, args.batch, args.prefill_chunk, bar.update)
+  seconds = time.perf_counter() - start
+  print(f"RULER score (string_match_all x 100), {args.samples} samples per cell, {seconds:.0f} s")
+  print(f"{'method':<10} {'task':<16} " + " ".join(f"{n:>8}" for n in args.lengths))
+  for name in methods:
+    grid = ruler.score_grid(results, name, tasks, args.lengths)
+    for task, row in zip(tasks + ["mean"], list(grid) + [np.nanmean(grid, axis=0)]):
+      print(f"{name:<10} {task:<16} " + " ".join(f"{100 * x:>8.1f}" for x in row))
+  _write_json(args.json, dict(methods={k: repr(v) for k, v in methods.items()}, tasks=tasks, lengths=args.lengths,
+                              samples=args.samples, seed=args.seed, seconds=seconds, results=results))
+  if args.plot is not None:
+    from lminf_jax.eval.plots import heatmap
+
+    with atomic_file(Path(args.plot)) as tmp:
+      heatmap(tmp, {m: ruler.score_grid(results, m, tasks, args.lengths) for m in methods},
+              [str(n) for n in args.lengths], tasks, "context length (tokens)", "task",
+              f"RULER: {Path(args.ckpt).name}, {args.samples} samples per cell", "score")
+    print(f"wrote {args.plot}")
+
+
+def _longbench_parser(sub) -> None:
+  p = sub.add_parser("longbench", help="a LongBench task from its JSONL file: predictions and the task's metric")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("--data", required=True, help="the task's LongBench JSONL file (e.g. data/qasper.jsonl)")
+  p.add_argument("--task", required=True, help="LongBench task name (e.g. qasper)")
+  p.add_argument("--max-length", type=positive_int,
+                 help="prompt tokens kept, cut in the middle (default: the training length - the task's new tokens)")
+  p.add_argument("--samples", type=positive_int, help="only the first N records")
+  p.add_argument("--batch", type=positive_int, default=1, help="records decoded together")
+  p.add_argument("--json", help="write every prediction, its score and the mean as JSON")
+  add_attention_args(p, several=True, feeds=True)
+  p.set_defaults(func=cmd_longbench, attention="lambda")
+
+
+def cmd_longbench(args: argparse.Namespace) -> None:
+  from tqdm import tqdm
+
+  from lminf_jax.eval import longbench
+
+  methods = methods_from_args(args)
+  spec = longbench.task(args.task)
+  longbench.check_packages(spec)
+  records = longbench.read_jsonl(readable_file(args.data))
+  if args.samples:
+    records = records[:args.samples]
+  config, params, tokenizer = _load_for_answers(args, [(args.json, None)])
+  max_length = args.max_length or config.max_position_embeddings - spec.max_new_tokens
+  for attention in methods.values():  # (a chat template adds a few tokens)
+    check_memory(config, attention, max_length + spec.max_new_tokens + 64, batch=args.batch)
+  start = time.perf_counter()
+  with tqdm(total=len(methods) * len(records), unit="sample", desc=args.task) as bar:
+    results = longbench.evaluate(params, config, tokenizer, methods, args.task, records, max_length, args.batch,
+                                 args.prefill_chunk, bar.update)
+  seconds = time.perf_counter() - start
+  means = {m: 100 * float(np.mean([r["score"] for r in results if r["method"] == m])) for m in methods}
+  print(f"LongBench {args.task} ({spec.metric}, x 100), {len(records)} samples, max length {max_length}, "
+        f"{seconds:.0f} s")
+  for name, mean in means.items():
+    print(f"{name:<10} {mean:>7.2f}")
+  _write_json(args.json, dict(task=args.task, metric=spec.metric, max_length=max_length, data=str(args.data),
+                              methods={k: repr(v) for k, v in methods.items()}, mean=means, seconds=seconds,
+                              results=results))
+
+
+def register(sub) -> None:
+  """Adds this module's commands to the `lminf` subparsers."""
+  _ppl_parser(sub)
+  _demo_parser(sub)
+  _passkey_parser(sub)
+  _ruler_parser(sub)
+  _longbench_parser(sub)
