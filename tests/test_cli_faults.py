@@ -126,6 +126,26 @@ READ_ONLY = [  # (what, argv from (hf dir, tokens file, read-only dir)), message
 ]
 
 
+REFUSING = [  # (what, argv from (hf dir, tokens file, a directory whose file system refuses new files even to root))
+    ("export", lambda s, t, d: ("export", s, d / "x")),
+    ("export of a missing checkpoint", lambda s, t, d: ("export", d.parent / "no-such-checkpoint", d / "x")),
+    ("convert", lambda s, t, d: ("convert", s, d / "x")),
+    ("nll", lambda s, t, d: _nll(s, t, d / "x.npy")),
+    ("ppl --json", lambda s, t, d: _ppl(s, d / "a.json")),
+    ("finetune", lambda s, t, d: _finetune(s, t, d / "ft")),
+]
+
+
+@pytest.mark.parametrize("what, argv", REFUSING, ids=[row[0] for row in REFUSING])
+def test_output_where_the_file_system_refuses(what, argv, hf_src, tokens_file, capsys):
+  """/sys passes access() for root but refuses new files: refused before any work (the missing
+  checkpoint is not even looked at), naming the directory, not a temporary."""
+  code, _, err = run_cli(capsys, *argv(hf_src, tokens_file, Path("/sys")))
+  assert code == 1
+  _one_error_line(err, "output directory /sys is not writable")
+  assert ".partial" not in err
+
+
 @pytest.mark.parametrize("what, argv, message", READ_ONLY, ids=[row[0] for row in READ_ONLY])
 def test_read_only_location(what, argv, message, hf_src, tokens_file, mount, capsys):
   read_only = mount(64, read_only=True)
@@ -296,3 +316,30 @@ def test_a_killed_convert_is_cleaned_up_by_the_next(hf_src, tmp_path, capsys):
   assert code == 0, err
   assert f"removed {tmp_path / stale[0]}, left by an interrupted run" in err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def _python_started(process: subprocess.Popen, timeout: float = 60) -> None:
+  """Waits until the interpreter has initialised (it catches SIGINT from then on: SigCgt in /proc)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    if caught & (1 << (signal.SIGINT - 1)):
+      return
+    time.sleep(0.002)
+  raise AssertionError("the interpreter did not start")
+
+
+@pytest.mark.parametrize("delay, signum", [(0.15, signal.SIGINT), (0.4, signal.SIGINT), (0.8, signal.SIGINT),
+                                           (1.3, signal.SIGINT), (0.5, signal.SIGTERM)])
+def test_a_signal_in_the_first_second_exits_with_nothing_written(delay, signum, hf_src, tmp_path):
+  """Ctrl-C or SIGTERM while the command still imports jax and builds its parser: exit 128 + signal, one
+  line, no traceback, and no OUT (before, the signal came before the handling: a KeyboardInterrupt
+  traceback, or an exit 0 that wrote OUT)."""
+  out = tmp_path / "exported"
+  process = _start("export", hf_src, out)
+  _python_started(process)
+  time.sleep(delay)
+  code, seconds, err = _stop(process, signum)
+  _assert_interrupted(code, seconds, err, signum)
+  assert not out.exists() and _leftovers(tmp_path) == []

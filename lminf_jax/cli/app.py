@@ -7,8 +7,6 @@ import logging
 import os
 import sys
 
-from lminf_jax.cli import eval as eval_commands
-from lminf_jax.cli import model, run
 from lminf_jax.errors import UserError, without_closed_loop_reports
 from lminf_jax.util import interrupt
 from lminf_jax.util.atomic import disk_full
@@ -21,6 +19,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from lminf_jax.cli import eval as eval_commands
+  from lminf_jax.cli import model, run
+
   parser = _Parser(prog="lminf", description="Training-free long-context attention for Llama models in JAX.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   model.register(sub)
@@ -30,26 +31,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs one command. Ctrl-C and SIGTERM are taken from the first instruction: nothing slow (the
+  parser imports jax) comes before `interrupt.handling`, and an interrupted command exits 128 + the
+  signal number with nothing written, whenever the signal came."""
+  with interrupt.handling():
+    try:
+      return _run(argv)
+    finally:
+      if interrupt.requested():
+        interrupt.exit_now()
+
+
+def _run(argv: list[str] | None) -> int:
   # transformers without torch (the run time needs none) would print an advisory on every command.
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   # Orbax logs each failure of its writer threads with a traceback; the error that reaches us says it in one line.
   logging.getLogger("absl").setLevel(logging.CRITICAL)
   sys.unraisablehook = without_closed_loop_reports(sys.unraisablehook)
   args = build_parser().parse_args(argv)
-  with interrupt.handling():
-    try:
-      args.func(args)
-    except UserError as e:
-      return _error(str(e))
-    except Exception as e:
-      if disk_full(e):
-        return _error(f"no space left on device{_file_of(e)}")
-      if isinstance(e, OSError) and e.strerror:  # permissions, read-only file systems, ...
-        return _error(f"{e.strerror}{_file_of(e)}")
-      raise
-    finally:
-      if interrupt.requested():
-        interrupt.exit_now()
+  if interrupt.requested():  # (during the imports: before any work)
+    interrupt.exit_now()
+  try:
+    args.func(args)
+  except UserError as e:
+    return _error(str(e))
+  except Exception as e:
+    if disk_full(e):
+      return _error(f"no space left on device{_file_of(e)}")
+    if isinstance(e, OSError) and e.strerror:  # permissions, read-only file systems, ...
+      return _error(f"{e.strerror}{_file_of(e)}")
+    raise
   return 0
 
 

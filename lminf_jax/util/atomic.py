@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,12 @@ def _check_parent(path: Path, create: bool = False) -> None:
     raise UserError(f"output directory {parent} does not exist")
   if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
     raise UserError(f"output directory {parent} is not writable")
+  try:  # (access() trusts the mode bits: root passes it where a file system still refuses, e.g. /sys)
+    fd, probe = tempfile.mkstemp(dir=parent, prefix=".lminf-probe-")
+  except OSError as e:
+    raise UserError(f"output directory {parent} is not writable ({e.strerror})") from None
+  os.close(fd)
+  os.unlink(probe)
 
 
 @contextlib.contextmanager
