@@ -5,6 +5,17 @@ class UserError(ValueError):
   """Bad input (missing file, wrong shape, unknown option, ...): a one-line message, no traceback."""
 
 
+class UserCodeError(UserError):
+  """An exception raised by a user's own code (an attention method's module or class): one line
+  naming where and the exception's first line. `LMINF_TRACEBACK=1` shows its traceback too."""
+
+  def __init__(self, where: str, error: BaseException):
+    first = (str(error).strip().splitlines() or [""])[0]
+    super().__init__(f"{where}: {type(error).__name__}" + (f": {first}" if first else "") +
+                     " (LMINF_TRACEBACK=1 shows the traceback)")
+    self.error = error
+
+
 def without_closed_loop_reports(previous):
   """`previous` (an unraisable hook) without the reports of reads into a closed event loop.
 

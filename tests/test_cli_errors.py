@@ -330,6 +330,14 @@ CASES = [
     row(nothing, ("stream-ppl", "{tok}", "--tokens", "1"), ["--tokens", ">= 2"], code=2, id="stream-ppl 1 token"),
     row(nothing, ("passkey", "{tok}", "--lengths", "10", "--samples", "1", "--attention", "dense"),
         ["passkey length 10", "without filler"], id="passkey length below the template"),
+    # an empty value is refused, never read as absent or as matching everything
+    row(nothing, generate("--stop", ""), ["--stop: empty stop given"], id="empty stop string"),
+    *[row(nothing, argv, [f"{flag}: empty", "given"], id=f"{argv[0]} empty {flag}")
+      for argv, flag in ((nll("{hf}", "--mesh", ""), "--mesh"), (("ppl", "{tok}", "--json", ""), "--json"),
+                         (("passkey", "{tok}", "--plot", ""), "--plot"), (("ruler", "{tok}", "--tasks", ""), "--tasks"),
+                         (("ruler", "{tok}", "--haystack-file", ""), "--haystack-file"),
+                         (generate("--prompt", ""), "--prompt"), (("export", "{ckpt}", ""), "out"),
+                         (FINETUNE + ("--train", ""), "--train"))],
 ]
 
 

@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
-from lminf_jax.errors import UserError, without_closed_loop_reports
+from lminf_jax.errors import UserCodeError, UserError, without_closed_loop_reports
 from lminf_jax.util import interrupt
 from lminf_jax.util.atomic import disk_full
 
@@ -48,20 +49,40 @@ def _run(argv: list[str] | None) -> int:
   # Orbax logs each failure of its writer threads with a traceback; the error that reaches us says it in one line.
   logging.getLogger("absl").setLevel(logging.CRITICAL)
   sys.unraisablehook = without_closed_loop_reports(sys.unraisablehook)
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   if interrupt.requested():  # (during the imports: before any work)
     interrupt.exit_now()
   try:
+    _refuse_empty_values(parser, args)
     args.func(args)
   except UserError as e:
+    if isinstance(e, UserCodeError) and os.environ.get("LMINF_TRACEBACK"):
+      traceback.print_exception(e.error)
     return _error(str(e))
   except Exception as e:
+    from lminf_jax.attention.registry import raised_in_user_code
+
+    if where := raised_in_user_code(e):  # a user's method failed while it ran
+      if os.environ.get("LMINF_TRACEBACK"):
+        traceback.print_exception(e)
+      return _error(str(UserCodeError(f"attention method code at {where}", e)))
     if disk_full(e):
       return _error(f"no space left on device{_file_of(e)}")
     if isinstance(e, OSError) and e.strerror:  # permissions, read-only file systems, ...
       return _error(f"{e.strerror}{_file_of(e)}")
     raise
   return 0
+
+
+def _refuse_empty_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """An empty string given to any argument is refused, not read as absent (`--json ""` writing nothing,
+  `--mesh ""` running on one device) or as a match of everything (`--stop ""` stopping at once)."""
+  command = parser._subparsers._group_actions[0].choices[args.command]
+  for action in command._actions:
+    value = getattr(args, action.dest, None)
+    if value == "" or (isinstance(value, list) and "" in value):
+      raise UserError(f"{'/'.join(action.option_strings) or action.dest}: empty {action.dest.replace('_', ' ')} given")
 
 
 def _error(message: str) -> int:

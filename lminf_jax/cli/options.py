@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lminf_jax.errors import UserError
+from lminf_jax.errors import UserCodeError, UserError
 from lminf_jax.eval.texts import builtin_text
 from lminf_jax.util.atomic import atomic_file, check_output_file
 from lminf_jax.util.files import read_text, readable_file
@@ -209,6 +209,8 @@ def attention_from_args(args: argparse.Namespace, name: str):
     return cls(**given)
   except UserError as e:
     raise UserError(f"{name}: {e}") from None
+  except Exception as e:  # a user's class: its __post_init__, or abstract methods it lacks
+    raise UserCodeError(f"{name}: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in given.items())})", e) from e
 
 
 def _parse_option(cls, option: str, text: str, item: str):
