@@ -11,6 +11,7 @@ from lminf_jax.convert.gguf_tokenizer import gguf_tokenizer
 from lminf_jax.convert.hf import load_hf
 from lminf_jax.errors import UserError
 from lminf_jax.models.config import LlamaConfig
+from lminf_jax.util.hub import cached_checkpoint, hub_id, snapshot
 
 
 def _auto_tokenizer(model_dir: Path):
@@ -31,7 +32,9 @@ def _hf_tokenizer(model_dir: Path):
 
 
 def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict, object]:
-  """HF dir or .gguf -> (config, numpy params, tokenizer or None), in memory."""
+  """HF dir, .gguf or hub id ORG/NAME[@REVISION] -> (config, numpy params, tokenizer or None), in memory."""
+  if hub := hub_id(src):
+    src = snapshot(hub)
   src = Path(src)
   if not src.exists():
     raise UserError(f"no such file or directory: {src}")
@@ -45,14 +48,15 @@ def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict
 
 
 def convert_checkpoint(src: Path, out: Path, dtype: str = "float32") -> Path:
-  """Converts an HF dir or .gguf file into a checkpoint dir at `out` (atomically)."""
+  """Converts an HF dir, .gguf file or hub id (ORG/NAME[@REVISION]) into a checkpoint dir at `out` (atomically)."""
   check_output_dir(out)  # before the conversion's work
   config, params, tokenizer = convert_source(src, dtype)
   return save_checkpoint(out, config, params, tokenizer)
 
 
 def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, dict, object]:
-  """Loads (config, params, tokenizer) from a checkpoint dir, an HF dir or a .gguf file.
+  """Loads (config, params, tokenizer) from a checkpoint dir, an HF dir, a .gguf file or a hub id
+  ORG/NAME[@REVISION] (converted once into lminf's cache, lminf_jax.util.hub).
 
   `dtype` casts the params; with a `mesh` they are placed by `lminf_jax.models.params.param_shardings`
   (a checkpoint is restored straight into that sharding)."""
@@ -60,6 +64,8 @@ def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, 
 
   from lminf_jax.models.params import param_shardings
 
+  if hub := hub_id(path):
+    path = cached_checkpoint(hub, dtype or "float32")
   path = Path(path).expanduser()
   if path.is_dir() and is_checkpoint(path):
     config = read_config(path).replace(**({"param_dtype": dtype} if dtype else {}))
