@@ -27,12 +27,12 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "length": ("sequence",),
     "layers": (),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "sequence"),  # (weights, as MaxText's: sequence parallelism divides them too)
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
-    "vocab": ("tensor",),
+    "vocab": ("tensor", "sequence"),
     # The KV cache's [B, S, K, H] arrays. Not used yet: lminf_jax.cache places no constraints.
     "cache_batch": ("data", "fsdp"),
     "cache_length": (),

@@ -61,11 +61,14 @@ def cached_token_nll(params: dict, config: LlamaConfig, tokens_bt: jnp.ndarray, 
 def nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: jnp.ndarray,
                     logits_chunk: int) -> jnp.ndarray:
   """NLL [B, T-1] of tokens 1.. from final hidden states [B, T, D], `logits_chunk` positions at a
-  time; each chunk is rematerialised, so a gradient never holds more than one [B, chunk, V] either."""
-  x_btd = x_btd[:, :-1]
-  targets_bt = tokens_bt[:, 1:]
-  t = targets_bt.shape[1]
+  time; each chunk is rematerialised, so a gradient never holds more than one [B, chunk, V] either.
+
+  A chunk takes every N-th position (N chunks, strided), not N consecutive ones: where T is split
+  over a sequence mesh, each chunk is then split with it, so no device holds a whole chunk's logits."""
+  b, t = tokens_bt.shape
+  targets_bt = jnp.pad(tokens_bt[:, 1:], ((0, 0), (0, 1)))  # (the last position's is dropped: x keeps its split)
   chunk = min(logits_chunk, t)
+  n = -(-t // chunk)  # chunks; position c * n + i is row c of chunk i
 
   def step(_, xs):
     x_bcd, target_bc = xs
@@ -73,21 +76,6 @@ def nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: j
     picked_bc = jnp.take_along_axis(logits_bcv, target_bc[..., None], axis=-1)[..., 0]
     return None, jax.nn.logsumexp(logits_bcv, axis=-1) - picked_bc
 
-  xs = (split_chunks(pad_to_multiple(x_btd, chunk), chunk), split_chunks(pad_to_multiple(targets_bt, chunk), chunk))
-  _, nll_nbc = jax.lax.scan(jax.checkpoint(step), None, xs)
-  return jnp.moveaxis(nll_nbc, 0, 1).reshape(tokens_bt.shape[0], -1)[:, :t]
-
-
-def forward_cached(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray,
-                   attention) -> tuple[jnp.ndarray, Cache]:
-  """Feeds a chunk through the cache (donated): (logits [B, T, V], updated cache). Negative
-  positions: padding. More tokens than a dense cache, a ring shorter than its window or an
-  infllm pool holds is an error (under the caller's jit: NaN logits for the rows that overflow)."""
-  attention = config.resolve_attention(attention)
-  check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
-  return _forward_cached(params, config, cache, tokens_bt, positions_bt, attention)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("cache",))
-def _forward_cached(params, config, cache, tokens_bt, positions_bt, attention):
-  return Llama(config).apply({"params": params}, tokens_bt, positions_bt, attention, cache)
+  strided = lambda a: jnp.moveaxis(pad_to_multiple(a, n).reshape(b, -1, n, *a.shape[2:]), 2, 0)  # noqa: E731
+  _, nll_nbc = jax.lax.scan(jax.checkpoint(step), None, (strided(x_btd), strided(targets_bt)))
+  return jnp.moveaxis(nll_nbc, 0, 2).reshape(b, -1)[:, :t - 1]

@@ -92,16 +92,22 @@ def test_longrope_switch_ignores_sequence_padding(tmp_path_factory):
 
 
 def test_params_are_really_sharded(ckpt):
+  """Weights are split over every axis that divides them, the sequence axis included (embed over
+  fsdp and sequence, heads / mlp over tensor, vocab over tensor and sequence)."""
+  fsdp_seq = ("fsdp", "sequence")
   mesh = make_mesh({"fsdp": 2, "tensor": 2, "sequence": 2})
   config, params, _ = load(ckpt, mesh=mesh)
   wq = params["layers"]["attn"]["wq_dnh"]  # [L, D, N, H] = [2, 64, 8, 8]
-  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-  assert wq.addressable_shards[0].data.nbytes == wq.nbytes // 4
-  w_down = params["layers"]["mlp"]["w_down_fd"]  # [L, F, D]: mlp over tensor, embed over fsdp
-  assert w_down.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
-  assert w_down.addressable_shards[0].data.nbytes == w_down.nbytes // 4
-  embed = params["embed_vd"]  # vocab 97 is not divisible by tensor=2: replicated over it
-  assert embed.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, fsdp_seq, "tensor", None)
+  assert wq.addressable_shards[0].data.nbytes == wq.nbytes // 8
+  w_down = params["layers"]["mlp"]["w_down_fd"]  # [L, F, D]: mlp over tensor, embed over fsdp and sequence
+  assert w_down.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", fsdp_seq)
+  assert w_down.addressable_shards[0].data.nbytes == w_down.nbytes // 8
+  embed = params["embed_vd"]  # vocab 97 is divisible by neither tensor nor sequence: replicated over them
+  assert embed.sharding.spec == jax.sharding.PartitionSpec(None, fsdp_seq)
+  _, params, _ = load(ckpt, mesh=make_mesh({"sequence": 8}))  # sequence parallelism divides the weights too
+  leaves = jax.tree.leaves(params)
+  assert sum(x.addressable_shards[0].data.nbytes for x in leaves) * 8 == sum(x.nbytes for x in leaves)
 
 
 def _attention_hlo(spec, mesh) -> str:
