@@ -1,6 +1,6 @@
 """Fixed-size KV caches: starting-token slots plus a ring buffer, as pytrees of static shape.
 
-The attention method decides the layout (`cache_layout`: G slots and a ring of W, plus arrays
+The attention method decides the layout (`cache_layout`: P slots and a ring of W, plus arrays
 of its own) and the math (lminf_jax.attention); this module only stores. `lambda` keeps n_global
 slots and an n_local ring, `streaming` n_sink slots and an n_recent ring; `dense` is a ring of a
 chosen maximum length with no slots (feeding more tokens than it holds is an error). Given a
@@ -33,7 +33,7 @@ from lminf_jax.util.limits import INT32_MAX, check_fits, device_memory
 class LayerKV(NamedTuple):
   """One layer's keys and values; the cache stacks L of them (leading axis) for the layer scan."""
 
-  slot_k: jnp.ndarray  # [B, K, G, H] starting tokens, before RoPE
+  slot_k: jnp.ndarray  # [B, K, P, H] starting tokens, before RoPE
   slot_v: jnp.ndarray
   ring_k: jnp.ndarray  # [B, K, W, H] the latest W tokens at slot idx % W, as the method's ring_entries stores them
   ring_v: jnp.ndarray
@@ -42,8 +42,8 @@ class LayerKV(NamedTuple):
 
 class Cache(NamedTuple):
   kv: LayerKV  # every leaf with a leading L axis
-  slot_pos: jnp.ndarray  # [B, G] positions of the starting tokens (shared by all layers)
-  slot_idx: jnp.ndarray  # [B, G] their sequence indices, -1 while empty
+  slot_pos: jnp.ndarray  # [B, P] positions of the starting tokens (shared by all layers)
+  slot_idx: jnp.ndarray  # [B, P] their sequence indices, -1 while empty
   ring_pos: jnp.ndarray  # [B, W] the ring positions the method's ring_entries gave its keys
   ring_idx: jnp.ndarray  # [B, W] their sequence indices, -1 while empty
   next_idx: jnp.ndarray  # [B] sequence index of the next real token
@@ -141,7 +141,7 @@ def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, inputs: CachedInput, pe,
 
 def write(cache: Cache, k_lbckh, v_lbckh, aux, positions_bc, idx_bc, pe, spec: AttentionMethod) -> Cache:
   """Stores a chunk's keys and values of every layer [L, B, C, K, H]: a token goes to slot idx
-  (if idx < G) and to ring slot idx % W (only the chunk's last W tokens: no slot is written
+  (if idx < P) and to ring slot idx % W (only the chunk's last W tokens: no slot is written
   twice). Padding (idx -1) is dropped, and so is a token past the capacity of a ring that must
   not wrap (its row's outputs are NaN: `attend_cached`). The method's own arrays are updated
   first (`write_extra`, from `aux`: what every layer's attention returned), then the ring."""

@@ -5,8 +5,8 @@ A method works with small integer offsets (a position minus a per-chunk referenc
 distance its rule assigns). It `rotate`s a query tile and a key tile by their offsets and
 `blockwise.scores` turns the pair into logits: q.k for RoPE (the rotation carries the distance),
 q.k - slope * (q_offset - k_offset) for ALiBi (no rotation), then `cap * tanh(s / cap)` if the
-model caps its logits. So ALiBi uses exactly the distances a method uses for RoPE (DESIGN.md
-section 4), and only differences of positions enter either.
+model caps its logits. So ALiBi uses exactly the distances a method uses for RoPE
+(docs/semantics.md#alibi-models), and only differences of positions enter either.
 """
 
 from __future__ import annotations

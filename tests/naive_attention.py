@@ -1,4 +1,4 @@
-"""Naive numpy reference for the attention methods of DESIGN.md section 4.
+"""Naive numpy reference for the attention methods of docs/semantics.md.
 
 Independent of ``lminf_jax``: plain numpy, float64 throughout, one dense [N, T, T] logit
 matrix and an explicit boolean mask built straight from the formulas.  Meant to be slow and
@@ -168,7 +168,7 @@ def naive_attention(q, k, v, positions, inv_freq, method, alibi_slopes=None, sof
                    top_k_from_layer [4].
       "streaming": n_sink [4], n_recent (required).
 
-    alibi_slopes [N] (ALiBi models, DESIGN.md section 4): no RoPE (inv_freq is ignored); a key at
+    alibi_slopes [N] (docs/semantics.md#alibi-models): no RoPE (inv_freq is ignored); a key at
     the method's distance d (the distance RoPE would use) adds ``-slope_n * d`` to the logit;
     lambda's top_k then picks the middle keys by q.k (their bias, of distance insert_at, is common).
     softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask and the bias-free

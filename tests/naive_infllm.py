@@ -1,10 +1,10 @@
-"""Naive numpy (float64) reference for the InfLLM attention method of DESIGN.md.
+"""Naive numpy (float64) reference for the InfLLM attention method of docs/semantics.md#infllm.
 
 Deliberately slow and literal: queries are processed chunk by chunk, blocks are an explicit Python
 list of ``Block`` records (token indices + representative key per query head), and every query gets
 its own explicit (local keys, far keys) sets from ``infllm_key_sets``.  Independent of ``lminf_jax``.
 
-Spec (DESIGN.md, infllm):
+Spec (docs/semantics.md#infllm):
   Queries are processed in chunks of `chunk` tokens (each decoded token is a chunk of one).
   Chunk c covers queries [s, e) and sees the memory state left after tokens [0, s).
 """

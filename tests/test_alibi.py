@@ -1,4 +1,4 @@
-"""ALiBi and logit soft-capping through every method (DESIGN.md section 4), one-shot, against the
+"""ALiBi and logit soft-capping through every method (docs/semantics.md#alibi-models), one-shot, against the
 naive numpy reference (itself checked against transformers' MptAttention and Gemma2Attention in
 test_naive_attention.py). Cached paths: tests/test_parity.py (a tiny MPT model)."""
 

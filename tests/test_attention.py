@@ -1,4 +1,4 @@
-"""Blockwise attention methods against the naive dense-masked numpy reference (DESIGN.md section 4)."""
+"""Blockwise attention methods against the naive dense-masked numpy reference (docs/semantics.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InfLLM against the naive numpy reference (tests/naive_infllm.py, written from DESIGN.md alone)."""
+"""InfLLM against the naive numpy reference (tests/naive_infllm.py, written from docs/semantics.md#infllm alone)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Sanity checks of the naive numpy reference (tests/naive_attention.py) itself.
 
 The reference is checked against torch / Hugging Face transformers code written from the
-DESIGN.md formulas with *absolute* RoPE rotations (small positions only), so that the two
+docs/semantics.md formulas with *absolute* RoPE rotations (small positions only), so that the two
 share no code path: transformers' own rotate_half/apply_rotary_pos_emb/repeat_kv and torch's
 scaled_dot_product_attention.
 """
@@ -81,7 +81,7 @@ def _lambda_sets(t, n_global, n_local):
 
 def _torch_lambda(q, k, v, pos, inv_freq, n_global, n_local, limit=None, mask=True,
                   use_limit=True, top_k=None, insert_at=2048, g=G):
-    """DESIGN.md lambda formulas with absolute rotations in torch (small positions only)."""
+    """docs/semantics.md#lambda formulas with absolute rotations in torch (small positions only)."""
     t, n, h = q.shape
     limit = n_local if limit is None else limit
     local, glob = _lambda_sets(t, n_global, n_local)
@@ -427,7 +427,7 @@ def test_alibi_dense_matches_transformers_mpt(n_heads):
 
 
 def test_alibi_lambda_and_streaming_distances():
-    """ALiBi's distances are RoPE's (DESIGN.md section 4): lambda's far starting keys at `limit`,
+    """ALiBi's distances are RoPE's (docs/semantics.md#alibi-models): lambda's far starting keys at `limit`,
     streaming's sinks at their cache distance, and only differences matter (offset 10^8)."""
     q, k, v = _qkv(7)
     slopes = _alibi_slopes(N)

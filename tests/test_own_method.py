@@ -3,7 +3,7 @@
 `Dilated` (every stride-th key of the last `window`) is checked against its own numpy reference
 one-shot, then cached in chunks, token by token, in `stream_nll`, through `generate`, in a
 fine-tuning step and from the CLI (`--attention test_own_method:Dilated --attn-opt ...`). The
-README's example, run as written from its own file, gives the same numbers.
+docs/writing-a-method.md's example, run as written from its own file, gives the same numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lminf_jax.inference.generation import Sampling, decode, generate, left_pad,
 from lminf_jax.positional import Rotary
 from lminf_jax.inference.stream import stream_nll
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+METHOD_GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-a-method.md"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,10 +232,10 @@ def test_cli_bad_method_name_is_one_line(tiny_model, tmp_path, capsys, name, mes
 
 
 def test_readme_example_runs_as_written(tiny_model, tmp_path):
-  """The README's method, saved as the file it names, run by the README's command from that
-  directory in a fresh process, gives this file's (reference-checked) numbers."""
+  """The guide's method (docs/writing-a-method.md), saved as the file it names, run by the guide's
+  command from that directory in a fresh process, gives this file's (reference-checked) numbers."""
   config, params, ckpt = tiny_model
-  section = README.read_text().split("## Writing your own attention method", 1)[1].split("\n## ", 1)[0]
+  section = METHOD_GUIDE.read_text().split("\n## A complete example", 1)[1].split("\n## ", 1)[0]
   (filename, code), = re.findall(r"```python\n# (\w+\.py)\n(.*?)```", section, re.S)
   command, = re.findall(r"^lminf nll .*$", section, re.M)
   lines = code.splitlines()

@@ -1,5 +1,5 @@
 """InfLLM (Xiao et al., 2024): LM-Infinite's window plus a block memory of evicted tokens,
-looked up per query chunk by relevance (DESIGN.md section 4, "infllm").
+looked up per query chunk by relevance (docs/semantics.md#infllm).
 
 Query chunk [s, s+C) attends
   - local: keys 0 <= i-j < n_local at true relative distance (as lambda);

@@ -1,5 +1,5 @@
 """LM-Infinite (Han et al., 2024), the `Lambda` method: n_global starting tokens seen at distance
-`limit` plus an n_local window, and the ablations of the paper's diagnosis (DESIGN.md section 4)."""
+`limit` plus an n_local window, and the ablations of the paper's diagnosis (docs/semantics.md#lambda)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def option(default, help: str, minimum: int | None = None, model_default: bool =
 
 
 class CacheLayout(NamedTuple):
-  """The storage a method's cache has per layer: `slots` starting tokens kept for good, and a
+  """The storage a method's cache has per layer: `slots` starting tokens (P) kept for good, and a
   ring of the latest `ring` tokens (W)."""
 
   slots: int
@@ -58,14 +58,14 @@ class CachedLayer(NamedTuple):
   """One layer's cache as a method reads it, before the chunk's own keys are stored. (In
   `write_extra`, every layer's: key and value arrays have a leading L axis.)"""
 
-  slots: Keys  # [B, K, G, H] the first G tokens, raw, at their positions; idx -1 while empty
+  slots: Keys  # [B, K, P, H] the first P tokens, raw, at their positions; idx -1 while empty
   ring: Keys  # [B, K, W, H] the latest W tokens as `ring_entries` stored them; ring slot idx % W
   extra: Any  # the method's own per-layer arrays (`init_extra`)
   shared: Any  # the method's own arrays shared by every layer
   next_idx_b: jnp.ndarray  # [B] the sequence index of the row's next real token
 
   def slots_with(self, new: Keys) -> Keys:
-    """The slots with the chunk's own starting tokens (idx < G) written in: a chunk's first
+    """The slots with the chunk's own starting tokens (idx < P) written in: a chunk's first
     tokens of a sequence are starting keys of its later queries."""
     n_slots = self.slots.idx_bl.shape[1]
     return self.slots.put(jnp.where((new.idx_bl >= 0) & (new.idx_bl < n_slots), new.idx_bl, n_slots), new)

@@ -1,5 +1,5 @@
 """`PerLayer`: a model whose layers differ (Gemma 2/3, Qwen2's max_window_layers): layers with their
-own sliding window keep it, the others run the chosen method (DESIGN.md section 4). So `dense` is
+own sliding window keep it, the others run the chosen method (docs/semantics.md#per-layer-windows). So `dense` is
 the model as trained and `lambda` changes only its global layers.
 
 Every layer shares one cache, laid out for the chosen method with a ring at least the window:

@@ -3,7 +3,7 @@
 The ring (W slots) holds each key rotated by its position modulo W and, in place of the position,
 the anchor it is rotated from (position - position % W): rotating it further by (anchor - ref)
 gives the key at (position - ref), so every angle is below ~2W whether the stream is 10^2 or
-10^8 tokens long (DESIGN.md section 5). A single query attends the ring where it lies, with no
+10^8 tokens long (docs/semantics.md#caches-and-long-inputs). A single query attends the ring where it lies, with no
 rotation of cached keys: a window holds at most two anchors, so the query is rotated twice and
 each key takes the score of its anchor. Under ALiBi (no rotation) the ring stores raw keys at
 their positions, and a query's offsets to them give the bias.

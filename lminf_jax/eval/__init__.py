@@ -1,2 +1,2 @@
-"""Evaluation tasks (DESIGN section 7): perplexity against length, passkey retrieval, RULER and
+"""Evaluation tasks (docs/evaluation.md): perplexity against length, passkey retrieval, RULER and
 LongBench, their texts and plots."""

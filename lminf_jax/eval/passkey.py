@@ -1,4 +1,4 @@
-"""Passkey retrieval in LM-Infinite's format (DESIGN.md section 7): a 5-digit key hidden at a
+"""Passkey retrieval in LM-Infinite's format (docs/evaluation.md#passkey-retrieval): a 5-digit key hidden at a
 uniformly random depth in repeated filler, greedy decoding, correct if the first integer
 generated is the key."""
 

@@ -1,4 +1,4 @@
-"""Perplexity against length (DESIGN.md section 7): one forward per text slice, NLL per
+"""Perplexity against length (docs/evaluation.md#perplexity-against-length): one forward per text slice, NLL per
 position, averaged per position bucket, for each attention method."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Streaming ("infinite") perplexity: a token stream fed chunk by chunk through the fixed-size
-cache, NLL of every token given everything before it (DESIGN.md section 7)."""
+cache, NLL of every token given everything before it (docs/evaluation.md#streaming-perplexity)."""
 
 from __future__ import annotations
 
