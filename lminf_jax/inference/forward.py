@@ -79,3 +79,18 @@ def nll_from_hidden(model: Llama, params: dict, x_btd: jnp.ndarray, tokens_bt: j
   strided = lambda a: jnp.moveaxis(pad_to_multiple(a, n).reshape(b, -1, n, *a.shape[2:]), 2, 0)  # noqa: E731
   _, nll_nbc = jax.lax.scan(jax.checkpoint(step), None, (strided(x_btd), strided(targets_bt)))
   return jnp.moveaxis(nll_nbc, 0, 2).reshape(b, -1)[:, :t - 1]
+
+
+def forward_cached(params: dict, config: LlamaConfig, cache: Cache, tokens_bt: jnp.ndarray, positions_bt: jnp.ndarray,
+                   attention) -> tuple[jnp.ndarray, Cache]:
+  """Feeds a chunk through the cache (donated): (logits [B, T, V], updated cache). Negative
+  positions: padding. More tokens than a dense cache, a ring shorter than its window or an
+  infllm pool holds is an error (under the caller's jit: NaN logits for the rows that overflow)."""
+  attention = config.resolve_attention(attention)
+  check_room(cache, attention, jnp.sum(jnp.asarray(positions_bt) >= 0, axis=1))
+  return _forward_cached(params, config, cache, tokens_bt, positions_bt, attention)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention"), donate_argnames=("cache",))
+def _forward_cached(params, config, cache, tokens_bt, positions_bt, attention):
+  return Llama(config).apply({"params": params}, tokens_bt, positions_bt, attention, cache)
