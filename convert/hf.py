@@ -20,7 +20,9 @@ import numpy as np
 from lminf_jax.errors import UserError
 from lminf_jax.util.files import read_json_object
 from lminf_jax.util.limits import check_fits, host_memory_bytes
-from lminf_jax.models.config import LlamaConfig, token_ids
+from lminf_jax.models.config import LlamaConfig
+from lminf_jax.models.families import family
+from lminf_jax.models.fields import token_ids
 from lminf_jax.models.params import abstract_params
 
 # HF name -> (params path, layout). Layouts turn an HF [out, in] matrix into our einsum axes.
@@ -41,7 +43,7 @@ _LAYER_TENSORS = {
     "mlp.down_proj.weight": (("mlp", "w_down_fd"), "transpose"),
     "input_layernorm.weight": (("attn_norm", "scale_d"), "same"),
     "post_attention_layernorm.weight": (("mlp_norm", "scale_d"), "same"),
-    # Gemma 2's norms of the attention and MLP outputs (renamed from its own names: `_RENAMED`)
+    # the norms of the attention and MLP outputs (Gemma's, renamed from its own names: its `Family.renames`)
     "post_attn_norm.weight": (("post_attn_norm", "scale_d"), "same"),
     "post_mlp_norm.weight": (("post_mlp_norm", "scale_d"), "same"),
 }
@@ -51,34 +53,18 @@ _GLOBAL_TENSORS = {
     "lm_head.weight": (("w_unembed_dv",), "transpose"),
 }
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-# Projections that some checkpoints (Phi-3) store fused: the fused name -> the parts it stacks along its rows.
+# Projections that some families' checkpoints store fused (`Family.fused`): the fused name -> the parts it
+# stacks along its rows.
 _FUSED = {
     "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
-FUSED_MODEL_TYPES = ("phi3", "mpt")
-# Checkpoints that name their tensors otherwise: model_type -> (their name, the Llama name above),
-# "{}" a layer index. Names are mapped on reading (before `_unfused`) and back on export.
-_RENAMED = {"mpt": (
-    ("transformer.wte.weight", "model.embed_tokens.weight"),
-    ("transformer.norm_f.weight", "model.norm.weight"),
-    ("transformer.blocks.{}.norm_1.weight", "model.layers.{}.input_layernorm.weight"),
-    ("transformer.blocks.{}.norm_2.weight", "model.layers.{}.post_attention_layernorm.weight"),
-    ("transformer.blocks.{}.attn.Wqkv.weight", "model.layers.{}.self_attn.qkv_proj.weight"),
-    ("transformer.blocks.{}.attn.out_proj.weight", "model.layers.{}.self_attn.o_proj.weight"),
-    ("transformer.blocks.{}.ffn.up_proj.weight", "model.layers.{}.mlp.up_proj.weight"),
-    ("transformer.blocks.{}.ffn.down_proj.weight", "model.layers.{}.mlp.down_proj.weight"),
-), "gemma2": (  # (its post_attention_layernorm is the attention output's; pre_feedforward_layernorm the MLP input's)
-    ("model.layers.{}.post_attention_layernorm.weight", "model.layers.{}.post_attn_norm.weight"),
-    ("model.layers.{}.pre_feedforward_layernorm.weight", "model.layers.{}.post_attention_layernorm.weight"),
-    ("model.layers.{}.post_feedforward_layernorm.weight", "model.layers.{}.post_mlp_norm.weight"),
-)}
-_RENAMED["gemma3_text"] = _RENAMED["gemma2"]
 
 
 def _renamed(model_type: str, name: str, to_llama: bool = True) -> str:
-  """A tensor's Llama name (`to_llama`), or its name in a `model_type` checkpoint."""
-  for theirs, llama in _RENAMED.get(model_type, ()):
+  """A tensor's Llama name (`to_llama`), or its name in a `model_type` checkpoint (its family's
+  `renames`, mapped on reading before `_unfused` and back on export)."""
+  for theirs, llama in family(model_type).renames:
     source, target = (theirs, llama) if to_llama else (llama, theirs)
     if match := re.fullmatch(re.escape(source).replace(r"\{\}", r"(\d+)"), name):
       return target.format(*match.groups())
@@ -212,7 +198,7 @@ def hf_tensor_names(config: LlamaConfig, as_saved: bool = True) -> list[HFTensor
                                   _expected_source_shape(layout, leaves[("layers",) + path].shape[1:]),
                                   ("layers",) + path, layer, layout)
                  for suffix, (path, layout) in _LAYER_TENSORS.items() if ("layers",) + path in leaves}
-    if as_saved and config.model_type in FUSED_MODEL_TYPES:
+    if as_saved and family(config.model_type).fused:
       for fused, parts in _FUSED.items():
         if all(part in by_suffix for part in parts):  # (MPT's MLP has no gate)
           stacked = tuple(by_suffix.pop(part) for part in parts)
