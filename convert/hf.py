@@ -323,5 +323,29 @@ def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def load_hf(model_dir: Path, param_dtype: str = "float32") -> tuple[LlamaConfig, dict]:
   """HF model dir -> (config, params as numpy arrays)."""
-  config = hf_config(model_dir).replace(param_dtype=param_dtype)
+  config = _mlp_width_of_tensors(model_dir, hf_config(model_dir).replace(param_dtype=param_dtype))
   return config, assemble_params(config, iter_hf_tensors(model_dir))
+
+
+def _mlp_width_of_tensors(model_dir: Path, config: LlamaConfig) -> LlamaConfig:
+  """For a family whose config.json may misstate its MLP width (MPT: transformers builds 4 x d_model
+  whatever expansion_ratio says), the width its safetensors hold, with a one-line note if it differs."""
+  from safetensors import SafetensorError, safe_open
+
+  if not family(config.model_type).mlp_width_from_tensors:
+    return config
+  name = _renamed(config.model_type, "model.layers.0.mlp.down_proj.weight", to_llama=False)  # [D, F]
+  for path in (p for p in _weight_files(model_dir) if p.suffix == ".safetensors"):
+    try:
+      with safe_open(str(path), framework="numpy") as f:
+        if name not in f.keys():
+          continue
+        shape = f.get_slice(name).get_shape()
+    except (SafetensorError, OSError) as e:
+      raise UserError(f"{path} is truncated or corrupt: {e}") from None
+    if len(shape) == 2 and shape[1] != config.intermediate_size and shape[1] > 0:
+      print(f"lminf: note: {model_dir / 'config.json'} implies an MLP of {config.intermediate_size}, its tensors "
+            f"hold {shape[1]} (as transformers' {config.model_type} builds them): using {shape[1]}", file=sys.stderr)
+      return config.replace(intermediate_size=int(shape[1]))
+    return config
+  return config

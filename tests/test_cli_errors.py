@@ -256,6 +256,11 @@ CASES = [
     row(hf_config(model_type="gemma3_text", hidden_act=DELETE, sliding_window=8,
                   rope_parameters={"sliding_attention": dict(rope_type="linear", factor=2.0)}), CONVERT,
         ["'linear' on the sliding layers"], id="gemma3 scaled local rope"),
+    *[row(hf_config(model_type=kind, hidden_act=DELETE, sliding_window=window, **types), CONVERT,
+          ["layer_types has sliding_attention layers", f"sliding_window must be a positive integer, got {window}"],
+          id=f"{kind} sliding_window {window} {'with' if types else 'without'} layer_types")
+      for kind in ("gemma2", "gemma3_text") for window in (0, None)
+      for types in ({}, {"layer_types": ["full_attention", "sliding_attention"]})],
     row(file_in("hf", "config.json", b"[1, 2]"), CONVERT, ["JSON object", "list"], id="config is a list"),
     row(file_in("hf", "generation_config.json", b'{"eos_token_id": [2, "x"]}'), CONVERT,
         ["generation_config.json", "eos_token_id must be a token id"], id="generation config eos not ids"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lminf_jax.errors import UserError
-from lminf_jax.models.families.record import HF, Family, GGUFGet, Window, layer_windows
+from lminf_jax.models.families.record import HF, Family, GGUFGet, Window, layer_types, layer_windows
 from lminf_jax.models.fields import check_fields, whole
 
 if TYPE_CHECKING:
@@ -52,12 +52,15 @@ def _normalize_3(hf: HF) -> HF:
   return {**hf, "rope_parameters": full, "rope_local_base_freq": float(local_theta)}
 
 
+TRANSFORMERS_WINDOW = 4096  # Gemma2Config's and Gemma3TextConfig's sliding_window when config.json has none
+
+
 def _window(hf: HF) -> Window:
-  return layer_windows(hf, _pattern(hf["num_hidden_layers"], 2))
+  return layer_windows(hf, _pattern(hf["num_hidden_layers"], 2), TRANSFORMERS_WINDOW)
 
 
 def _window_3(hf: HF) -> Window:
-  return layer_windows(hf, _pattern(hf["num_hidden_layers"], hf.get("sliding_window_pattern", 6)))
+  return layer_windows(hf, _pattern(hf["num_hidden_layers"], hf.get("sliding_window_pattern", 6)), TRANSFORMERS_WINDOW)
 
 
 def _fields(hf: HF) -> dict[str, Any]:
@@ -69,12 +72,16 @@ def _fields(hf: HF) -> dict[str, Any]:
 
 
 def _fields_3(hf: HF) -> dict[str, Any]:
-  return {**_fields(hf), "local_rope_theta": hf["rope_local_base_freq"]}
+  """Gemma 2's, and the windowed layers' RoPE theta (none where no layer is windowed)."""
+  return {**_fields(hf), "local_rope_theta": hf["rope_local_base_freq"] if _window_3(hf)[0] else None}
 
 
 def _hf_keys(config: LlamaConfig, hf: HF) -> HF:
+  """Gemma's keys; layer_types always (its absence means the family's default pattern, not "every
+  layer" or "no layer")."""
   hf = {k: v for k, v in hf.items() if k != "hidden_act"}
-  return {**hf, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": whole(config.query_pre_attn_scalar),
+  windowed = config.window_layers or (config.sliding_window is not None,) * config.num_layers
+  return {**hf, "layer_types": layer_types(windowed), "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": whole(config.query_pre_attn_scalar),
           "attn_logit_softcapping": config.attn_softcap, "final_logit_softcapping": config.final_softcap,
           "sliding_window": config.sliding_window}
 

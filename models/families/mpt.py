@@ -87,7 +87,7 @@ def _from_gguf(get: GGUFGet, tensors: Mapping[str, Any], hf: HF, path: Path) -> 
 
 MPT = Family(
     model_type="mpt", hf_architecture="MptForCausalLM", from_hf=_from_hf, to_hf=_to_hf, from_gguf=_from_gguf,
-    fused=True, gguf_arch="mpt", gguf_tensors=(("attn_qkv", "self_attn.qkv_proj"),),  # (its ffn_up: the ungated MLP's)
+    fused=True, mlp_width_from_tensors=True, gguf_arch="mpt", gguf_tensors=(("attn_qkv", "self_attn.qkv_proj"),),  # (its ffn_up: the ungated MLP's)
     renames=(
         ("transformer.wte.weight", "model.embed_tokens.weight"),
         ("transformer.norm_f.weight", "model.norm.weight"),

@@ -73,6 +73,7 @@ class Family:
   # --- Tensors (convert/hf.py; "{}" is a layer index)
   renames: tuple[tuple[str, str], ...] = ()  # (its checkpoints' name, the Llama name), both ways
   fused: bool = False  # its checkpoints stack q/k/v in qkv_proj and gate/up in gate_up_proj
+  mlp_width_from_tensors: bool = False  # the MLP width is the tensors' where config.json disagrees (MPT)
   # --- GGUF (convert/gguf_file.py)
   gguf_arch: str | None = None  # general.architecture; None: no GGUF reading
   gguf_tensors: tuple[tuple[str, str], ...] = ()  # (a GGUF layer tensor, its HF name), over the shared table
@@ -80,17 +81,21 @@ class Family:
   gguf_fields: GGUFReader = no_gguf_fields  # config.json fields beyond the Llama ones, from the metadata
 
 
-def layer_windows(hf: HF, default: list[str]) -> Window:
+def layer_windows(hf: HF, default: list[str], default_window: int) -> Window:
   """The window of config.json's `layer_types` ("sliding_attention" / "full_attention" per layer;
-  `default` when absent), as transformers reads it: none without a sliding_window."""
+  `default` when absent) and `sliding_window` (`default_window` when absent), as transformers reads them."""
   n = hf["num_hidden_layers"]
   kinds = hf.get("layer_types") or default
   if not isinstance(kinds, list) or len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
     raise UserError(f"layer_types must list {n} of sliding_attention / full_attention, got {kinds!r}")
-  if not hf.get("sliding_window") or "sliding_attention" not in kinds:
+  if "sliding_attention" not in kinds:
     return None, ()
+  window = hf.get("sliding_window", default_window)
+  if isinstance(window, bool) or not isinstance(window, int) or window < 1:  # (transformers fails on these too)
+    raise UserError(f"layer_types has sliding_attention layers, so sliding_window must be a positive integer, got "
+                    f"{window!r}")
   windowed = tuple(t == "sliding_attention" for t in kinds)
-  return hf["sliding_window"], (() if all(windowed) else windowed)
+  return window, (() if all(windowed) else windowed)
 
 
 def layer_types(windowed: tuple[bool, ...]) -> list[str]:
