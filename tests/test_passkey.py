@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from helpers import run_cli
 
-from lminf_jax.eval.passkey import FILLER, NEEDLE, PREFIX, QUESTION, accuracy_grid, depth_bucket, first_integer, make_sample, \
-    plot_heatmap
+from lminf_jax.eval.passkey import FILLER, NEEDLE, PREFIX, QUESTION, PasskeyTask, depth_bucket, first_integer, make_sample
+from lminf_jax.eval.task import plot, score_grid
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +68,10 @@ def test_heatmap_accuracy_per_length_and_depth(tmp_path):
              dict(method="lambda", length=1000, depth=0.9, correct=True),
              dict(method="lambda", length=2000, depth=0.5, correct=False),
              dict(method="dense", length=1000, depth=0.1, correct=False)]
-  grid = accuracy_grid(results, "lambda", [1000, 2000], 2)
+  task = PasskeyTask(lengths=(1000, 2000), depth_buckets=2)
+  grid = score_grid(task, results, "lambda")
   np.testing.assert_array_equal(grid, [[0.5, np.nan], [1.0, 0.0]])
-  np.testing.assert_array_equal(accuracy_grid(results, "dense", [1000, 2000], 2), [[0.0, np.nan], [np.nan, np.nan]])
-  plot_heatmap(tmp_path / "one.png", results, ["lambda"], [1000, 2000], 2, "t")
-  plot_heatmap(tmp_path / "two.png", results, ["lambda", "dense"], [1000, 2000], 2, "t")
+  np.testing.assert_array_equal(score_grid(task, results, "dense"), [[0.0, np.nan], [np.nan, np.nan]])
+  plot(tmp_path / "one.png", task, results, ["lambda"], "t")
+  plot(tmp_path / "two.png", task, results, ["lambda", "dense"], "t")
   assert _png_size(tmp_path / "two.png")[0] > _png_size(tmp_path / "one.png")[0]

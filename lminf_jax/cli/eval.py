@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 
 from lminf_jax.cache import check_memory
-from lminf_jax.cli.options import (_load_for_answers, _write_json, add_attention_args, add_mesh_args, mesh_context,
+from lminf_jax.cli.options import (_load_for_answers, add_attention_args, add_mesh_args, mesh_context,
                                    mesh_from_args, methods_from_args, non_negative_int, parse_lengths, place_tokens,
                                    positive_int, seed_int)
 from lminf_jax.errors import UserError
 from lminf_jax.eval.ruler import TASKS as RULER_TASKS
+from lminf_jax.eval.task import run
 from lminf_jax.eval.texts import builtin_text
 from lminf_jax.util.atomic import atomic_file, check_output_dir, check_output_file
 from lminf_jax.util.files import read_text, readable_file
@@ -104,48 +104,15 @@ def _passkey_parser(sub) -> None:
 
 
 def cmd_passkey(args: argparse.Namespace) -> None:
-  from tqdm import tqdm
-
-  from lminf_jax.inference.generation import generate
-  from lminf_jax.eval.passkey import depth_bucket, first_integer, make_sample, plot_heatmap
+  from lminf_jax.eval.passkey import NEW_TOKENS, PasskeyTask
 
   methods = methods_from_args(args)
   config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
-  for spec in methods.values():  # (each answer is 8 new tokens)
-    check_memory(config, spec, max(args.lengths) + 8, batch=args.batch)
-  rng = np.random.default_rng(args.seed)
-  samples = {length: [make_sample(tokenizer, length, rng) for _ in range(args.samples)] for length in args.lengths}
-  results = []
-  total = len(methods) * sum(args.lengths) * args.samples
-  with tqdm(total=total, unit="tok", desc="passkey") as bar:
-    for name, spec in methods.items():
-      for length, batch in samples.items():
-        for start in range(0, len(batch), args.batch):
-          rows = batch[start:start + args.batch]
-          outputs = generate(params, config, [s.token_ids for s in rows], 8, spec, chunk=args.prefill_chunk)
-          for sample, out in zip(rows, outputs):
-            answer = first_integer(tokenizer.decode(out, skip_special_tokens=True))
-            results.append(dict(method=name, length=length, depth=sample.depth, key=sample.key, answer=answer,
-                                correct=answer == sample.key, prompt_tokens=len(sample.token_ids)))
-          bar.update(length * len(rows))
-  buckets = args.depth_buckets
-  header = " ".join(f"d{b * 100 // buckets:02d}-{(b + 1) * 100 // buckets:02d}" for b in range(buckets))
-  print(f"{'method':<10} {'length':>7} {'accuracy':>9}   per depth bucket: {header}")
-  for name in methods:
-    for length in args.lengths:
-      rows = [r for r in results if r["method"] == name and r["length"] == length]
-      per_bucket = []
-      for b in range(buckets):
-        hits = [r["correct"] for r in rows if depth_bucket(r["depth"], buckets) == b]
-        per_bucket.append(f"{sum(hits)}/{len(hits)}" if hits else "-")
-      accuracy = sum(r["correct"] for r in rows) / len(rows)
-      print(f"{name:<10} {length:>7} {accuracy:>9.2f}   " + " ".join(f"{x:>7}" for x in per_bucket))
-  _write_json(args.json, dict(methods={k: repr(v) for k, v in methods.items()}, results=results))
-  if args.plot is not None:
-    with atomic_file(Path(args.plot)) as tmp:
-      plot_heatmap(tmp, results, list(methods), args.lengths, buckets,
-                   f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
-    print(f"wrote {args.plot}")
+  for spec in methods.values():
+    check_memory(config, spec, max(args.lengths) + NEW_TOKENS, batch=args.batch)
+  task = PasskeyTask(tuple(args.lengths), args.samples, args.seed, args.depth_buckets)
+  run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, args.plot,
+      f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
 
 
 def _ruler_parser(sub) -> None:
@@ -164,8 +131,6 @@ def _ruler_parser(sub) -> None:
 
 
 def cmd_ruler(args: argparse.Namespace) -> None:
-  from tqdm import tqdm
-
   from lminf_jax.eval import ruler
 
   methods = methods_from_args(args)
@@ -175,28 +140,9 @@ def cmd_ruler(args: argparse.Namespace) -> None:
   for spec in methods.values():
     check_memory(config, spec, max(args.lengths) + most_new, batch=args.batch)
   essay = read_text(args.haystack_file) if args.haystack_file else builtin_text()
-  samples = ruler.generate_samples(tokenizer, tasks, args.lengths, args.samples, args.seed, essay)
-  start = time.perf_counter()
-  total = len(methods) * len(tasks) * sum(args.lengths) * args.samples
-  with tqdm(total=total, unit="tok", desc="ruler") as bar:
-    results = ruler.evaluate(params, config, tokenizer, methods, samples, args.batch, args.prefill_chunk, bar.update)
-  seconds = time.perf_counter() - start
-  print(f"RULER score (string_match_all x 100), {args.samples} samples per cell, {seconds:.0f} s")
-  print(f"{'method':<10} {'task':<16} " + " ".join(f"{n:>8}" for n in args.lengths))
-  for name in methods:
-    grid = ruler.score_grid(results, name, tasks, args.lengths)
-    for task, row in zip(tasks + ["mean"], list(grid) + [np.nanmean(grid, axis=0)]):
-      print(f"{name:<10} {task:<16} " + " ".join(f"{100 * x:>8.1f}" for x in row))
-  _write_json(args.json, dict(methods={k: repr(v) for k, v in methods.items()}, tasks=tasks, lengths=args.lengths,
-                              samples=args.samples, seed=args.seed, seconds=seconds, results=results))
-  if args.plot is not None:
-    from lminf_jax.eval.plots import heatmap
-
-    with atomic_file(Path(args.plot)) as tmp:
-      heatmap(tmp, {m: ruler.score_grid(results, m, tasks, args.lengths) for m in methods},
-              [str(n) for n in args.lengths], tasks, "context length (tokens)", "task",
-              f"RULER: {Path(args.ckpt).name}, {args.samples} samples per cell", "score")
-    print(f"wrote {args.plot}")
+  task = ruler.RulerTask(tuple(tasks), tuple(args.lengths), args.samples, args.seed, essay)
+  run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, args.plot,
+      f"RULER: {Path(args.ckpt).name}, {args.samples} samples per cell")
 
 
 def _longbench_parser(sub) -> None:
@@ -214,8 +160,6 @@ def _longbench_parser(sub) -> None:
 
 
 def cmd_longbench(args: argparse.Namespace) -> None:
-  from tqdm import tqdm
-
   from lminf_jax.eval import longbench
 
   methods = methods_from_args(args)
@@ -228,19 +172,8 @@ def cmd_longbench(args: argparse.Namespace) -> None:
   max_length = args.max_length or config.max_position_embeddings - spec.max_new_tokens
   for attention in methods.values():  # (a chat template adds a few tokens)
     check_memory(config, attention, max_length + spec.max_new_tokens + 64, batch=args.batch)
-  start = time.perf_counter()
-  with tqdm(total=len(methods) * len(records), unit="sample", desc=args.task) as bar:
-    results = longbench.evaluate(params, config, tokenizer, methods, args.task, records, max_length, args.batch,
-                                 args.prefill_chunk, bar.update)
-  seconds = time.perf_counter() - start
-  means = {m: 100 * float(np.mean([r["score"] for r in results if r["method"] == m])) for m in methods}
-  print(f"LongBench {args.task} ({spec.metric}, x 100), {len(records)} samples, max length {max_length}, "
-        f"{seconds:.0f} s")
-  for name, mean in means.items():
-    print(f"{name:<10} {mean:>7.2f}")
-  _write_json(args.json, dict(task=args.task, metric=spec.metric, max_length=max_length, data=str(args.data),
-                              methods={k: repr(v) for k, v in methods.items()}, mean=means, seconds=seconds,
-                              results=results))
+  task = longbench.LongBenchTask(args.task, tuple(records), max_length, str(args.data))
+  run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json)
 
 
 def register(sub) -> None:

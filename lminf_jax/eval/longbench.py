@@ -19,8 +19,10 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from lminf_jax.errors import UserError
+from lminf_jax.eval.task import EvalTask, register, score_grid
 
 FIELDS = ("input", "context", "answers", "all_classes", "length", "_id")
 
@@ -230,29 +232,57 @@ def score(spec: Task, prediction: str, answers: list[str], all_classes) -> float
   return max(metric(prediction, truth, all_classes) for truth in answers)
 
 
-def evaluate(params, config, tokenizer, methods: dict, name: str, records: list[dict], max_length: int,
-             batch: int, chunk: int | None = None, progress=None) -> list[dict]:
-  """Greedy predictions of every method for every record (`batch` at a time), scored;
-  `progress(records done)` after each batch."""
-  from lminf_jax.inference.generation import generate
+class LongBenchSample(NamedTuple):
+  record: dict  # the JSONL record
+  token_ids: list[int]  # its prompt
 
-  spec = task(name)
-  check_packages(spec)
-  prompts = [prompt_ids(spec, r, tokenizer, max_length) for r in records]
-  eos = tuple(config.eos_token_ids)
-  if spec.stop_at_newline:
-    eos += (tokenizer("\n", add_special_tokens=False)["input_ids"][-1],)
-  results = []
-  for method, attention in methods.items():
-    for start in range(0, len(records), batch):
-      group = range(start, min(start + batch, len(records)))
-      outputs = generate(params, config, [prompts[i] for i in group], spec.max_new_tokens, attention, chunk=chunk,
-                         eos_ids=eos)
-      for i, out in zip(group, outputs):
-        prediction = tokenizer.decode(out, skip_special_tokens=True)
-        results.append(dict(method=method, _id=records[i]["_id"], prompt_tokens=len(prompts[i]),
-                            prediction=prediction, answers=records[i]["answers"],
-                            score=score(spec, prediction, records[i]["answers"], records[i]["all_classes"])))
-      if progress is not None:
-        progress(len(group))
-  return results
+
+@register("longbench")
+@dataclasses.dataclass(frozen=True)
+class LongBenchTask(EvalTask):
+  """A LongBench task (`task`: its name) over `records` (read by `read_jsonl` from `data`), prompts
+  cut to `max_length` tokens; the task's new tokens, stops and metric; one grid cell."""
+
+  task: str
+  records: tuple[dict, ...] = dataclasses.field(repr=False)
+  max_length: int
+  data: str = ""
+
+  @property
+  def spec(self) -> Task:
+    return task(self.task)
+
+  def samples(self, tokenizer) -> dict[str, list[LongBenchSample]]:
+    check_packages(self.spec)
+    return {self.task: [LongBenchSample(r, prompt_ids(self.spec, r, tokenizer, self.max_length))
+                        for r in self.records]}
+
+  def new_tokens(self, group: str) -> int:
+    return self.spec.max_new_tokens
+
+  def stop_ids(self, config, tokenizer) -> tuple[int, ...]:
+    eos = tuple(config.eos_token_ids)
+    if self.spec.stop_at_newline:
+      eos += (tokenizer("\n", add_special_tokens=False)["input_ids"][-1],)
+    return eos
+
+  def score(self, prediction: str, sample: LongBenchSample) -> float:
+    return score(self.spec, prediction, sample.record["answers"], sample.record["all_classes"])
+
+  def result(self, sample: LongBenchSample, prediction: str) -> dict:
+    return dict(_id=sample.record["_id"], prompt_tokens=len(sample.token_ids), prediction=prediction,
+                answers=sample.record["answers"], score=self.score(prediction, sample))
+
+  def means(self, results: list[dict], methods: list[str]) -> dict[str, float]:
+    """The mean score x 100 of each method."""
+    return {m: 100 * float(score_grid(self, results, m)[0, 0]) for m in methods}
+
+  def table(self, results: list[dict], methods: list[str], seconds: float) -> str:
+    lines = [f"LongBench {self.task} ({self.spec.metric}, x 100), {len(self.records)} samples, max length "
+             f"{self.max_length}, {seconds:.0f} s"]
+    lines += [f"{name:<10} {mean:>7.2f}" for name, mean in self.means(results, methods).items()]
+    return "\n".join(lines)
+
+  def report(self, results: list[dict], methods: dict[str, str], seconds: float) -> dict:
+    return dict(task=self.task, metric=self.spec.metric, max_length=self.max_length, data=self.data,
+                methods=methods, mean=self.means(results, list(methods)), seconds=seconds, results=results)

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import ClassVar
 
 import numpy as np
 
 from lminf_jax.errors import UserError
+from lminf_jax.eval.task import Axes, EvalTask, cells, register
 
 PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
           "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is "
+NEW_TOKENS = 8  # (an answer is the key: 5 digits)
 
 
 @dataclasses.dataclass
@@ -55,23 +58,54 @@ def depth_bucket(depth: float, buckets: int) -> int:
   return min(int(depth * buckets), buckets - 1)
 
 
-def accuracy_grid(results: list[dict], method: str, lengths: list[int], buckets: int) -> np.ndarray:
-  """Accuracy [depth bucket, length] of one method's results (dicts with method, length, depth,
-  correct); NaN where no sample fell."""
-  hits, total = np.zeros((buckets, len(lengths))), np.zeros((buckets, len(lengths)))
-  for r in results:
-    if r["method"] == method and r["length"] in lengths:
-      at = depth_bucket(r["depth"], buckets), lengths.index(r["length"])
-      hits[at] += bool(r["correct"])
-      total[at] += 1
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(total > 0, hits / total, np.nan)
+@register("passkey")
+@dataclasses.dataclass(frozen=True)
+class PasskeyTask(EvalTask):
+  """`samples` prompts per length (one rng from `seed`, lengths in order), 8 new tokens, correct
+  if the first integer is the key; grid: depth bucket x length."""
 
+  lengths: tuple[int, ...] = (2048, 4096, 8192, 16384)
+  samples_per_length: int = 20
+  seed: int = 0
+  depth_buckets: int = 5
+  score_key: ClassVar[str] = "correct"
 
-def plot_heatmap(path, results: list[dict], methods: list[str], lengths: list[int], buckets: int, title: str) -> None:
-  """The needle heatmap: context length (x) by needle depth (y), colour = accuracy, one panel per method."""
-  from lminf_jax.eval.plots import heatmap
+  def samples(self, tokenizer) -> dict[int, list[PasskeySample]]:
+    rng = np.random.default_rng(self.seed)
+    return {n: [make_sample(tokenizer, n, rng) for _ in range(self.samples_per_length)] for n in self.lengths}
 
-  heatmap(path, {m: accuracy_grid(results, m, lengths, buckets) for m in methods}, [str(n) for n in lengths],
-          [f"{b * 100 // buckets}-{(b + 1) * 100 // buckets}%" for b in range(buckets)], "context length (tokens)",
-          "needle depth", title)
+  def new_tokens(self, group: int) -> int:
+    return NEW_TOKENS
+
+  def score(self, prediction: str, sample: PasskeySample) -> float:
+    return float(first_integer(prediction) == sample.key)
+
+  def result(self, sample: PasskeySample, prediction: str) -> dict:
+    answer = first_integer(prediction)
+    return dict(length=sample.length, depth=sample.depth, key=sample.key, answer=answer, correct=answer == sample.key,
+                prompt_tokens=len(sample.token_ids))
+
+  def axes(self) -> Axes:
+    b = self.depth_buckets
+    return Axes(list(range(b)), list(self.lengths), [f"{i * 100 // b}-{(i + 1) * 100 // b}%" for i in range(b)],
+                [str(n) for n in self.lengths], "needle depth", "context length (tokens)", "accuracy")
+
+  def cell(self, result: dict) -> tuple[int, int]:
+    return depth_bucket(result["depth"], self.depth_buckets), result["length"]
+
+  def table(self, results: list[dict], methods: list[str], seconds: float) -> str:
+    """Per method and length: accuracy, and hits/samples per depth bucket."""
+    b = self.depth_buckets
+    header = " ".join(f"d{i * 100 // b:02d}-{(i + 1) * 100 // b:02d}" for i in range(b))
+    lines = [f"{'method':<10} {'length':>7} {'accuracy':>9}   per depth bucket: {header}"]
+    for method in methods:
+      by_cell = cells(self, results, method)
+      for length in self.lengths:
+        hits = [by_cell.get((i, length), []) for i in range(b)]
+        accuracy = sum(map(sum, hits)) / sum(map(len, hits))
+        per_bucket = [f"{int(sum(h))}/{len(h)}" if h else "-" for h in hits]
+        lines.append(f"{method:<10} {length:>7} {accuracy:>9.2f}   " + " ".join(f"{x:>7}" for x in per_bucket))
+    return "\n".join(lines)
+
+  def report(self, results: list[dict], methods: dict[str, str], seconds: float) -> dict:
+    return dict(methods=methods, results=results)

@@ -27,6 +27,7 @@ import uuid
 import numpy as np
 
 from lminf_jax.errors import UserError
+from lminf_jax.eval.task import Axes, EvalTask, register, score_grid
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
@@ -343,34 +344,50 @@ def generate_samples(tokenizer, tasks: list[str], lengths: list[int], samples: i
           for task in tasks for length in lengths}
 
 
-def evaluate(params, config, tokenizer, methods: dict, samples: dict[tuple[str, int], list[Sample]], batch: int,
-             chunk: int | None = None, progress=None) -> list[dict]:
-  """Greedy answers of every method to every sample (`batch` at a time), scored: one dict per
-  (method, sample) with the prompt length, needle positions and depths, prediction, answers, score."""
-  from lminf_jax.inference.generation import generate
+@register("ruler")
+@dataclasses.dataclass(frozen=True)
+class RulerTask(EvalTask):
+  """`samples_per_cell` samples per (RULER task, length) from `seed`; RULER's new tokens per task;
+  string_match_all; grid: task x length. `essay`: the essay haystacks' text."""
 
-  results = []
-  for name, spec in methods.items():
-    for (task, length), rows in samples.items():
-      for start in range(0, len(rows), batch):
-        group = rows[start:start + batch]
-        outputs = generate(params, config, [s.token_ids for s in group], TASKS[task].new_tokens, spec, chunk=chunk)
-        for sample, out in zip(group, outputs):
-          prediction = tokenizer.decode(out, skip_special_tokens=True)
-          results.append(dict(method=name, task=task, length=length, prompt_tokens=len(sample.token_ids),
-                              needle_at=sample.needle_at, depths=sample.depths, answers=sample.answers,
-                              prediction=prediction, score=string_match_all(prediction, sample.answers)))
-        if progress is not None:
-          progress(length * len(group))
-  return results
+  tasks: tuple[str, ...] = tuple(TASKS)
+  lengths: tuple[int, ...] = (4096, 8192, 16384)
+  samples_per_cell: int = 10
+  seed: int = 0
+  essay: str = dataclasses.field(default="", repr=False)
 
+  def samples(self, tokenizer) -> dict[tuple[str, int], list[Sample]]:
+    return generate_samples(tokenizer, list(self.tasks), list(self.lengths), self.samples_per_cell, self.seed,
+                            self.essay)
 
-def score_grid(results: list[dict], method: str, tasks: list[str], lengths: list[int]) -> np.ndarray:
-  """Mean score [task, length] of one method's results (NaN where none)."""
-  grid = np.full((len(tasks), len(lengths)), np.nan)
-  for i, task in enumerate(tasks):
-    for j, length in enumerate(lengths):
-      scores = [r["score"] for r in results if (r["method"], r["task"], r["length"]) == (method, task, length)]
-      if scores:
-        grid[i, j] = float(np.mean(scores))
-  return grid
+  def new_tokens(self, group: tuple[str, int]) -> int:
+    return TASKS[group[0]].new_tokens
+
+  def score(self, prediction: str, sample: Sample) -> float:
+    return string_match_all(prediction, sample.answers)
+
+  def result(self, sample: Sample, prediction: str) -> dict:
+    return dict(task=sample.task, length=sample.length, prompt_tokens=len(sample.token_ids), needle_at=sample.needle_at,
+                depths=sample.depths, answers=sample.answers, prediction=prediction,
+                score=self.score(prediction, sample))
+
+  def axes(self) -> Axes:
+    return Axes(list(self.tasks), list(self.lengths), list(self.tasks), [str(n) for n in self.lengths], "task",
+                "context length (tokens)", "score")
+
+  def cell(self, result: dict) -> tuple[str, int]:
+    return result["task"], result["length"]
+
+  def table(self, results: list[dict], methods: list[str], seconds: float) -> str:
+    """Per method and task, the score x 100 per length, and the mean over the tasks."""
+    lines = [f"RULER score (string_match_all x 100), {self.samples_per_cell} samples per cell, {seconds:.0f} s",
+             f"{'method':<10} {'task':<16} " + " ".join(f"{n:>8}" for n in self.lengths)]
+    for method in methods:
+      grid = score_grid(self, results, method)
+      for task, row in zip(list(self.tasks) + ["mean"], list(grid) + [np.nanmean(grid, axis=0)]):
+        lines.append(f"{method:<10} {task:<16} " + " ".join(f"{100 * x:>8.1f}" for x in row))
+    return "\n".join(lines)
+
+  def report(self, results: list[dict], methods: dict[str, str], seconds: float) -> dict:
+    return dict(methods=methods, tasks=list(self.tasks), lengths=list(self.lengths), samples=self.samples_per_cell,
+                seed=self.seed, seconds=seconds, results=results)
