@@ -108,6 +108,16 @@ def ckpt_config(**changes):
   return setup
 
 
+def ckpt_and_longbench_data(**changes):
+  """A copy of {ckpt} with `changes` in its config, and a one-record LongBench JSONL as {data}."""
+  def setup(env: Env) -> dict:
+    data = env.tmp / "data.jsonl"
+    data.write_text(json.dumps(dict(input="the question", context="the sky is blue " * 50, answers=["blue"],
+                                    all_classes=None, length=200, _id="x")) + "\n")
+    return dict(ckpt_config(**changes)(env), data=data)
+  return setup
+
+
 def file_in(model: str, name: str, data: bytes, remove: tuple[str, ...] = ()):
   """A copy of `model` with file `name` holding `data` (and the files `remove` removed)."""
   def setup(env: Env) -> dict:
@@ -335,6 +345,10 @@ CASES = [
     row(nothing, ("stream-ppl", "{tok}", "--tokens", "1"), ["--tokens", ">= 2"], code=2, id="stream-ppl 1 token"),
     row(nothing, ("passkey", "{tok}", "--lengths", "10", "--samples", "1", "--attention", "dense"),
         ["passkey length 10", "without filler"], id="passkey length below the template"),
+    row(ckpt_and_longbench_data(max_position_embeddings=64),
+        ("longbench", "{src}", "--data", "{data}", "--task", "qasper", "--json", "{tmp}/out.json"),
+        ["training length 64 leaves no room for a prompt before qasper's 128 new tokens", "--max-length"],
+        id="longbench derived max length below 1"),
     # an empty value is refused, never read as absent or as matching everything
     row(nothing, generate("--stop", ""), ["--stop: empty stop given"], id="empty stop string"),
     *[row(nothing, argv, [f"{flag}: empty", "given"], id=f"{argv[0]} empty {flag}")

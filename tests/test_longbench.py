@@ -132,6 +132,10 @@ def test_cli_writes_predictions_scores_and_mean(smollm2_ckpt, tmp_path, capsys):
     ([{"input": "q", "context": "c", "all_classes": None, "length": 1, "_id": "x"}], ("--task", "qasper"),
      "line 1: missing field 'answers'"),
     ([_record("c")], ("--task", "qasper_zh"), "unknown LongBench task 'qasper_zh'"),
+    ([_record("a long context " * 60)], ("--task", "multifieldqa_en", "--max-length", "3"),
+     "a max length of 3 tokens cannot hold the task's template and question"),
+    ([_record("a long context " * 60)], ("--task", "qasper", "--max-length", "40"),
+     "a max length of 40 tokens cannot hold the task's template and question"),
 ])
 def test_cli_bad_input_is_one_line(smollm2_ckpt, tmp_path, capsys, records, args, message):
   data = _write(tmp_path / "d.jsonl", records)

@@ -125,8 +125,15 @@ def test_cli_writes_json_and_plot(smollm2_ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (("--tasks", "niah_single_9"), "unknown RULER task niah_single_9"),
     (("--tasks", "niah_multivalue", "--lengths", "50"), "too short for niah_multivalue"),
+    (("--tasks", "niah_single_2", "--lengths", "300", "--haystack-file", "{empty}"),
+     "the haystack text is empty, and niah_single_2 fills its haystack with it"),
+    (("--tasks", "vt,niah_multikey_1", "--lengths", "300", "--haystack-file", "{blank}"),
+     "the haystack text is empty, and niah_multikey_1 fills its haystack with it"),
 ])
 def test_cli_bad_input_is_one_line(smollm2_ckpt, tmp_path, capsys, args, message):
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "blank.txt").write_text(" \n\t\n")
+  args = [a.format(empty=tmp_path / "empty.txt", blank=tmp_path / "blank.txt") for a in args]
   code, _, err = run_cli(capsys, "ruler", smollm2_ckpt, "--samples", "1", "--json", tmp_path / "r.json", *args)
   assert code == 1 and err.count("\n") == 1 and message in err, err
   assert not (tmp_path / "r.json").exists()

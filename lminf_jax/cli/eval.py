@@ -170,6 +170,9 @@ def cmd_longbench(args: argparse.Namespace) -> None:
     records = records[:args.samples]
   config, params, tokenizer = _load_for_answers(args, [(args.json, None)])
   max_length = args.max_length or config.max_position_embeddings - spec.max_new_tokens
+  if max_length < 1:  # (derived: checked as a given one is)
+    raise UserError(f"the model's training length {config.max_position_embeddings} leaves no room for a prompt "
+                    f"before {args.task}'s {spec.max_new_tokens} new tokens: give --max-length")
   for attention in methods.values():  # (a chat template adds a few tokens)
     check_memory(config, attention, max_length + spec.max_new_tokens + 64, batch=args.batch)
   task = longbench.LongBenchTask(args.task, tuple(records), max_length, str(args.data))

@@ -138,6 +138,10 @@ def prompt_ids(spec: Task, record: dict, tokenizer, max_length: int) -> list[int
   LongBench's pred.py does, then (for chat tasks, if the tokenizer has one) the chat template."""
   prompt = spec.template.format(context=record["context"], input=record["input"])
   ids = tokenizer(prompt)["input_ids"]
+  if len(ids) > max_length and max_length < (least := len(tokenizer(spec.template.format(context="", input=record[
+      "input"]))["input_ids"])):  # (a cut this short would keep pieces of the template, or repeat the middle)
+    raise UserError(f"a max length of {max_length} tokens cannot hold the task's template and question "
+                    f"({least} tokens without any context)")
   if len(ids) > max_length:
     half = max_length // 2
     prompt = (tokenizer.decode(ids[:half], skip_special_tokens=True)

@@ -337,6 +337,9 @@ def make_sample(tokenizer, task: str, length: int, rng: np.random.Generator, ess
 def generate_samples(tokenizer, tasks: list[str], lengths: list[int], samples: int, seed: int,
                      essay_text: str) -> dict[tuple[str, int], list[Sample]]:
   """`samples` samples per (task, length), each from its own seed (seed, task, length, index)."""
+  essays = [t for t in tasks if getattr(TASKS[t], "haystack", None) == "essay"]
+  if essays and not _sentences(essay_text):
+    raise UserError(f"the haystack text is empty, and {essays[0]} fills its haystack with it")
   words, builder = Words(), _Builder(tokenizer)
   return {(task, length): [make_sample(tokenizer, task, length,
                                        np.random.default_rng([seed, list(TASKS).index(task), length, i]),
