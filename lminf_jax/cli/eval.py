@@ -49,7 +49,7 @@ def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: in
 
 def _ppl_parser(sub) -> None:
   p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   p.add_argument("--text-file", help="UTF-8 text (default: the built-in text)")
   p.add_argument("--lengths", type=parse_lengths, default=[4096, 8192, 16384], help="comma-separated slice lengths")
   p.add_argument("--offset", type=non_negative_int, default=0, help="token offset of the slices in the text")
@@ -91,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _passkey_parser(sub) -> None:
   p = sub.add_parser("passkey", help="passkey retrieval accuracy per length and needle depth")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096, 8192, 16384], help="prompt lengths in tokens")
   p.add_argument("--samples", type=positive_int, default=20, help="samples per length")
   p.add_argument("--seed", type=seed_int, default=0)
@@ -117,7 +117,7 @@ def cmd_passkey(args: argparse.Namespace) -> None:
 
 def _ruler_parser(sub) -> None:
   p = sub.add_parser("ruler", help="RULER's synthetic tasks: score per task, length and method")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   p.add_argument("--lengths", type=parse_lengths, default=[4096, 8192, 16384], help="prompt lengths in tokens")
   p.add_argument("--tasks", default=",".join(RULER_TASKS), help="comma-separated RULER tasks (default: all)")
   p.add_argument("--samples", type=positive_int, default=10, help="samples per task and length")
@@ -147,7 +147,7 @@ def cmd_ruler(args: argparse.Namespace) -> None:
 
 def _longbench_parser(sub) -> None:
   p = sub.add_parser("longbench", help="a LongBench task from its JSONL file: predictions and the task's metric")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   p.add_argument("--data", required=True, help="the task's LongBench JSONL file (e.g. data/qasper.jsonl)")
   p.add_argument("--task", required=True, help="LongBench task name (e.g. qasper)")
   p.add_argument("--max-length", type=positive_int,

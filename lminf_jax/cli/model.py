@@ -10,7 +10,7 @@ from lminf_jax.util.atomic import check_output_dir
 
 def _convert_parser(sub) -> None:
   p = sub.add_parser("convert", help="HF model dir or .gguf file -> checkpoint dir")
-  p.add_argument("src")
+  p.add_argument("src", help="HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   p.add_argument("out")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.set_defaults(func=cmd_convert)
@@ -26,7 +26,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def _export_parser(sub) -> None:
   p = sub.add_parser("export", help="checkpoint dir (or HF dir, .gguf) -> Hugging Face model dir (safetensors)")
-  p.add_argument("ckpt")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   p.add_argument("out")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
   p.set_defaults(func=cmd_export)

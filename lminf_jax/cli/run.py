@@ -62,7 +62,7 @@ def cmd_nll(args: argparse.Namespace) -> None:
 
 def _generate_parser(sub) -> None:
   p = sub.add_parser("generate", help="generate text after a prompt, streaming the tokens")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   prompt = p.add_mutually_exclusive_group(required=True)
   prompt.add_argument("--prompt")
   prompt.add_argument("--prompt-file")
@@ -114,7 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _stream_ppl_parser(sub) -> None:
   p = sub.add_parser("stream-ppl", help="streaming perplexity through the fixed-size cache")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir or .gguf file")
+  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   p.add_argument("--text-file", help="UTF-8 text (default: the built-in text); repeats as documents if short")
   p.add_argument("--tokens", type=_int_at_least(2, ">= 2"), default=100_000, help="tokens to stream")
   p.add_argument("--segment", type=positive_int, default=20_000, help="tokens per reported segment")
