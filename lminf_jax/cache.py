@@ -27,6 +27,7 @@ import numpy as np
 from lminf_jax.attention.blockwise import Keys, after, scatter_layers
 from lminf_jax.attention.method import AttentionMethod, CachedLayer
 from lminf_jax.errors import UserError
+from lminf_jax.sharding import constrain, mesh_axis_size
 from lminf_jax.util.limits import INT32_MAX, check_fits, device_memory
 
 
@@ -68,14 +69,37 @@ def init_cache(config, spec: AttentionMethod, batch: int, max_len: int | None = 
   """An empty cache for `batch` rows under the attention `spec`, for up to `max_len` tokens
   (required by dense and infllm; a lambda or streaming cache without it takes any number)."""
   spec = config.resolve_attention(spec)
+  if mesh_axis_size("sequence") > 1:
+    raise UserError("a cache runs on data, fsdp and tensor mesh axes, not sequence-parallel: drop the sequence axis")
   layout = spec.cache_layout(max_len)
-  extra, shared = spec.init_extra(config, batch, layout, max_len)
-  kv = lambda length: jnp.zeros((config.num_layers, batch, config.num_kv_heads, length, config.head_dim),  # noqa: E731
-                                jnp.dtype(config.dtype))
-  index = lambda length, fill: jnp.full((batch, length), fill, jnp.int32)  # noqa: E731
-  return Cache(LayerKV(kv(layout.slots), kv(layout.slots), kv(layout.ring), kv(layout.ring), extra),
-               index(layout.slots, 0), index(layout.slots, -1), index(layout.ring, 0), index(layout.ring, -1),
-               jnp.zeros((batch,), jnp.int32), shared)
+
+  @jax.jit  # (under a mesh: each device allocates only its shard)
+  def make() -> Cache:
+    extra, shared = spec.init_extra(config, batch, layout, max_len)
+    kv = lambda length: jnp.zeros((config.num_layers, batch, config.num_kv_heads, length, config.head_dim),  # noqa: E731
+                                  jnp.dtype(config.dtype))
+    index = lambda length, fill: jnp.full((batch, length), fill, jnp.int32)  # noqa: E731
+    return placed(Cache(LayerKV(kv(layout.slots), kv(layout.slots), kv(layout.ring), kv(layout.ring), extra),
+                        index(layout.slots, 0), index(layout.slots, -1), index(layout.ring, 0), index(layout.ring, -1),
+                        jnp.zeros((batch,), jnp.int32), shared))
+
+  return make()
+
+
+_KV_AXES = ("layers", "cache_batch", "cache_heads", "cache_length", "cache_head_dim")
+
+
+def placed(cache: Cache) -> Cache:
+  """`cache` under its logical axes on the current mesh (nothing without one): keys and values
+  [L, B, K, S, H] over batch and kv heads, positions and indices [B, S] over batch; a method's own
+  arrays over batch (their axis 1 per layer, axis 0 shared). A length is never split."""
+  rest = lambda *axes: lambda x: constrain(x, *axes, *(None,) * (x.ndim - len(axes)))  # noqa: E731
+  kv = cache.kv
+  return Cache(LayerKV(*(constrain(x, *_KV_AXES) for x in kv[:4]), jax.tree.map(rest("layers", "cache_batch"),
+                                                                                  kv.extra)),
+               *(constrain(x, "cache_batch", "cache_length") for x in cache[1:5]), constrain(cache.next_idx,
+                                                                                           "cache_batch"),
+               jax.tree.map(rest("cache_batch"), cache.shared))
 
 
 def check_memory(config, attention, max_len: int | None = None, batch: int = 1) -> None:
@@ -93,9 +117,13 @@ def check_memory(config, attention, max_len: int | None = None, batch: int = 1) 
     return
   if max_len > INT32_MAX:
     raise UserError(f"{max_len} tokens are more than int32 positions hold (at most {INT32_MAX})")
-  shapes = jax.eval_shape(lambda: init_cache(config, spec, batch, max_len=max_len))
-  nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
-  check_fits(f"a {name} cache for {max_len} tokens", nbytes, memory)
+  make = lambda: init_cache(config, spec, batch, max_len=max_len)  # noqa: E731
+  if jax.sharding.get_abstract_mesh().empty:
+    nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make)))
+  else:  # each device's shard: the compiled allocation's output bytes (compiled, nothing allocated)
+    nbytes = jax.jit(make).lower().compile().memory_analysis().output_size_in_bytes
+  check_fits(f"a {name} cache for {max_len} tokens" + ("" if jax.sharding.get_abstract_mesh().empty else
+                                                      " per device"), nbytes, memory)
 
 
 def capacity(spec: AttentionMethod, cache: Cache, kv: LayerKV) -> int | None:

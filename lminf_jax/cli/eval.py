@@ -100,6 +100,7 @@ def _passkey_parser(sub) -> None:
   p.add_argument("--json", help="write every sample's result as JSON")
   p.add_argument("--plot", help="write a PNG heatmap: context length x needle depth, accuracy, a panel per method")
   add_attention_args(p, several=True, feeds=True)
+  add_mesh_args(p)
   p.set_defaults(func=cmd_passkey, attention="lambda,dense")
 
 
@@ -107,12 +108,13 @@ def cmd_passkey(args: argparse.Namespace) -> None:
   from lminf_jax.eval.passkey import NEW_TOKENS, PasskeyTask
 
   methods = methods_from_args(args)
-  config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
-  for spec in methods.values():
-    check_memory(config, spec, max(args.lengths) + NEW_TOKENS, batch=args.batch)
+  mesh, config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
   task = PasskeyTask(tuple(args.lengths), args.samples, args.seed, args.depth_buckets)
-  run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, args.plot,
-      f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
+  with mesh_context(mesh):
+    for spec in methods.values():
+      check_memory(config, spec, max(args.lengths) + NEW_TOKENS, batch=args.batch)
+    run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, args.plot,
+        f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
 
 
 def _ruler_parser(sub) -> None:
@@ -127,6 +129,7 @@ def _ruler_parser(sub) -> None:
   p.add_argument("--json", help="write every sample's result as JSON")
   p.add_argument("--plot", help="write a PNG heatmap: task x length, score, a panel per method")
   add_attention_args(p, several=True, feeds=True)
+  add_mesh_args(p)
   p.set_defaults(func=cmd_ruler, attention="lambda,dense")
 
 
@@ -135,14 +138,15 @@ def cmd_ruler(args: argparse.Namespace) -> None:
 
   methods = methods_from_args(args)
   tasks = ruler.task_names(args.tasks)
-  config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
+  mesh, config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
   most_new = max(ruler.TASKS[t].new_tokens for t in tasks)
-  for spec in methods.values():
-    check_memory(config, spec, max(args.lengths) + most_new, batch=args.batch)
   essay = read_text(args.haystack_file) if args.haystack_file else builtin_text()
   task = ruler.RulerTask(tuple(tasks), tuple(args.lengths), args.samples, args.seed, essay)
-  run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, args.plot,
-      f"RULER: {Path(args.ckpt).name}, {args.samples} samples per cell")
+  with mesh_context(mesh):
+    for spec in methods.values():
+      check_memory(config, spec, max(args.lengths) + most_new, batch=args.batch)
+    run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, args.plot,
+        f"RULER: {Path(args.ckpt).name}, {args.samples} samples per cell")
 
 
 def _longbench_parser(sub) -> None:
@@ -156,6 +160,7 @@ def _longbench_parser(sub) -> None:
   p.add_argument("--batch", type=positive_int, default=1, help="records decoded together")
   p.add_argument("--json", help="write every prediction, its score and the mean as JSON")
   add_attention_args(p, several=True, feeds=True)
+  add_mesh_args(p)
   p.set_defaults(func=cmd_longbench, attention="lambda")
 
 
@@ -168,15 +173,16 @@ def cmd_longbench(args: argparse.Namespace) -> None:
   records = longbench.read_jsonl(readable_file(args.data))
   if args.samples:
     records = records[:args.samples]
-  config, params, tokenizer = _load_for_answers(args, [(args.json, None)])
+  mesh, config, params, tokenizer = _load_for_answers(args, [(args.json, None)])
   max_length = args.max_length or config.max_position_embeddings - spec.max_new_tokens
   if max_length < 1:  # (derived: checked as a given one is)
     raise UserError(f"the model's training length {config.max_position_embeddings} leaves no room for a prompt "
                     f"before {args.task}'s {spec.max_new_tokens} new tokens: give --max-length")
-  for attention in methods.values():  # (a chat template adds a few tokens)
-    check_memory(config, attention, max_length + spec.max_new_tokens + 64, batch=args.batch)
   task = longbench.LongBenchTask(args.task, tuple(records), max_length, str(args.data))
-  run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json)
+  with mesh_context(mesh):
+    for attention in methods.values():  # (a chat template adds a few tokens)
+      check_memory(config, attention, max_length + spec.max_new_tokens + 64, batch=args.batch)
+    run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json)
 
 
 def register(sub) -> None:

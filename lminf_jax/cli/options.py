@@ -299,16 +299,18 @@ def methods_from_args(args: argparse.Namespace) -> dict:
 
 
 def _load_for_answers(args: argparse.Namespace, outputs: list[tuple[str | None, str]]):
-  """Checks the output files (path, suffix), then loads the model, which needs a tokenizer."""
+  """Checks the output files (path, suffix), then loads the model, which needs a tokenizer, on
+  the --mesh: (mesh or None, config, params, tokenizer)."""
   from lminf_jax.loading import load
 
   for path, suffix in outputs:
     if path is not None:
       check_output_file(Path(path), suffix)
-  config, params, tokenizer = load(Path(args.ckpt))
+  mesh = mesh_from_args(args)
+  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
-  return config, params, tokenizer
+  return mesh, config, params, tokenizer
 
 
 def _write_json(path: str | None, report: dict) -> None:

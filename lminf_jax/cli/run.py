@@ -11,7 +11,8 @@ import numpy as np
 
 from lminf_jax.cache import check_memory
 from lminf_jax.cli.options import (_int_at_least, add_attention_args, add_mesh_args, add_token_source_args,
-                                   attention_from_args, load_model_and_tokens, mesh_context, non_negative_int,
+                                   attention_from_args, load_model_and_tokens, mesh_context, mesh_from_args,
+                                   non_negative_int,
                                    place_tokens, positive_int, seed_int, temperature_float, top_p_float)
 from lminf_jax.errors import UserError
 from lminf_jax.eval.texts import builtin_text
@@ -36,15 +37,13 @@ def cmd_nll(args: argparse.Namespace) -> None:
   from lminf_jax.inference.forward import cached_token_nll, token_nll
 
   attention = attention_from_args(args, args.attention)
-  if args.cached and args.mesh:
-    raise UserError("--cached runs on one device; drop --mesh")
   out = check_output_file(Path(args.out), ".npy")
   mesh, config, params, ids, _ = load_model_and_tokens(args)
   if ids.size < 2:
     raise UserError(f"need at least 2 tokens, got {ids.size}")
-  check_memory(config, attention, int(ids.size) if args.cached else None)
   start = time.perf_counter()
   with mesh_context(mesh):
+    check_memory(config, attention, int(ids.size) if args.cached else None)
     tokens = place_tokens(jnp.asarray(ids)[None], mesh)
     if args.cached:
       nll = np.asarray(cached_token_nll(params, config, tokens, attention=attention, chunk=args.prefill_chunk))[0]
@@ -73,6 +72,7 @@ def _generate_parser(sub) -> None:
   p.add_argument("--seed", type=seed_int, default=0)
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   add_attention_args(p, feeds=True)
+  add_mesh_args(p)
   p.set_defaults(func=cmd_generate)
 
 
@@ -87,13 +87,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     raise UserError("empty prompt")
   attention = attention_from_args(args, args.attention)
   sampling = Sampling(args.temperature, args.top_k_sample, args.top_p)
-  config, params, tokenizer = load(Path(args.ckpt))
+  mesh = mesh_from_args(args)
+  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
   if not ids:
     raise UserError("empty prompt")
-  check_memory(config, attention, len(ids) + args.max_new_tokens)
+  with mesh_context(mesh):
+    check_memory(config, attention, len(ids) + args.max_new_tokens)
   generated: list[int] = []
   printed = [0]
 
@@ -105,8 +107,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     return np.asarray([interrupt.requested() or any(stop in text for stop in args.stop)])
 
   stats: dict = {}
-  generate(params, config, [ids], args.max_new_tokens, attention, sampling, jax.random.PRNGKey(args.seed),
-           chunk=args.prefill_chunk, on_tokens=on_tokens, stats=stats)
+  with mesh_context(mesh):
+    generate(params, config, [ids], args.max_new_tokens, attention, sampling, jax.random.PRNGKey(args.seed),
+             chunk=args.prefill_chunk, on_tokens=on_tokens, stats=stats)
   print(f"\n[prefill {stats['prompt_tokens']} tokens at {stats['prompt_tokens'] / stats['prefill_seconds']:.1f} tok/s, "
         f"decode {stats['new_tokens']} tokens at {stats['new_tokens'] / stats['decode_seconds']:.1f} tok/s "
         f"(compile included)]")
@@ -119,6 +122,7 @@ def _stream_ppl_parser(sub) -> None:
   p.add_argument("--tokens", type=_int_at_least(2, ">= 2"), default=100_000, help="tokens to stream")
   p.add_argument("--segment", type=positive_int, default=20_000, help="tokens per reported segment")
   add_attention_args(p, feeds=True)
+  add_mesh_args(p)
   p.set_defaults(func=cmd_stream_ppl, attention="lambda")
 
 
@@ -130,15 +134,17 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
   from lminf_jax.inference.stream import document_stream, peak_rss_mib, stream_nll
 
   attention = attention_from_args(args, args.attention)
-  config, params, tokenizer = load(Path(args.ckpt))
+  mesh = mesh_from_args(args)
+  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   text = read_text(args.text_file) if args.text_file else builtin_text()
   ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
   if ids.size < 2:
     raise UserError("the text has fewer than 2 tokens")
-  check_memory(config, attention, args.tokens)
-  cache = init_cache(config, attention, 1, max_len=args.tokens)
+  with mesh_context(mesh):
+    check_memory(config, attention, args.tokens)
+    cache = init_cache(config, attention, 1, max_len=args.tokens)
   total = args.tokens
   chunk = config.resolve_attention(attention).feed_chunk(args.prefill_chunk)
   chunks = document_stream(ids, total, config.bos_token_id, chunk)
@@ -150,7 +156,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
     tqdm.write(f"{index:>8} {span:>17} {mean:>9.4f} {rate:>9.1f} {rss:>13.0f}")
 
   start = time.perf_counter()
-  with tqdm(total=total, unit="tok", desc="stream-ppl") as bar:
+  with tqdm(total=total, unit="tok", desc="stream-ppl") as bar, mesh_context(mesh):
     nll = stream_nll(params, config, cache, chunks, total, attention, args.segment, report, bar)
   seconds = time.perf_counter() - start
   print(f"overall: mean NLL {nll.mean():.4f}, perplexity {np.exp(nll.mean()):.3f}, {total / seconds:.1f} tokens/s, "
