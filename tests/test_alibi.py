@@ -13,7 +13,7 @@ from naive_attention import default_inv_freq, naive_attention
 from test_attention import METHODS, _inputs
 
 from lminf_jax.attention import ALiBi, Dense, InfLLM, Lambda, Rotary, attend, resolve
-from lminf_jax.attention.kernels import Splash, kernel_sink_and_band
+from lminf_jax.attention.kernels import Splash
 from lminf_jax.errors import UserError
 from lminf_jax.positional import alibi_slopes
 
@@ -100,7 +100,7 @@ def test_splash_soft_caps_and_alibi_takes_xla():
   args = [jnp.asarray(x)[None] for x in (3 * q, 3 * k, v, np.arange(160))]
   spec = resolve(Lambda(n_global=4, n_local=40, chunk=32, key_block=32), 1)
   capped = Rotary(jnp.asarray(default_inv_freq(16)), 1.5)
-  o_kernel, _ = kernel_sink_and_band(spec, Splash(interpret=True), *args, capped)
+  o_kernel, _ = spec.kernel_attend(Splash(interpret=True), *args, capped)
   expected, _ = naive_attention(3 * q, 3 * k, v, np.arange(160), default_inv_freq(16), "lambda", softcap=1.5,
                                 n_global=4, n_local=40)
   np.testing.assert_allclose(np.asarray(o_kernel[0]), expected, atol=2e-5)

@@ -17,7 +17,7 @@ from naive_infllm import naive_infllm
 
 from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, SlidingWindow, Streaming, attend, resolve
 from lminf_jax.attention.infllm import infllm_attention
-from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band, kernel_sink_and_band
+from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band
 from lminf_jax.errors import UserError
 from lminf_jax.cache import init_cache
 from lminf_jax.inference.forward import token_nll
@@ -63,7 +63,7 @@ def test_kernel_path_equals_xla_and_naive(kernel, method):
   q, k, v, positions = _rows(7, 200, 4, 2, 16, pads=[0, 37], offset=10**8)
   inv_freq = default_inv_freq(16)
   args = [jnp.asarray(a) for a in (q, k, v, positions)] + [Rotary(jnp.asarray(inv_freq, jnp.float32))]
-  o_kernel, lse_kernel = kernel_sink_and_band(spec, KERNELS[kernel], *args)
+  o_kernel, lse_kernel = spec.kernel_attend(KERNELS[kernel], *args)
   o_xla, lse_xla = spec.xla_attend(*args)
   real = positions >= 0
   np.testing.assert_allclose(np.asarray(o_kernel), np.asarray(o_xla), atol=1e-5)
@@ -184,3 +184,32 @@ def test_kernel_refusals():
   q, k, v, positions = _rows(0, 8, 2, 1, 8, pads=[0], offset=0)
   with pytest.raises(UserError, match="cudnn kernel needs a GPU"):
     attend(*(jnp.asarray(a) for a in (q, k, v, positions)), Rotary(jnp.asarray(default_inv_freq(8), jnp.float32)), spec)
+
+
+def test_cudnn_behind_a_version_check_falls_back_to_xla(monkeypatch):
+  """jax's private cuDNN attention is used only on the jax releases it was checked against and
+  where it imports: elsewhere kernel=auto takes XLA with a one-line warning, and kernel=cudnn is
+  a one-line error."""
+  import sys
+  import warnings
+
+  from lminf_jax.attention import kernels
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert kernels.private_cudnn_attention() is not None  # (this jax: checked, and it imports)
+  assert kernels.flash_kernel("auto", jnp.bfloat16) == DotProductAttention("cudnn")
+  assert kernels.flash_kernel("cudnn", jnp.float16) == DotProductAttention("cudnn")
+  for patch in (lambda m: m.setattr(jax, "__version_info__", (0, 4, 35)),  # (an unchecked release)
+                lambda m: m.setitem(sys.modules, "jax._src.cudnn.fused_attention_stablehlo", None)):  # (no module)
+    with monkeypatch.context() as m:
+      patch(m)
+      assert kernels.private_cudnn_attention() is None
+      with pytest.warns(UserWarning, match="cuDNN attention .* kernel auto takes the XLA path") as record:
+        assert kernels.flash_kernel("auto", jnp.bfloat16) is None
+      assert len(record) == 1 and "\n" not in str(record[0].message)
+      with pytest.raises(UserError, match="private cuDNN attention .*use --kernel auto or xla") as error:
+        kernels.flash_kernel("cudnn", jnp.bfloat16)
+      assert "\n" not in str(error.value)
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.flash_kernel("auto", jnp.float32) is None  # (float32 on a GPU: XLA anyway, no warning)
