@@ -1,4 +1,5 @@
-"""The flash-kernel path (lminf_jax.attention.kernels) against the XLA path and the naive reference.
+"""The flash-kernel path (lminf_jax.attention.kernels) against the XLA path and the naive reference
+(every band method's: tests/methods/test_contract.py).
 
 Splash runs in interpret mode on the CPU; the cudnn path's masks and merge run through the same
 `jax.nn.dot_product_attention` call with implementation="xla" (cuDNN itself needs a GPU)."""
@@ -15,7 +16,7 @@ from helpers import run_cli
 from naive_attention import default_inv_freq, naive_attention
 from naive_infllm import naive_infllm
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, SlidingWindow, Streaming, attend, resolve
+from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, Streaming, attend, resolve
 from lminf_jax.attention.infllm import infllm_attention
 from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band
 from lminf_jax.errors import UserError
@@ -24,18 +25,6 @@ from lminf_jax.inference.forward import token_nll
 from lminf_jax.inference.generation import _feed, generate, left_pad, prefill
 
 KERNELS = {"splash": Splash(interpret=True), "dpa_xla": DotProductAttention("xla")}
-# name -> (spec, naive method and params); T = 200 (not a multiple of 128)
-METHODS = {
-    "lambda_window_below_t": (Lambda(n_global=5, n_local=48, limit=48), ("lambda", dict(n_global=5, n_local=48))),
-    "lambda_window_above_t": (Lambda(n_global=5, n_local=300, limit=300), ("lambda", dict(n_global=5, n_local=300))),
-    "lambda_limit_and_no_limit": (Lambda(n_global=3, n_local=40, limit=57, distance_limit=False),
-                                  ("lambda", dict(n_global=3, n_local=40, use_limit=False))),
-    "streaming": (Streaming(n_sink=4, n_recent=60), ("streaming", dict(n_sink=4, n_recent=60))),
-    "dense": (Dense(), ("dense", {})),
-    "sliding_window": (SlidingWindow(window=33), ("lambda", dict(n_global=0, n_local=33))),
-}
-
-
 def _rows(seed: int, t: int, n: int, kv: int, h: int, pads: list[int], offset: int):
   """A batch of left-padded rows: q [B,T,N,H], k/v [B,T,K,H], positions [B,T] (padding -1)."""
   rng = np.random.default_rng(seed)
@@ -53,24 +42,6 @@ def _naive_rows(q, k, v, positions, inv_freq, method, params):
     out[row, real] = naive_attention(q[row, real], k[row, real], v[row, real], pos[real], inv_freq, method,
                                      **params)[0]
   return out
-
-
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_kernel_path_equals_xla_and_naive(kernel, method):
-  spec, (naive_method, params) = METHODS[method]
-  spec = resolve(spec, max_position_embeddings=1)
-  q, k, v, positions = _rows(7, 200, 4, 2, 16, pads=[0, 37], offset=10**8)
-  inv_freq = default_inv_freq(16)
-  args = [jnp.asarray(a) for a in (q, k, v, positions)] + [Rotary(jnp.asarray(inv_freq, jnp.float32))]
-  o_kernel, lse_kernel = spec.kernel_attend(KERNELS[kernel], *args)
-  o_xla, lse_xla = spec.xla_attend(*args)
-  real = positions >= 0
-  np.testing.assert_allclose(np.asarray(o_kernel), np.asarray(o_xla), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(lse_kernel)[real], np.asarray(lse_xla)[real], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(o_kernel), _naive_rows(q, k, v, positions, inv_freq, naive_method, params),
-                             atol=1e-5)
-  assert np.all(np.asarray(o_kernel)[~real] == 0)
 
 
 @pytest.mark.parametrize("n_local", [40, 300])
