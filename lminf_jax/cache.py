@@ -111,8 +111,8 @@ def check_memory(config, attention, max_len: int | None = None, batch: int = 1) 
   name, memory = spec.name.lower(), device_memory()
   if window := spec.window_tokens():
     per_token = 2 * batch * config.num_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
-    check_fits(f"{name} attention over a window of {window} tokens", (window + getattr(spec, "chunk", 0)) * per_token,
-               memory)
+    chunk = 0 if spec.tiling() is None else spec.tiling().chunk  # (the chunk's own keys)
+    check_fits(f"{name} attention over a window of {window} tokens", (window + chunk) * per_token, memory)
   if max_len is None:
     return
   if max_len > INT32_MAX:

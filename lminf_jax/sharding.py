@@ -105,6 +105,13 @@ def logical_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], m
   return PartitionSpec(*spec)
 
 
+def head_spec(shape_btkh: tuple[int, ...], mesh, sequence: bool = False) -> PartitionSpec:
+  """The PartitionSpec that splits attention's inputs [B, T, K, H] by rows and kv heads (and its
+  queries [B, T, N, H] alike: whole GQA groups per shard) for a kernel run on each shard, T over
+  the `sequence` axis too if asked (its size must divide T); axes that do not divide are dropped."""
+  return logical_spec(("batch", "length" if sequence else None, "kv_heads", None), tuple(shape_btkh), mesh)
+
+
 def constrain(x: jnp.ndarray, *logical_axes: str | None) -> jnp.ndarray:
   """Sharding constraint by logical axes under the current mesh; a no-op without one (the names
   are checked either way)."""

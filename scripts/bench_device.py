@@ -112,7 +112,7 @@ def lse_precision(small: bool) -> None:
   """The merge's sensitivity to the precision of the band's log-sum-exp, in bf16: a kernel that
   accumulates in float32 (cuDNN on a GPU; elsewhere splash, interpreted) with its float32
   log-sum-exp, and the same rounded to bf16 as jax.nn.dot_product_attention returns cuDNN's."""
-  from lminf_jax.attention.kernels import DotProductAttention, Splash, kernel_sink_and_band
+  from lminf_jax.attention.kernels import DotProductAttention, Splash
 
   t, n, kv, h = (256, 9, 3, 64) if small else (1024, 9, 3, 64)
   f32 = inputs(t, n, kv, h, jnp.float32, offset=10**6)
@@ -124,7 +124,7 @@ def lse_precision(small: bool) -> None:
                      ("streaming", Streaming(n_sink=4, n_recent=t // 4))]:
     spec = resolve(spec, 8192)
     reference = spec.xla_attend(*f32, pe)[0]
-    diffs = [jnp.abs(kernel_sink_and_band(spec, k, *half, pe)[0].astype(jnp.float32) - reference)
+    diffs = [jnp.abs(spec.kernel_attend(k, *half, pe)[0].astype(jnp.float32) - reference)
              for k in (kernel, HalfLse(kernel))]
     print(f"  {name:<18} float32 lse: max {float(diffs[0].max()):.2e} mean {float(diffs[0].mean()):.2e}   "
           f"bf16 lse: max {float(diffs[1].max()):.2e} mean {float(diffs[1].mean()):.2e}")

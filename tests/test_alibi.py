@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive_attention import default_inv_freq, naive_attention
-from test_attention import METHODS, _inputs
+from methods.cases import Path, Sizes, with_path
+from test_attention import _inputs
 
 from lminf_jax.attention import ALiBi, Dense, InfLLM, Lambda, Rotary, attend, resolve
-from lminf_jax.attention.kernels import Splash, kernel_sink_and_band
+from lminf_jax.attention.kernels import Splash
 from lminf_jax.errors import UserError
 from lminf_jax.positional import alibi_slopes
 
@@ -24,30 +25,32 @@ def _attend(q, k, v, positions, pe, spec):
 
 
 @settings(max_examples=40, deadline=None)
-@given(method=st.sampled_from(sorted(METHODS)), t=st.integers(1, 60), n_start=st.integers(0, 10),
+@given(case=st.sampled_from(with_path(Path.MASKED)), t=st.integers(1, 60), n_start=st.integers(0, 10),
        window=st.integers(1, 70), chunk=st.integers(1, 40), key_block=st.integers(1, 50), kv=st.integers(1, 3),
        groups=st.sampled_from([1, 2, 3]), h=st.sampled_from([4, 8]), offset=st.sampled_from([0, 37, 10**8]),
        softcap=st.sampled_from([None, 1.5]), seed=st.integers(0, 2**16))
-def test_alibi_matches_naive(method, t, n_start, window, chunk, key_block, kv, groups, h, offset, softcap, seed):
+def test_alibi_matches_naive(case, t, n_start, window, chunk, key_block, kv, groups, h, offset, softcap, seed):
   """Every band method with ALiBi (and soft-capping): the bias of the method's own distances,
   the same at offset 10^8 as at 0."""
   q, k, v = _inputs(seed, t, kv, groups, h)
   q, k = 3 * q, 3 * k  # (logits of several units, so the cap bites)
   slopes = alibi_slopes(kv * groups)
-  spec, (naive_method, params) = METHODS[method](n_start, window, chunk, key_block)
+  sizes = Sizes(n_start, window, chunk, key_block)
+  spec, (naive_method, params) = case.make(sizes), case.naive(sizes)
   expected, _ = naive_attention(q, k, v, None, None, naive_method, alibi_slopes=slopes, softcap=softcap, **params)
   ours = _attend(q, k, v, np.arange(t) + offset, ALiBi(jnp.asarray(slopes), softcap), spec)
   np.testing.assert_allclose(ours, expected, atol=2e-5)
 
 
 @settings(max_examples=25, deadline=None)
-@given(method=st.sampled_from(sorted(METHODS)), t=st.integers(1, 60), n_start=st.integers(0, 10),
+@given(case=st.sampled_from(with_path(Path.MASKED)), t=st.integers(1, 60), n_start=st.integers(0, 10),
        window=st.integers(1, 70), chunk=st.integers(1, 40), kv=st.integers(1, 2), groups=st.sampled_from([1, 2]),
        offset=st.integers(0, 1000), seed=st.integers(0, 2**16))
-def test_rope_softcap_matches_naive(method, t, n_start, window, chunk, kv, groups, offset, seed):
+def test_rope_softcap_matches_naive(case, t, n_start, window, chunk, kv, groups, offset, seed):
   q, k, v = _inputs(seed, t, kv, groups, 8)
   q, k = 3 * q, 3 * k
-  spec, (naive_method, params) = METHODS[method](n_start, window, chunk, 16)
+  sizes = Sizes(n_start, window, chunk, 16)
+  spec, (naive_method, params) = case.make(sizes), case.naive(sizes)
   positions = np.arange(t) + offset
   expected, _ = naive_attention(q, k, v, positions, default_inv_freq(8), naive_method, softcap=2.0, **params)
   ours = _attend(q, k, v, positions, Rotary(jnp.asarray(default_inv_freq(8)), 2.0), spec)
@@ -100,7 +103,7 @@ def test_splash_soft_caps_and_alibi_takes_xla():
   args = [jnp.asarray(x)[None] for x in (3 * q, 3 * k, v, np.arange(160))]
   spec = resolve(Lambda(n_global=4, n_local=40, chunk=32, key_block=32), 1)
   capped = Rotary(jnp.asarray(default_inv_freq(16)), 1.5)
-  o_kernel, _ = kernel_sink_and_band(spec, Splash(interpret=True), *args, capped)
+  o_kernel, _ = spec.kernel_attend(Splash(interpret=True), *args, capped)
   expected, _ = naive_attention(3 * q, 3 * k, v, np.arange(160), default_inv_freq(16), "lambda", softcap=1.5,
                                 n_global=4, n_local=40)
   np.testing.assert_allclose(np.asarray(o_kernel[0]), expected, atol=2e-5)

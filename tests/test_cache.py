@@ -1,4 +1,5 @@
-"""Fixed-size caches: chunked and token-by-token feeding equal the one-shot forward."""
+"""Fixed-size caches: chunked and token-by-token feeding equal the one-shot forward (every method's:
+tests/methods/test_contract.py), left padding, positions at 1e8 and with gaps, capacity."""
 
 from __future__ import annotations
 
@@ -7,21 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import feed_cached, run_cli
+from methods.cases import BY_NAME, model_spec
 
 from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming, resolve
 from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
-from lminf_jax.inference.forward import cached_token_nll, forward, forward_cached, token_nll
+from lminf_jax.inference.forward import forward, forward_cached
 from lminf_jax.inference.generation import Sampling, decode
 from lminf_jax.inference.stream import stream_nll
-
-SPECS = {
-    "dense": lambda c: Dense(chunk=c, key_block=8),
-    "lambda": lambda c: Lambda(n_global=3, n_local=20, chunk=c, key_block=8),
-    "lambda_no_limit": lambda c: Lambda(n_global=3, n_local=20, distance_limit=False, chunk=c, key_block=8),
-    "streaming": lambda c: Streaming(n_sink=2, n_recent=17, chunk=c, key_block=8),
-}
-
 
 @pytest.fixture(scope="module")
 def model(tiny_model):
@@ -31,35 +25,9 @@ def model(tiny_model):
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, size=(2, 90)), jnp.int32)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 16, 45, 90])
-@pytest.mark.parametrize("method", sorted(SPECS))
-def test_cached_chunked_nll_equals_one_shot(model, method, chunk):
-  config, params, _ = model
-  spec = SPECS[method](chunk)
-  expected = np.asarray(token_nll(params, config, TOKENS, attention=spec))
-  got = np.asarray(cached_token_nll(params, config, TOKENS, attention=spec, chunk=chunk))
-  np.testing.assert_allclose(got, expected, atol=1e-4)
-
-
-@pytest.mark.parametrize("method", ["lambda", "streaming", "dense"])
-def test_decode_logits_equal_one_shot(model, method):
-  """Prefill 30 tokens in one chunk, then decode one token at a time: logits match the one-shot ones."""
-  config, params, _ = model
-  spec = resolve(SPECS[method](16), config.max_position_embeddings)
-  t = TOKENS.shape[1]
-  expected = np.asarray(forward(params, config, TOKENS, attention=spec))
-  cache = init_cache(config, spec, 2, max_len=t)
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), TOKENS.shape)
-  logits, cache = forward_cached(params, config, cache, TOKENS[:, :30], positions[:, :30], spec)
-  np.testing.assert_allclose(np.asarray(logits), expected[:, :30], atol=1e-4)
-  for i in range(30, t):
-    logits, cache = forward_cached(params, config, cache, TOKENS[:, i:i + 1], positions[:, i:i + 1], spec)
-    np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, i], atol=1e-4)
-
-
 def test_left_padded_batch_equals_each_row_alone(model):
   config, params, _ = model
-  spec = resolve(SPECS["lambda"](8), config.max_position_embeddings)
+  spec = resolve(model_spec(BY_NAME["lambda"], 8), config.max_position_embeddings)
   pad = 11
   row = TOKENS[1, :60]
   tokens = jnp.stack([jnp.concatenate([jnp.zeros(pad, jnp.int32), row[:60 - pad]]), row])
@@ -80,7 +48,7 @@ def test_left_padded_batch_equals_each_row_alone(model):
 @pytest.mark.parametrize("method", ["lambda", "streaming"])
 def test_stream_at_position_offset_1e8_equals_offset_0(model, method, chunks):
   config, params, _ = model
-  spec = resolve(SPECS[method](10), config.max_position_embeddings)
+  spec = resolve(model_spec(BY_NAME[method], 10), config.max_position_embeddings)
   run = lambda offset: feed_cached(params, config, spec, TOKENS, jnp.broadcast_to(  # noqa: E731
       jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape), chunks)
   np.testing.assert_allclose(run(10**8), run(0), atol=1e-4)
@@ -90,7 +58,7 @@ def test_stream_at_position_offset_1e8_equals_offset_0(model, method, chunks):
 def test_decode_with_position_gaps_equals_one_shot(model, method):
   """Positions that jump (by more than the ring) inside the window: decoding must still match."""
   config, params, _ = model
-  spec = resolve(SPECS[method](16), config.max_position_embeddings)
+  spec = resolve(model_spec(BY_NAME[method], 16), config.max_position_embeddings)
   positions = jnp.broadcast_to(jnp.asarray(np.r_[0:40, 1040:1060, 5060:5090], jnp.int32), TOKENS.shape)
   expected = np.asarray(forward(params, config, TOKENS, positions, attention=spec))
   got = feed_cached(params, config, spec, TOKENS, positions, [30] + [1] * 60, max_len=90)
@@ -99,7 +67,7 @@ def test_decode_with_position_gaps_equals_one_shot(model, method):
 
 def test_cache_size_does_not_grow(model):
   config, params, _ = model
-  spec = resolve(SPECS["lambda"](8), config.max_position_embeddings)
+  spec = resolve(model_spec(BY_NAME["lambda"], 8), config.max_position_embeddings)
   cache = init_cache(config, spec, 2)
   shapes = jax.tree.map(lambda x: (x.shape, x.dtype), cache)
   size = sum(x.nbytes for x in jax.tree.leaves(cache))
@@ -116,7 +84,7 @@ def test_feeding_past_a_dense_cache_is_an_error_and_leaves_it_usable(model):
   """A dense cache of 40 takes 40 tokens; more (which would wrap it into a sliding window) is
   refused by forward_cached, decode and stream_nll before anything is written or donated."""
   config, params, _ = model
-  spec = resolve(SPECS["dense"](8), config.max_position_embeddings)
+  spec = resolve(model_spec(BY_NAME["dense"], 8), config.max_position_embeddings)
   positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32), TOKENS.shape)
   expected = np.asarray(forward(params, config, TOKENS[:, :40], attention=spec))
   cache = init_cache(config, spec, 2, max_len=40)

@@ -97,3 +97,29 @@ def test_every_command_keeps_its_flags():
   commands = build_parser()._subparsers._group_actions[0].choices
   got = {name: sorted(s for a in p._actions for s in (a.option_strings or [a.dest])) for name, p in commands.items()}
   assert got == expected
+
+
+def test_a_new_built_in_with_its_own_chunk_help_renames_no_flag(monkeypatch):
+  """Flag names are declared with the options (`option(..., per_method=True)`), not inferred from
+  help texts: a new built-in whose `chunk` help differs keeps --chunk one flag for every method."""
+  from lminf_jax.attention import Dense, option
+  from lminf_jax.attention import registry
+  from lminf_jax.cli import options
+
+  @dataclasses.dataclass(frozen=True)
+  class Other(Dense):
+    chunk: int = option(64, "queries per step, in another method's words", minimum=1)
+    top_k: int = option(2, "another method's top_k, with its own flag", minimum=1, per_method=True)
+
+  monkeypatch.setitem(registry.ATTENTION_METHODS, "other", Other)
+  options._attention_flags.cache_clear()
+  try:
+    flags = {a.flag: a.methods for a in options._attention_flags()}
+    assert flags["chunk"] is None and "other-chunk" not in flags and "dense-chunk" not in flags
+    assert flags["other-top-k"] == ("other",) and flags["lambda-top-k"] == ("lambda",) and "top-k" not in flags
+    args = build_parser().parse_args(["ppl", "ckpt", "--attention", "other,lambda", "--chunk", "32",
+                                      "--other-top-k", "3"])
+    assert attention_from_args(args, "other") == Other(chunk=32, top_k=3)
+    assert attention_from_args(args, "lambda") == Lambda(chunk=32)
+  finally:
+    options._attention_flags.cache_clear()

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import feed_cached
+from methods.cases import BY_NAME, Path, model_spec, with_path
 from naive_attention import default_inv_freq, naive_attention
 from test_attention import _inputs
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, Streaming, attend, resolve
+from lminf_jax.attention import InfLLM, Lambda, Rotary, attend, resolve
 from lminf_jax.attention.per_layer import PerLayer
 from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
@@ -22,13 +23,6 @@ from lminf_jax.loading import load
 from lminf_jax.models.config import LlamaConfig
 
 TOKENS = np.random.default_rng(1).integers(0, 97, size=(2, 90))
-SPECS = {
-    "dense": Dense(chunk=16, key_block=8),
-    "lambda": Lambda(n_global=3, n_local=20, chunk=16, key_block=8),
-    "lambda_no_limit": Lambda(n_global=3, n_local=20, distance_limit=False, chunk=16, key_block=8),
-    "streaming": Streaming(n_sink=2, n_recent=17, chunk=16, key_block=8),
-    "infllm": InfLLM(n_init=4, n_local=24, block_size=8, repr_tokens=2, top_k=2, chunk=16),
-}
 
 
 @pytest.fixture(scope="module", params=["mpt", "gemma2", "gemma3_text"])
@@ -43,19 +37,19 @@ def family(request, tmp_path_factory):
   return config, params
 
 
-@pytest.mark.parametrize("method", sorted(SPECS))
-def test_every_method_cached_and_decoded_equals_one_shot(family, method):
+@pytest.mark.parametrize("case", with_path(Path.CACHED) + with_path(Path.OWN_CHUNKS), ids=repr)
+def test_every_method_cached_and_decoded_equals_one_shot(family, case):
   """Chunked cached NLL and token-by-token decoding (after a 30-token prefill) equal the one-shot
-  forward, with windows (20, 17 + 2, 24; the Gemmas' 8) far shorter than the 90 tokens."""
+  forward, with windows (20 and 3 starting tokens; the Gemmas' 8) far shorter than the 90 tokens."""
   config, params = family
-  spec = config.resolve_attention(SPECS[method])
+  spec = config.resolve_attention(model_spec(case, 16))
   tokens = jnp.asarray(TOKENS)
   expected_nll = np.asarray(token_nll(params, config, tokens, attention=spec))
   np.testing.assert_allclose(np.asarray(cached_token_nll(params, config, tokens, attention=spec, chunk=16)),
                              expected_nll, atol=1e-4)
   positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32), tokens.shape)
   expected = np.asarray(forward(params, config, tokens, attention=spec))
-  chunks = [32] + [16] * 3 + [10] if method == "infllm" else [30] + [1] * 60  # (infllm: its own chunks)
+  chunks = [32] + [16] * 3 + [10] if case.supports(Path.OWN_CHUNKS) else [30] + [1] * 60  # (infllm: its own chunks)
   got = feed_cached(params, config, spec, tokens, positions, chunks, max_len=90)
   np.testing.assert_allclose(got, expected, atol=1e-4)
 
@@ -63,7 +57,7 @@ def test_every_method_cached_and_decoded_equals_one_shot(family, method):
 @pytest.mark.parametrize("method", ["lambda", "streaming", "infllm"])
 def test_stream_at_offset_1e8_equals_offset_0(family, method):
   config, params = family
-  spec = config.resolve_attention(SPECS[method])
+  spec = config.resolve_attention(model_spec(BY_NAME[method], 16))
   chunks = [16] * 5 + [10] if method == "infllm" else [30] + [1] * 60
   run = lambda offset: feed_cached(params, config, spec, jnp.asarray(TOKENS), jnp.broadcast_to(  # noqa: E731
       jnp.arange(90, dtype=jnp.int32) + offset, TOKENS.shape), chunks, max_len=90)

@@ -1,4 +1,5 @@
-"""The flash-kernel path (lminf_jax.attention.kernels) against the XLA path and the naive reference.
+"""The flash-kernel path (lminf_jax.attention.kernels) against the XLA path and the naive reference
+(every band method's: tests/methods/test_contract.py).
 
 Splash runs in interpret mode on the CPU; the cudnn path's masks and merge run through the same
 `jax.nn.dot_product_attention` call with implementation="xla" (cuDNN itself needs a GPU)."""
@@ -15,27 +16,15 @@ from helpers import run_cli
 from naive_attention import default_inv_freq, naive_attention
 from naive_infllm import naive_infllm
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, SlidingWindow, Streaming, attend, resolve
+from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, Streaming, attend, resolve
 from lminf_jax.attention.infllm import infllm_attention
-from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band, kernel_sink_and_band
+from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band
 from lminf_jax.errors import UserError
 from lminf_jax.cache import init_cache
 from lminf_jax.inference.forward import token_nll
 from lminf_jax.inference.generation import _feed, generate, left_pad, prefill
 
 KERNELS = {"splash": Splash(interpret=True), "dpa_xla": DotProductAttention("xla")}
-# name -> (spec, naive method and params); T = 200 (not a multiple of 128)
-METHODS = {
-    "lambda_window_below_t": (Lambda(n_global=5, n_local=48, limit=48), ("lambda", dict(n_global=5, n_local=48))),
-    "lambda_window_above_t": (Lambda(n_global=5, n_local=300, limit=300), ("lambda", dict(n_global=5, n_local=300))),
-    "lambda_limit_and_no_limit": (Lambda(n_global=3, n_local=40, limit=57, distance_limit=False),
-                                  ("lambda", dict(n_global=3, n_local=40, use_limit=False))),
-    "streaming": (Streaming(n_sink=4, n_recent=60), ("streaming", dict(n_sink=4, n_recent=60))),
-    "dense": (Dense(), ("dense", {})),
-    "sliding_window": (SlidingWindow(window=33), ("lambda", dict(n_global=0, n_local=33))),
-}
-
-
 def _rows(seed: int, t: int, n: int, kv: int, h: int, pads: list[int], offset: int):
   """A batch of left-padded rows: q [B,T,N,H], k/v [B,T,K,H], positions [B,T] (padding -1)."""
   rng = np.random.default_rng(seed)
@@ -53,24 +42,6 @@ def _naive_rows(q, k, v, positions, inv_freq, method, params):
     out[row, real] = naive_attention(q[row, real], k[row, real], v[row, real], pos[real], inv_freq, method,
                                      **params)[0]
   return out
-
-
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_kernel_path_equals_xla_and_naive(kernel, method):
-  spec, (naive_method, params) = METHODS[method]
-  spec = resolve(spec, max_position_embeddings=1)
-  q, k, v, positions = _rows(7, 200, 4, 2, 16, pads=[0, 37], offset=10**8)
-  inv_freq = default_inv_freq(16)
-  args = [jnp.asarray(a) for a in (q, k, v, positions)] + [Rotary(jnp.asarray(inv_freq, jnp.float32))]
-  o_kernel, lse_kernel = kernel_sink_and_band(spec, KERNELS[kernel], *args)
-  o_xla, lse_xla = spec.xla_attend(*args)
-  real = positions >= 0
-  np.testing.assert_allclose(np.asarray(o_kernel), np.asarray(o_xla), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(lse_kernel)[real], np.asarray(lse_xla)[real], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(o_kernel), _naive_rows(q, k, v, positions, inv_freq, naive_method, params),
-                             atol=1e-5)
-  assert np.all(np.asarray(o_kernel)[~real] == 0)
 
 
 @pytest.mark.parametrize("n_local", [40, 300])
@@ -184,3 +155,32 @@ def test_kernel_refusals():
   q, k, v, positions = _rows(0, 8, 2, 1, 8, pads=[0], offset=0)
   with pytest.raises(UserError, match="cudnn kernel needs a GPU"):
     attend(*(jnp.asarray(a) for a in (q, k, v, positions)), Rotary(jnp.asarray(default_inv_freq(8), jnp.float32)), spec)
+
+
+def test_cudnn_behind_a_version_check_falls_back_to_xla(monkeypatch):
+  """jax's private cuDNN attention is used only on the jax releases it was checked against and
+  where it imports: elsewhere kernel=auto takes XLA with a one-line warning, and kernel=cudnn is
+  a one-line error."""
+  import sys
+  import warnings
+
+  from lminf_jax.attention import kernels
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert kernels.private_cudnn_attention() is not None  # (this jax: checked, and it imports)
+  assert kernels.flash_kernel("auto", jnp.bfloat16) == DotProductAttention("cudnn")
+  assert kernels.flash_kernel("cudnn", jnp.float16) == DotProductAttention("cudnn")
+  for patch in (lambda m: m.setattr(jax, "__version_info__", (0, 4, 35)),  # (an unchecked release)
+                lambda m: m.setitem(sys.modules, "jax._src.cudnn.fused_attention_stablehlo", None)):  # (no module)
+    with monkeypatch.context() as m:
+      patch(m)
+      assert kernels.private_cudnn_attention() is None
+      with pytest.warns(UserWarning, match="cuDNN attention .* kernel auto takes the XLA path") as record:
+        assert kernels.flash_kernel("auto", jnp.bfloat16) is None
+      assert len(record) == 1 and "\n" not in str(record[0].message)
+      with pytest.raises(UserError, match="private cuDNN attention .*use --kernel auto or xla") as error:
+        kernels.flash_kernel("cudnn", jnp.bfloat16)
+      assert "\n" not in str(error.value)
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.flash_kernel("auto", jnp.float32) is None  # (float32 on a GPU: XLA anyway, no warning)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 from helpers import run_cli, tiny_hf_model
+from methods.cases import BY_NAME, Sizes
 from naive_attention import _mask_and_distance, _params
 
 from lminf_jax.attention import Dense, Lambda, Streaming, resolve
@@ -95,21 +96,16 @@ def _reference_loss(params, config, tokens_bt, allowed_tt, dist_tt):
   return -jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1).mean()
 
 
-METHODS = {
-    "lambda": (Lambda(n_global=3, n_local=7, limit=9, chunk=8, key_block=4), dict(n_global=3, n_local=7, limit=9)),
-    "lambda_no_limit": (Lambda(n_global=2, n_local=5, distance_limit=False, chunk=4, key_block=8),
-                        dict(n_global=2, n_local=5, use_limit=False)),
-    "streaming": (Streaming(n_sink=2, n_recent=9, chunk=8, key_block=4), dict(n_sink=2, n_recent=9)),
-}
+# (the rows of tests/methods/cases.py whose reference is a mask and distances, at sizes of their own)
+BANDED = [("lambda_limit", Sizes(3, 7, 8, 4)), ("lambda_no_limit", Sizes(2, 5, 4, 8)), ("streaming", Sizes(2, 9, 8, 4))]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_banded_gradients_match_a_dense_masked_reference(tiny_model, name):
+@pytest.mark.parametrize("name, sizes", BANDED, ids=[name for name, _ in BANDED])
+def test_banded_gradients_match_a_dense_masked_reference(tiny_model, name, sizes):
   config, params, _ = tiny_model
-  spec, naive = METHODS[name]
+  spec, (method, naive) = BY_NAME[name].make(sizes), BY_NAME[name].naive(sizes)
   tokens = _tokens(2, 30, seed=1)
   t = tokens.shape[1]
-  method = name.split("_")[0]
   dummy = np.zeros((t, config.num_heads, config.head_dim))
   allowed, dist = _mask_and_distance(dummy, dummy[:, : config.num_kv_heads], None, np.arange(t), method,
                                      _params(method, naive))

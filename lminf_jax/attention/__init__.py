@@ -2,7 +2,8 @@
 
 `attend(q, k, v, positions, pe, spec, layer)` is the one entry point the model calls for
 a one-shot forward (`pe`: `Rotary` or `ALiBi`, lminf_jax.positional); lminf_jax.cache calls a spec's cached attention. A new method is one
-subclass of `AttentionMethod` (lminf_jax.attention.method), in any module.
+subclass of `AttentionMethod` (lminf_jax.attention.method), in any module (and of `Tiling`, for a
+blockwise method's chunk, key_block and kernel options).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from lminf_jax.attention.blockwise import Keys
 from lminf_jax.attention.dense import Dense, SlidingWindow
 from lminf_jax.attention.infllm import InfLLM
 from lminf_jax.attention.lminfinite import Lambda
-from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, option
+from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, Tiling, option
 from lminf_jax.attention.registry import ATTENTION_METHODS, method_class, resolve
 from lminf_jax.attention.streaming import Streaming
 from lminf_jax.errors import UserError
@@ -24,7 +25,7 @@ from lminf_jax.sharding import mesh_axis_size
 
 __all__ = ["ALiBi", "ATTENTION_METHODS", "AtDistance", "AttentionMethod", "Band", "BandMethod", "CacheLayout",
            "CachedLayer", "Dense", "InCache", "InfLLM", "Keys", "Lambda", "Positional", "Rotary", "SlidingWindow",
-           "Streaming", "TrueDistance", "attend", "method_class", "option", "resolve"]
+           "Streaming", "Tiling", "TrueDistance", "attend", "method_class", "option", "resolve"]
 
 
 def attend(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,

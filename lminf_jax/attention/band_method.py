@@ -9,21 +9,24 @@ import functools
 
 import jax.numpy as jnp
 
+from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention import ring
-from lminf_jax.attention.banded import Band, attend_one, band_attention, sink_and_band
+from lminf_jax.attention.banded import Band, add_starting_keys, attend_one, band_attention, sink_and_band, \
+    starting_keys
 from lminf_jax.attention.blockwise import Keys
-from lminf_jax.attention.kernels import flash_kernel, kernel_sink_and_band, on_mesh, xla_gradient
-from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
+from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, merge, on_mesh, xla_gradient
+from lminf_jax.attention.method import CachedLayer, CacheLayout, Tiling
 from lminf_jax.attention.sequence_parallel import sequence_parallel_band
 from lminf_jax.sharding import mesh_axis_size
 
 
-class BandMethod(AttentionMethod):
+class BandMethod(Tiling):
   """A method that is a `Band` (from its spec's `band()`): one-shot, sequence-parallel, cached and
   decode attention all follow from it. Its cache keeps the n_start first tokens and a ring of
   the window (or of `max_len` tokens, if fewer: then it refuses more)."""
 
   sequence_parallel = True
+  ring_may_grow = True  # (it masks by its own window in a longer ring)
 
   @abc.abstractmethod
   def band(self) -> Band:
@@ -38,13 +41,36 @@ class BandMethod(AttentionMethod):
     kernel = flash_kernel(self.kernel, q_btnh.dtype, pe)
     if kernel is None:
       return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)
-    fast = functools.partial(kernel_sink_and_band, self, kernel)
+    fast = functools.partial(self.kernel_attend, kernel)
     return on_mesh(functools.partial(xla_gradient, fast, self.xla_attend), q_btnh, k_btkh, v_btkh, positions_bt,
                    pe)
 
   def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(out [B,T,N,H], lse [B,T,N]) on one device through XLA: the kernel path's reference and gradient."""
     return sink_and_band(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.chunk, self.key_block, self.band())
+
+  def kernel_attend(self, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, positions_bt,
+                    pe) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(out [B,T,N,H], lse [B,T,N]) on one device with the band through `kernel`, merged with the
+    starting keys (XLA, in float32): q [B,T,N,H], k/v [B,T,K,H] before RoPE."""
+    band = self.band()
+    o_band, lse_band = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, pe, band.window, kernel)
+    if not band.n_start:
+      return o_band.astype(q_btnh.dtype), lse_band
+    positions_bt = positions_bt.astype(jnp.int32)
+    idx_bt = bw.sequence_index(positions_bt)
+    keys = Keys(jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt, idx_bt)
+    starts = starting_keys(keys, min(band.n_start, q_btnh.shape[1]))
+    kv = k_btkh.shape[2]
+
+    def starts_step(ci, q_bcnh, pos_bc, idx_bc):
+      state = bw.init_state(bw.tile_rows(q_bcnh, kv))
+      state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, pos_bc[:, -1:], starts, pe, band.window,
+                                band.rotation)
+      return bw.finish(state, q_bcnh.shape[1], jnp.float32)
+
+    o_start, lse_start = bw.over_query_chunks(starts_step, q_btnh, positions_bt, idx_bt, self.chunk)
+    return merge(o_band, lse_band, o_start, lse_start, q_btnh.dtype)
 
   def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
     return self.band_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)[0]

@@ -200,6 +200,14 @@ def over_query_chunks(chunk_step, q_btnh: jnp.ndarray, positions_bt: jnp.ndarray
   return unsplit_chunks(o_nbcnh, t), unsplit_chunks(lse_nbcn, t)
 
 
+def roll_padding(x_bt: jnp.ndarray, pads_b: jnp.ndarray) -> jnp.ndarray:
+  """Each row [B, T, ...] rolled left by its `pads_b` [B]: column c holds entry (c + pads) % T, so
+  a row's left padding moves to its end (into every real query's future); -pads rolls it back."""
+  t = x_bt.shape[1]
+  from_bt = (jnp.arange(t)[None] + pads_b[:, None]) % t
+  return jnp.take_along_axis(x_bt, from_bt.reshape(from_bt.shape + (1,) * (x_bt.ndim - 2)), axis=1)
+
+
 def count_on(x_bt: jnp.ndarray, pad: int) -> jnp.ndarray:
   """Appends `pad` columns that continue each row's count (last value + 1, + 2, ...)."""
   return jnp.concatenate([x_bt, x_bt[:, -1:] + 1 + jnp.arange(pad, dtype=x_bt.dtype)], axis=1)

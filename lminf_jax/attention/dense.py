@@ -16,24 +16,15 @@ import jax.numpy as jnp
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.band_method import BandMethod
 from lminf_jax.attention.banded import Band, TrueDistance
-from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS
 from lminf_jax.attention.method import CacheLayout, option
 from lminf_jax.errors import UserError
 from lminf_jax.positional import Positional
 from lminf_jax.sharding import mesh_axis_size, warn_dense_all_gather
 
-CHUNK_HELP = "query chunk length of the blockwise attention (a memory and speed knob)"
-KEY_BLOCK_HELP = "key block length of the blockwise attention (a memory and speed knob)"
-
-
 @dataclasses.dataclass(frozen=True)
 class Dense(BandMethod):
   """Ordinary causal attention (flash-style blockwise, O(T^2) time, O(T*C) memory). Its cache is a
   ring of max_len tokens that refuses more."""
-
-  chunk: int = option(512, CHUNK_HELP, minimum=1)
-  key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
-  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def band(self) -> Band:
     return Band(0, bw.FUTURE, TrueDistance())
@@ -67,9 +58,6 @@ class SlidingWindow(BandMethod):
   """A model's own sliding window: each query sees its last `window` keys at true distance."""
 
   window: int = option(4096, "keys each query sees, its own included", minimum=1)
-  chunk: int = option(512, CHUNK_HELP, minimum=1)
-  key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
-  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def band(self) -> Band:
     return Band(0, self.window, TrueDistance())

@@ -36,11 +36,8 @@ import jax.numpy as jnp
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention import ring
 from lminf_jax.attention.blockwise import Keys
-from lminf_jax.attention.dense import CHUNK_HELP, KEY_BLOCK_HELP
-from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS, FlashKernel, flash_band, flash_kernel, merge, on_mesh, \
-    xla_gradient
-from lminf_jax.attention.lminfinite import N_LOCAL_HELP
-from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, option
+from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, merge, on_mesh, xla_gradient
+from lminf_jax.attention.method import N_LOCAL_HELP, CachedLayer, CacheLayout, Tiling, option
 from lminf_jax.errors import UserError
 
 
@@ -55,7 +52,7 @@ class Pool(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class InfLLM(AttentionMethod):
+class InfLLM(Tiling):
   """InfLLM: n_init starting tokens + an n_local window + a memory of evicted tokens in blocks of
   block_size, of which each query chunk attends the top_k most relevant. `chunk` is part of the
   semantics here: retrieval happens once per query chunk, and a cache is fed `chunk` tokens at a
@@ -65,12 +62,10 @@ class InfLLM(AttentionMethod):
   n_local: int | None = option(None, N_LOCAL_HELP, minimum=1, model_default=True)
   block_size: int = option(128, "tokens per memory block", minimum=1)
   repr_tokens: int = option(4, "tokens behind a block's representative key", minimum=1)
-  top_k: int = option(16, "memory blocks retrieved per query chunk", minimum=1)
-  chunk: int = option(512, CHUNK_HELP, minimum=1)
+  top_k: int = option(16, "memory blocks retrieved per query chunk", minimum=1, per_method=True)
+  chunk: int  # (Tiling's option, here in the order of the fields)
   capacity_blocks: int | None = option(None, "block pool size (default: every block the input forms)",
                                        minimum=0)
-  key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
-  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def __post_init__(self):
     super().__post_init__()
@@ -295,15 +290,14 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, spec,
   # Left-padded rows are rotated to start at index 0, so chunks and blocks line up in every row
   # (the padding, now at the end, lies in every real query's future).
   pad_b = jnp.sum(positions_bt < 0, axis=1, dtype=jnp.int32)
-  rotate = lambda x, by: jnp.take_along_axis(  # noqa: E731
-      x, ((jnp.arange(t) + by[:, None]) % t).reshape((b, t) + (1,) * (x.ndim - 2)), axis=1)
   length_b = t - pad_b
-  q_btnh, k_btkh, v_btkh = (rotate(x, pad_b) for x in (q_btnh, k_btkh, v_btkh))
+  q_btnh, k_btkh, v_btkh = (bw.roll_padding(x, pad_b) for x in (q_btnh, k_btkh, v_btkh))
   local_chunks = () if kernel is None else tuple(  # (padding queries: out 0, lse -inf)
-      bw.split_chunks(bw.pad_axis(rotate(x, pad_b), 1, 0, -t % min(spec.chunk, t), fill), min(spec.chunk, t))
+      bw.split_chunks(bw.pad_axis(bw.roll_padding(x, pad_b), 1, 0, -t % min(spec.chunk, t), fill),
+                      min(spec.chunk, t))
       for x, fill in ((local_btnh, 0.0), (local_btn, -jnp.inf)))
   # Positions after a row's end count on from its last token (RoPE offsets stay small).
-  pos_bt = rotate(positions_bt, pad_b)
+  pos_bt = bw.roll_padding(positions_bt, pad_b)
   after_bt = jnp.arange(t) - length_b[:, None] + 1
   last_b1 = jnp.take_along_axis(pos_bt, jnp.maximum(length_b - 1, 0)[:, None], axis=1)
   pos_bt = jnp.where(after_bt > 0, last_b1 + after_bt, pos_bt)
@@ -339,7 +333,7 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, spec,
         *local_chunks)
   colsum_bnl = jnp.zeros((b, n, keys.idx_bl.shape[1]), jnp.float32)
   _, out_nbcnh = jax.lax.scan(jax.checkpoint(chunk_step), colsum_bnl, xs)
-  return rotate(bw.unsplit_chunks(out_nbcnh, t), -pad_b)
+  return bw.roll_padding(bw.unsplit_chunks(out_nbcnh, t), -pad_b)
 
 
 def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, pe, spec: InfLLM):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -31,11 +32,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from lminf_jax.attention import blockwise as bw
-from lminf_jax.attention.banded import add_starting_keys, starting_keys
-from lminf_jax.attention.blockwise import Keys
 from lminf_jax.errors import UserError
 from lminf_jax.positional import Positional
-from lminf_jax.sharding import logical_spec
+from lminf_jax.sharding import head_spec
 
 KERNELS = ("auto", "xla", "splash", "cudnn")
 KERNEL_HELP = ("attention kernel: auto (splash on TPU, cudnn on GPU for bf16/fp16, else xla) | xla | splash "
@@ -92,10 +91,8 @@ class DotProductAttention:
     if softcap is not None:
       raise ValueError("jax.nn.dot_product_attention has no logit soft-capping")
     if self.implementation == "cudnn":
-      from jax._src.cudnn.fused_attention_stablehlo import MaskType
-      from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
-
-      o_xlnh, lse_xnl = cudnn_attention(q_xlnh, k_xlkh, v_xlkh, scale=1.0, mask_type=MaskType.CAUSAL,
+      mask_type, cudnn_attention = private_cudnn_attention()
+      o_xlnh, lse_xnl = cudnn_attention(q_xlnh, k_xlkh, v_xlkh, scale=1.0, mask_type=mask_type.CAUSAL,
                                         sliding_window_length=window, return_residual=True)
       return o_xlnh, jnp.swapaxes(lse_xnl, 1, 2).astype(jnp.float32)
     o_xlnh, lse_xln = jax.nn.dot_product_attention(
@@ -105,6 +102,29 @@ class DotProductAttention:
 
 
 FlashKernel = Splash | DotProductAttention
+
+# jax's private cuDNN attention (which keeps the float32 log-sum-exp) was checked against these
+# jax releases (major, minor), first and last; outside them the cudnn kernel is unavailable.
+CUDNN_CHECKED_JAX = ((0, 8), (0, 10))
+
+
+def private_cudnn_attention() -> tuple | None:
+  """(MaskType, dot_product_attention) of `jax._src.cudnn.fused_attention_stablehlo`, or None
+  where this jax is outside CUDNN_CHECKED_JAX or does not have them."""
+  first, last = CUDNN_CHECKED_JAX
+  if not first <= tuple(jax.__version_info__[:2]) <= last:
+    return None
+  try:
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+  except ImportError:
+    return None
+  return MaskType, dot_product_attention
+
+
+def _cudnn_unavailable() -> str:
+  first, last = (".".join(map(str, v)) for v in CUDNN_CHECKED_JAX)
+  return (f"jax {jax.__version__} lacks the private cuDNN attention the cudnn kernel calls (checked on jax "
+          f"{first} to {last})")
 
 
 def flash_kernel(kernel: str, dtype, pe: Positional | None = None) -> FlashKernel | None:
@@ -118,6 +138,9 @@ def flash_kernel(kernel: str, dtype, pe: Positional | None = None) -> FlashKerne
   if kernel == "auto":
     kernel = {"tpu": "splash", "gpu": "cudnn" if half and softcap is None else "xla"}.get(platform, "xla")
     kernel = "xla" if alibi else kernel
+    if kernel == "cudnn" and private_cudnn_attention() is None:
+      warnings.warn(f"{_cudnn_unavailable()}: kernel auto takes the XLA path", stacklevel=2)
+      kernel = "xla"
   if kernel == "xla":
     return None
   if alibi:
@@ -130,6 +153,8 @@ def flash_kernel(kernel: str, dtype, pe: Positional | None = None) -> FlashKerne
                       f"{jnp.dtype(dtype).name}): use --kernel auto or xla")
     if softcap is not None:
       raise UserError("the cudnn kernel has no logit soft-capping: use --kernel auto or xla")
+    if private_cudnn_attention() is None:
+      raise UserError(f"{_cudnn_unavailable()}: use --kernel auto or xla")
     return DotProductAttention("cudnn")
   raise UserError(f"unknown kernel {kernel!r} (choose from {', '.join(KERNELS)})")
 
@@ -179,9 +204,8 @@ def flash_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, po
   count = len(plan.begin)
   # Roll each row so its real tokens come first: column c holds token (c + pads) % T.
   pads_b = jnp.sum(idx_bt < 0, axis=1)
-  from_bt = (jnp.arange(t)[None] + pads_b[:, None]) % t
   real_bt = jnp.arange(t)[None] < (t - pads_b)[:, None]
-  roll = lambda x: jnp.take_along_axis(x, from_bt.reshape(from_bt.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+  roll = lambda x: bw.roll_padding(x, pads_b)  # noqa: E731
   last_b1 = jnp.max(jnp.where(idx_bt >= 0, positions_bt, jnp.iinfo(jnp.int32).min), axis=1, keepdims=True)
   pos_bt = jnp.where(real_bt, roll(positions_bt), last_b1)  # (padding at the row's last position: finite offsets)
   # Each call's tokens, rotated relative to the call's last real position.
@@ -201,11 +225,9 @@ def flash_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, po
   slots = plan.output_slots().reshape(-1)[:t]
   o_btnh = o_xlnh.reshape(b, count * plan.length, n, h)[:, slots]
   lse_btn = lse_xln.reshape(b, count * plan.length, n)[:, slots]
-  to_bt = (jnp.arange(t)[None] - pads_b[:, None]) % t
-  unroll = lambda x: jnp.take_along_axis(x, to_bt.reshape(to_bt.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
   real_bt1 = (idx_bt >= 0)[:, :, None]
-  return (jnp.where(real_bt1[..., None], unroll(o_btnh).astype(jnp.float32), 0.0),
-          jnp.where(real_bt1, unroll(lse_btn), -jnp.inf))
+  return (jnp.where(real_bt1[..., None], bw.roll_padding(o_btnh, -pads_b).astype(jnp.float32), 0.0),
+          jnp.where(real_bt1, bw.roll_padding(lse_btn, -pads_b), -jnp.inf))
 
 
 def merge(o_a: jnp.ndarray, lse_a: jnp.ndarray, o_b: jnp.ndarray, lse_b: jnp.ndarray,
@@ -217,29 +239,6 @@ def merge(o_a: jnp.ndarray, lse_a: jnp.ndarray, o_b: jnp.ndarray, lse_b: jnp.nda
   return (o_a.astype(jnp.float32) * w_a + o_b.astype(jnp.float32) * w_b).astype(dtype), lse
 
 
-def kernel_sink_and_band(spec, kernel: FlashKernel, q_btnh, k_btkh, v_btkh, positions_bt, pe):
-  """A `BandMethod` spec's attention with its band through `kernel`: q [B,T,N,H], k/v [B,T,K,H]
-  before RoPE -> (out [B,T,N,H], lse [B,T,N])."""
-  band = spec.band()
-  o_band, lse_band = flash_band(q_btnh, k_btkh, v_btkh, positions_bt, pe, band.window, kernel)
-  if not band.n_start:
-    return o_band.astype(q_btnh.dtype), lse_band
-  positions_bt = positions_bt.astype(jnp.int32)
-  idx_bt = bw.sequence_index(positions_bt)
-  keys = Keys(jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), positions_bt, idx_bt)
-  starts = starting_keys(keys, min(band.n_start, q_btnh.shape[1]))
-  kv = k_btkh.shape[2]
-
-  def starts_step(ci, q_bcnh, pos_bc, idx_bc):
-    state = bw.init_state(bw.tile_rows(q_bcnh, kv))
-    state = add_starting_keys(state, q_bcnh, pos_bc, idx_bc, pos_bc[:, -1:], starts, pe, band.window,
-                              band.rotation)
-    return bw.finish(state, q_bcnh.shape[1], jnp.float32)
-
-  o_start, lse_start = bw.over_query_chunks(starts_step, q_btnh, positions_bt, idx_bt, spec.chunk)
-  return merge(o_band, lse_band, o_start, lse_start, q_btnh.dtype)
-
-
 def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, pe, with_lse: bool = True):
   """attend(q, k, v, positions, pe) -> (out, lse) (or out alone, `with_lse=False`) on each
   shard of rows and heads of the current mesh (XLA does not partition a Pallas or cuDNN kernel
@@ -247,12 +246,9 @@ def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, pe, with_lse: bool = T
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or np.prod(list(dict(mesh.shape).values())) == 1:
     return attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)
-  batch = logical_spec(("batch",), (q_btnh.shape[0],), mesh)[0]
-  tensor = dict(mesh.shape).get("tensor", 1)
-  heads = "tensor" if tensor > 1 and k_btkh.shape[2] % tensor == 0 else None  # GQA groups stay whole
-  qkv = PartitionSpec(batch, None, heads, None)
-  out_specs = (qkv, PartitionSpec(batch, None, heads)) if with_lse else qkv
-  return jax.shard_map(attend, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None), PartitionSpec()),
+  qkv = head_spec(k_btkh.shape, mesh)
+  out_specs = (qkv, PartitionSpec(*qkv[:3])) if with_lse else qkv
+  return jax.shard_map(attend, in_specs=(qkv, qkv, qkv, PartitionSpec(*qkv[:2]), PartitionSpec()),
                        out_specs=out_specs, check_vma=False)(q_btnh, k_btkh, v_btkh, positions_bt, pe)
 
 

@@ -11,13 +11,9 @@ import jax.numpy as jnp
 from lminf_jax.attention import blockwise as bw
 from lminf_jax.attention.band_method import BandMethod
 from lminf_jax.attention.banded import AtDistance, Band, TrueDistance
-from lminf_jax.attention.dense import CHUNK_HELP, KEY_BLOCK_HELP, causal_attention
-from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS
-from lminf_jax.attention.method import CacheLayout, option
+from lminf_jax.attention.dense import causal_attention
+from lminf_jax.attention.method import N_LOCAL_HELP, CacheLayout, option
 from lminf_jax.errors import UserError
-
-N_LOCAL_HELP = "local window: keys at distance < n_local (default: the model's training length)"
-
 
 @dataclasses.dataclass(frozen=True)
 class Lambda(BandMethod):
@@ -35,14 +31,11 @@ class Lambda(BandMethod):
   limit: int | None = option(None, "distance the starting tokens are seen at (default: n_local)", minimum=1,
                              model_default=True)
   top_k: int | None = option(None, "middle tokens added for the last query of a forward (off by default)",
-                             minimum=1)
+                             minimum=1, per_method=True)
   top_k_from_layer: int = option(4, "first layer that adds the top_k middle tokens", minimum=0)
   top_k_insert_at: int = option(2048, "distance the top_k middle tokens are seen at", minimum=0)
   mask: bool = option(True, "ablation: without the mask every far key is seen at distance `limit`")
   distance_limit: bool = option(True, "ablation: without the limit the starting tokens are at their true distance")
-  chunk: int = option(512, CHUNK_HELP, minimum=1)
-  key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
-  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def __post_init__(self):
     super().__post_init__()

@@ -15,9 +15,10 @@ both; `layer` is the layer index (a traced scalar inside the layer scan). With o
 runs every one-shot path (forward, token_nll, ppl, finetune). To run through a fixed-size cache
 (prefill, decode, generate, stream_nll, cached_token_nll) it also defines `cache_layout` and
 `attend_chunk`; `attend_token`, `capacity`, `ring_entries`, `init_extra` and `write_extra` have
-defaults. The cache (lminf_jax.cache) stores, per layer, `slots` starting tokens forever and a
-ring of the latest `ring` tokens, plus any arrays of the method's own (`init_extra`), and hands a
-layer's part to the method as a `CachedLayer`.
+defaults. A blockwise method also subclasses `Tiling`, where its chunk, key_block and kernel
+options are declared once. The cache (lminf_jax.cache) stores, per layer, `slots` starting tokens
+forever and a ring of the latest `ring` tokens, plus any arrays of the method's own (`init_extra`),
+and hands a layer's part to the method as a `CachedLayer`.
 """
 
 from __future__ import annotations
@@ -32,18 +33,21 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention.blockwise import Keys
+from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS
 from lminf_jax.errors import UserError
 from lminf_jax.positional import Positional
 from lminf_jax.util.limits import INT32_MAX
 
 
 def option(default, help: str, minimum: int | None = None, model_default: bool = False,
-           choices: tuple[str, ...] | None = None):
+           choices: tuple[str, ...] | None = None, per_method: bool = False):
   """A method option: a dataclass field with its help text (the CLI's flag help), the least value
-  an integer may take, whether None means "filled from the model by `resolve`", and the values a
-  string may take."""
+  an integer may take, whether None means "filled from the model by `resolve`", the values a
+  string may take, and whether a built-in's option has a command-line flag of its own,
+  `--<method>-<name>` (it means something else in each method: lambda's and infllm's top_k),
+  instead of the `--<name>` every built-in with the option shares."""
   return dataclasses.field(default=default, metadata=dict(help=help, minimum=minimum, model_default=model_default,
-                                                          choices=choices))
+                                                          choices=choices, per_method=per_method))
 
 
 class CacheLayout(NamedTuple):
@@ -89,12 +93,13 @@ def int_options(cls: type) -> tuple[dataclasses.Field, ...]:
 
 class AttentionMethod(abc.ABC):
   """Base class of attention methods (subclass it with `@dataclasses.dataclass(frozen=True)`).
-
-  Every method has `chunk` and `key_block` options by convention: the query-chunk and key-block
-  lengths of a blockwise computation."""
+  A blockwise method also subclasses `Tiling` (its chunk, key_block and kernel options)."""
 
   # Whether `attend` works with T split over the mesh's `sequence` axis.
   sequence_parallel: ClassVar[bool] = False
+  # Whether its cached attention is the same in a ring longer than `cache_layout` asks for (it
+  # masks by its own window): a model's sliding-window layers may then lengthen it (`PerLayer`).
+  ring_may_grow: ClassVar[bool] = False
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -121,6 +126,11 @@ class AttentionMethod(abc.ABC):
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> AttentionMethod:
     """This spec with the model's defaults filled in (options declared `model_default`)."""
     return self
+
+  def tiling(self) -> Tiling | None:
+    """The method's chunk, key_block and kernel, which the paths around it tile by (a model's
+    sliding-window layers, memory planning); None: it has none (they take `Tiling`'s defaults)."""
+    return None
 
   @property
   def resolved(self) -> bool:
@@ -192,5 +202,47 @@ class AttentionMethod(abc.ABC):
 
   def feed_chunk(self, requested: int | None) -> int:
     """The chunk length to feed a prompt through the cache: `requested` (default: the method's
-    `chunk`, or 512). A method whose result depends on it returns its own."""
-    return requested or getattr(self, "chunk", 512)
+    `chunk` (`Tiling`), or 512). A method whose result depends on it returns its own."""
+    return requested or FEED_CHUNK
+
+
+FEED_CHUNK = 512  # tokens fed through a cache at a time by a method without a `chunk`
+
+N_LOCAL_HELP = "local window: keys at distance < n_local (default: the model's training length)"
+CHUNK_HELP = "query chunk length of the blockwise attention (a memory and speed knob)"
+KEY_BLOCK_HELP = "key block length of the blockwise attention (a memory and speed knob)"
+
+
+class Tiling(AttentionMethod):
+  """A blockwise method: its `chunk` (queries per step), `key_block` (keys per step) and `kernel`
+  (lminf_jax.attention.kernels) options, declared here once. A subclass gets them after its own
+  options; one it annotates bare (`chunk: int`) stays where it is annotated, with the default here."""
+
+  chunk: int
+  key_block: int
+  kernel: str
+
+  @staticmethod
+  def _options() -> dict[str, tuple[type, dataclasses.Field]]:
+    """name -> (type, a fresh option field): a dataclass needs a field object of its own."""
+    return {"chunk": (int, option(512, CHUNK_HELP, minimum=1)),
+            "key_block": (int, option(512, KEY_BLOCK_HELP, minimum=1)),
+            "kernel": (str, option("auto", KERNEL_HELP, choices=KERNELS))}
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    inherited = {name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", {})}
+    annotations = dict(cls.__dict__.get("__annotations__", {}))
+    for name, (kind, field) in cls._options().items():
+      if name in inherited:  # (a dataclass base has it, where it declared it)
+        continue
+      annotations.setdefault(name, kind)
+      if name not in cls.__dict__:
+        setattr(cls, name, field)
+    cls.__annotations__ = annotations
+
+  def tiling(self) -> Tiling:
+    return self
+
+  def feed_chunk(self, requested: int | None) -> int:
+    return requested or self.chunk

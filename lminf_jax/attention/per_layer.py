@@ -15,10 +15,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lminf_jax.attention.band_method import BandMethod
 from lminf_jax.attention.blockwise import Keys
 from lminf_jax.attention.dense import SlidingWindow
-from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
+from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, Tiling
 from lminf_jax.errors import UserError
 
 
@@ -39,9 +38,14 @@ class PerLayer(AttentionMethod):
     return self.method.sequence_parallel
 
   def sliding(self) -> SlidingWindow:
-    m = self.method
-    return SlidingWindow(window=self.window, chunk=getattr(m, "chunk", 512), key_block=getattr(m, "key_block", 512),
-                         kernel=getattr(m, "kernel", "auto"))
+    """The windowed layers' attention, tiled as the method is (or by `Tiling`'s defaults)."""
+    tiling = self.method.tiling()
+    if tiling is None:
+      return SlidingWindow(window=self.window)
+    return SlidingWindow(window=self.window, chunk=tiling.chunk, key_block=tiling.key_block, kernel=tiling.kernel)
+
+  def tiling(self) -> Tiling | None:
+    return self.method.tiling()
 
   def _windowed(self, layer) -> jnp.ndarray:
     return jnp.asarray(self.windowed)[layer]
@@ -59,10 +63,10 @@ class PerLayer(AttentionMethod):
     need = min(self.window, max_len or self.window)
     if layout.ring >= need:
       return layout
-    if not isinstance(self.method, BandMethod):
+    if not self.method.ring_may_grow:
       raise UserError(f"{self.name}'s cache ring ({layout.ring} tokens) is shorter than the model's sliding "
                       f"window ({self.window}) that its windowed layers read: give it a longer window (n_local)")
-    return layout._replace(ring=need)  # (a band method masks by its own window in a longer ring)
+    return layout._replace(ring=need)
 
   def capacity(self, ring_len: int, extra) -> int | None:
     return self.method.capacity(ring_len, extra)

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec
 from lminf_jax.attention.banded import Band, band_attention
 from lminf_jax.attention.blockwise import Keys
 from lminf_jax.positional import Positional
-from lminf_jax.sharding import logical_spec
+from lminf_jax.sharding import head_spec
 
 
 def sequence_parallel_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
@@ -24,15 +24,11 @@ def sequence_parallel_band(q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp
   """Like `sink_and_band` (output only), with T split over the mesh's `sequence` axis."""
   mesh = jax.sharding.get_abstract_mesh()
   shards = dict(mesh.shape)["sequence"]
-  b, t, _, _ = q_btnh.shape
-  kv = k_btkh.shape[2]
+  t = q_btnh.shape[1]
   if t % shards:
     raise ValueError(f"length {t} is not a multiple of the sequence mesh axis ({shards})")
-  batch = logical_spec(("batch",), (b,), mesh)[0]
-  tensor = dict(mesh.shape).get("tensor", 1)
-  heads = "tensor" if tensor > 1 and kv % tensor == 0 else None  # q and kv heads split together (GQA groups)
-  qkv_spec = PartitionSpec(batch, "sequence", heads, None)
-  pos_spec = PartitionSpec(batch, "sequence")
+  qkv_spec = head_spec(k_btkh.shape, mesh, sequence=True)
+  pos_spec = PartitionSpec(*qkv_spec[:2])
   n_start, window = band.n_start, band.window
   t_shard = t // shards
   hops = min(shards - 1, -(-(window - 1) // t_shard))

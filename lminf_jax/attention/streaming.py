@@ -7,8 +7,6 @@ import dataclasses
 
 from lminf_jax.attention.band_method import BandMethod
 from lminf_jax.attention.banded import Band, InCache
-from lminf_jax.attention.dense import CHUNK_HELP, KEY_BLOCK_HELP
-from lminf_jax.attention.kernels import KERNEL_HELP, KERNELS
 from lminf_jax.attention.method import option
 
 
@@ -20,9 +18,6 @@ class Streaming(BandMethod):
   n_sink: int = option(4, "attention sinks: the first tokens, kept", minimum=0)
   n_recent: int | None = option(None, "recent window (default: the training length - n_sink)", minimum=1,
                                 model_default=True)
-  chunk: int = option(512, CHUNK_HELP, minimum=1)
-  key_block: int = option(512, KEY_BLOCK_HELP, minimum=1)
-  kernel: str = option("auto", KERNEL_HELP, choices=KERNELS)
 
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> Streaming:
     return dataclasses.replace(self, n_recent=self.n_recent or max(1, max_position_embeddings - self.n_sink))

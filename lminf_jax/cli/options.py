@@ -82,11 +82,9 @@ class AttentionFlag(NamedTuple):
 
 @functools.cache
 def _attention_flags() -> tuple[AttentionFlag, ...]:
-  """The attention flags, generated from the built-in methods' options. An option with the same
-  help text in every method that has it is one flag (--n-local); otherwise each method has its
-  own (--lambda-top-k, --infllm-top-k)."""
-  import typing
-
+  """The attention flags, generated from the built-in methods' options: one flag per option name
+  (--n-local), shared by the methods that have it, except where an option is declared
+  `per_method` (lminf_jax.attention.option): then each method has its own (--lambda-top-k, --infllm-top-k)."""
   from lminf_jax.attention import ATTENTION_METHODS
 
   by_name: dict[str, dict[str, dataclasses.Field]] = {}
@@ -95,17 +93,26 @@ def _attention_flags() -> tuple[AttentionFlag, ...]:
       by_name.setdefault(field.name, {})[method] = field
   flags = []
   for name, fields in by_name.items():
-    first = next(iter(fields))
-    hint = typing.get_type_hints(ATTENTION_METHODS[first])[name]
-    kind = next(k for k in typing.get_args(hint) or (hint,) if k is not type(None))
-    scoped = len(fields) < len(ATTENTION_METHODS)
-    if len({f.metadata["help"] for f in fields.values()}) == 1:
-      flags.append(AttentionFlag(name.replace("_", "-"), name, None, fields[first], kind,
-                                 ", ".join(fields) + ": " if scoped else ""))
-    else:
-      flags += [AttentionFlag(f"{method}-{name}".replace("_", "-"), name, (method,), field, kind, f"{method}: ")
-                for method, field in fields.items()]
+    shared = {method: f for method, f in fields.items() if not f.metadata.get("per_method")}
+    if shared:
+      first = next(iter(shared))
+      scoped = len(shared) < len(ATTENTION_METHODS)
+      flags.append(AttentionFlag(name.replace("_", "-"), name, None, shared[first], _kind(first, name),
+                                 ", ".join(shared) + ": " if scoped else ""))
+    flags += [AttentionFlag(f"{method}-{name}".replace("_", "-"), name, (method,), field, _kind(method, name),
+                            f"{method}: ")
+              for method, field in fields.items() if method not in shared]
   return tuple(flags)
+
+
+def _kind(method: str, option: str) -> type:
+  """A built-in method's option's type without None (int, bool, str)."""
+  import typing
+
+  from lminf_jax.attention import ATTENTION_METHODS
+
+  hint = typing.get_type_hints(ATTENTION_METHODS[method])[option]
+  return next(k for k in typing.get_args(hint) or (hint,) if k is not type(None))
 
 
 def add_attention_args(p: argparse.ArgumentParser, several: bool = False, feeds: bool = False) -> None:
@@ -311,12 +318,3 @@ def _load_for_answers(args: argparse.Namespace, outputs: list[tuple[str | None, 
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   return mesh, config, params, tokenizer
-
-
-def _write_json(path: str | None, report: dict) -> None:
-  import json
-
-  if path is not None:
-    with atomic_file(Path(path)) as tmp:
-      tmp.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
