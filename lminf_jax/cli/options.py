@@ -15,7 +15,7 @@ import numpy as np
 
 from lminf_jax.errors import UserCodeError, UserError
 from lminf_jax.eval.texts import builtin_text
-from lminf_jax.util.atomic import atomic_file, check_output_file
+from lminf_jax.util.atomic import check_output_file
 from lminf_jax.util.files import read_text, readable_file
 from lminf_jax.util.limits import INT32_MAX
 
