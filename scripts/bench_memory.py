@@ -1,0 +1,94 @@
+"""Memory at scale, as per-device bytes from XLA's compiled memory analysis (nothing is allocated or run),
+on 8 virtual CPU devices, each figure a ratio against one device:
+
+- sequence parallelism: a SmolLM2 lambda NLL at T=65536 (G=10, L=2048) on `sequence=8`;
+- tensor parallelism through a cache: one decode step of a Llama-3-8B-shaped model (bf16 weights and cache)
+  after a 32K prompt, on `tensor=8`: weights + cache + temporaries.
+
+    python scripts/bench_memory.py [--seq-length 65536] [--prompt 32768]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from lminf_jax.attention import Dense, Lambda  # noqa: E402
+from lminf_jax.cache import init_cache  # noqa: E402
+from lminf_jax.inference.forward import _forward_cached  # noqa: E402
+from lminf_jax.models.config import LlamaConfig  # noqa: E402
+from lminf_jax.models.params import abstract_params, param_shardings  # noqa: E402
+from lminf_jax.sharding import data_sharding, make_mesh  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_sharding import compiled_memory  # noqa: E402
+
+LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                        num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
+                        param_dtype="bfloat16", dtype="bfloat16")
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def decode_step_bytes(config: LlamaConfig, spec, prompt: int, mesh) -> dict[str, float]:
+  """Per-device GiB of one cached decode step (batch 1) after `prompt` tokens: params, cache, temporaries."""
+  with jax.set_mesh(mesh):
+    make = jax.jit(lambda: init_cache(config, spec, 1, max_len=prompt + 1))
+    compiled_cache = make.lower().compile()
+    cache = _abstract(jax.eval_shape(make), compiled_cache.output_shardings)
+    params = _abstract(abstract_params(config), param_shardings(config, mesh))
+    token = jax.ShapeDtypeStruct((1, 1), jnp.int32, sharding=data_sharding(mesh, (1, 1)))
+    step = _forward_cached.lower(params, config, cache, token, token, config.resolve_attention(spec)).compile()
+  m = step.memory_analysis()
+  gib = lambda n: n / 2**30  # noqa: E731
+  params_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
+  cache_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+  return dict(params=gib(params_bytes), cache=gib(cache_bytes), temp=gib(m.temp_size_in_bytes),
+              total=gib(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes))
+
+
+def _shard_bytes(x) -> int:
+  shape = x.sharding.shard_shape(x.shape)
+  n = 1
+  for d in shape:
+    n *= d
+  return n * x.dtype.itemsize
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seq-length", type=int, default=65536)
+  parser.add_argument("--prompt", type=int, default=32768)
+  args = parser.parse_args()
+  one, eight = make_mesh({}, devices=jax.devices()[:1]), make_mesh({"tensor": 8})
+  print(f"{jax.device_count()} devices ({jax.devices()[0].platform}); XLA memory analysis, compile only")
+
+  from lminf_jax.convert.checkpoint import read_config
+  from lminf_jax.util.fetch import fetch_smollm2
+
+  smollm2, lam = read_config(fetch_smollm2()), Lambda(n_global=10, n_local=2048)
+  seq = [compiled_memory(smollm2, args.seq_length, lam, mesh) / 2**20
+         for mesh in (one, make_mesh({"sequence": 8}))]
+  print(f"SmolLM2 lambda NLL, T={args.seq_length}: 1 device {seq[0]:.0f} MiB, sequence=8 {seq[1]:.0f} MiB per device "
+        f"({seq[0] / seq[1]:.2f}x)", flush=True)
+
+  for name, spec in (("dense", Dense()), ("lambda L=8192", Lambda(n_global=10, n_local=8192))):
+    a, b = (decode_step_bytes(LLAMA3_8B, spec, args.prompt, mesh) for mesh in (one, eight))
+    print(f"Llama-3-8B-shaped decode step after {args.prompt} tokens, {name}, bf16: 1 device {a['total']:.2f} GiB "
+          f"(params {a['params']:.2f}, cache {a['cache']:.2f}, temporaries {a['temp']:.2f}); tensor=8 "
+          f"{b['total']:.2f} GiB per device (params {b['params']:.2f}, cache {b['cache']:.2f}, temporaries "
+          f"{b['temp']:.2f}): {a['total'] / b['total']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+  main()
