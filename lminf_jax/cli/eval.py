@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lminf_jax.cache import check_memory
-from lminf_jax.cli.options import (_load_for_answers, add_attention_args, add_mesh_args, mesh_context,
+from lminf_jax.cli.options import (CKPT_HELP, add_attention_args, add_mesh_args, _load_for_answers, mesh_context,
                                    mesh_from_args, methods_from_args, non_negative_int, parse_lengths, place_tokens,
                                    positive_int, seed_int)
 from lminf_jax.errors import UserError
@@ -49,7 +49,7 @@ def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: in
 
 def _ppl_parser(sub) -> None:
   p = sub.add_parser("ppl", help="NLL per position bucket against length, for several attention methods")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
+  p.add_argument("ckpt", help=CKPT_HELP)
   p.add_argument("--text-file", help="UTF-8 text (default: the built-in text)")
   p.add_argument("--lengths", type=parse_lengths, default=[4096, 8192, 16384], help="comma-separated slice lengths")
   p.add_argument("--offset", type=non_negative_int, default=0, help="token offset of the slices in the text")
@@ -91,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _passkey_parser(sub) -> None:
   p = sub.add_parser("passkey", help="passkey retrieval accuracy per length and needle depth")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
+  p.add_argument("ckpt", help=CKPT_HELP)
   p.add_argument("--lengths", type=parse_lengths, default=[2048, 4096, 8192, 16384], help="prompt lengths in tokens")
   p.add_argument("--samples", type=positive_int, default=20, help="samples per length")
   p.add_argument("--seed", type=seed_int, default=0)
@@ -110,16 +110,13 @@ def cmd_passkey(args: argparse.Namespace) -> None:
   methods = methods_from_args(args)
   mesh, config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
   task = PasskeyTask(tuple(args.lengths), args.samples, args.seed, args.depth_buckets)
-  with mesh_context(mesh):
-    for spec in methods.values():
-      check_memory(config, spec, max(args.lengths) + NEW_TOKENS, batch=args.batch)
-    run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, args.plot,
-        f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
+  _run(args, task, mesh, config, params, tokenizer, methods, max(args.lengths) + NEW_TOKENS, args.plot,
+       f"passkey retrieval: {Path(args.ckpt).name}, {args.samples} samples per length")
 
 
 def _ruler_parser(sub) -> None:
   p = sub.add_parser("ruler", help="RULER's synthetic tasks: score per task, length and method")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
+  p.add_argument("ckpt", help=CKPT_HELP)
   p.add_argument("--lengths", type=parse_lengths, default=[4096, 8192, 16384], help="prompt lengths in tokens")
   p.add_argument("--tasks", default=",".join(RULER_TASKS), help="comma-separated RULER tasks (default: all)")
   p.add_argument("--samples", type=positive_int, default=10, help="samples per task and length")
@@ -142,16 +139,13 @@ def cmd_ruler(args: argparse.Namespace) -> None:
   most_new = max(ruler.TASKS[t].new_tokens for t in tasks)
   essay = read_text(args.haystack_file) if args.haystack_file else builtin_text()
   task = ruler.RulerTask(tuple(tasks), tuple(args.lengths), args.samples, args.seed, essay)
-  with mesh_context(mesh):
-    for spec in methods.values():
-      check_memory(config, spec, max(args.lengths) + most_new, batch=args.batch)
-    run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, args.plot,
-        f"RULER: {Path(args.ckpt).name}, {args.samples} samples per cell")
+  _run(args, task, mesh, config, params, tokenizer, methods, max(args.lengths) + most_new, args.plot,
+       f"RULER: {Path(args.ckpt).name}, {args.samples} samples per cell")
 
 
 def _longbench_parser(sub) -> None:
   p = sub.add_parser("longbench", help="a LongBench task from its JSONL file: predictions and the task's metric")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
+  p.add_argument("ckpt", help=CKPT_HELP)
   p.add_argument("--data", required=True, help="the task's LongBench JSONL file (e.g. data/qasper.jsonl)")
   p.add_argument("--task", required=True, help="LongBench task name (e.g. qasper)")
   p.add_argument("--max-length", type=positive_int,
@@ -179,10 +173,18 @@ def cmd_longbench(args: argparse.Namespace) -> None:
     raise UserError(f"the model's training length {config.max_position_embeddings} leaves no room for a prompt "
                     f"before {args.task}'s {spec.max_new_tokens} new tokens: give --max-length")
   task = longbench.LongBenchTask(args.task, tuple(records), max_length, str(args.data))
+  # (a chat template adds a few tokens)
+  _run(args, task, mesh, config, params, tokenizer, methods, max_length + spec.max_new_tokens + 64)
+
+
+def _run(args: argparse.Namespace, task, mesh, config, params, tokenizer, methods: dict, longest: int,
+         plot: str | None = None, title: str = "") -> None:
+  """Runs an evaluation task on the --mesh (lminf_jax.eval.task.run), once every method's cache for
+  `longest` tokens (prompt and new tokens) is known to fit."""
   with mesh_context(mesh):
-    for attention in methods.values():  # (a chat template adds a few tokens)
-      check_memory(config, attention, max_length + spec.max_new_tokens + 64, batch=args.batch)
-    run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json)
+    for spec in methods.values():
+      check_memory(config, spec, longest, batch=args.batch)
+    run(task, params, config, tokenizer, methods, args.batch, args.prefill_chunk, args.json, plot, title)
 
 
 def register(sub) -> None:

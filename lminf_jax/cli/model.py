@@ -6,7 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
+from lminf_jax.cli.options import CKPT_HELP
 from lminf_jax.util.atomic import check_output_dir
+
 
 def _convert_parser(sub) -> None:
   p = sub.add_parser("convert", help="HF model dir or .gguf file -> checkpoint dir")
@@ -26,7 +28,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def _export_parser(sub) -> None:
   p = sub.add_parser("export", help="checkpoint dir (or HF dir, .gguf) -> Hugging Face model dir (safetensors)")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
+  p.add_argument("ckpt", help=CKPT_HELP)
   p.add_argument("out")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
   p.set_defaults(func=cmd_export)

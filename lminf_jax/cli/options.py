@@ -145,9 +145,12 @@ def add_attention_args(p: argparse.ArgumentParser, several: bool = False, feeds:
                    help="tokens fed through the cache at a time (default: the method's chunk; infllm: always its chunk)")
 
 
+CKPT_HELP = "checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]"
+
+
 def add_token_source_args(p: argparse.ArgumentParser, text_help: str) -> None:
   """CKPT and the tokens `read_token_ids` reads: --text-file or --tokens-file, --max-tokens."""
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
+  p.add_argument("ckpt", help=CKPT_HELP)
   source = p.add_mutually_exclusive_group()
   source.add_argument("--text-file", help=text_help)
   source.add_argument("--tokens-file", help="1-D integer .npy of token ids")

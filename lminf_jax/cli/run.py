@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from lminf_jax.cache import check_memory
-from lminf_jax.cli.options import (_int_at_least, add_attention_args, add_mesh_args, add_token_source_args,
-                                   attention_from_args, load_model_and_tokens, mesh_context, mesh_from_args,
-                                   non_negative_int,
-                                   place_tokens, positive_int, seed_int, temperature_float, top_p_float)
+from lminf_jax.cli.options import (CKPT_HELP, add_attention_args, add_mesh_args, add_token_source_args,
+                                   attention_from_args, _int_at_least, load_model_and_tokens, mesh_context,
+                                   mesh_from_args, non_negative_int, place_tokens, positive_int, seed_int,
+                                   temperature_float, top_p_float)
 from lminf_jax.errors import UserError
 from lminf_jax.eval.texts import builtin_text
 from lminf_jax.util import interrupt
@@ -61,7 +61,7 @@ def cmd_nll(args: argparse.Namespace) -> None:
 
 def _generate_parser(sub) -> None:
   p = sub.add_parser("generate", help="generate text after a prompt, streaming the tokens")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
+  p.add_argument("ckpt", help=CKPT_HELP)
   prompt = p.add_mutually_exclusive_group(required=True)
   prompt.add_argument("--prompt")
   prompt.add_argument("--prompt-file")
@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _stream_ppl_parser(sub) -> None:
   p = sub.add_parser("stream-ppl", help="streaming perplexity through the fixed-size cache")
-  p.add_argument("ckpt", help="checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
+  p.add_argument("ckpt", help=CKPT_HELP)
   p.add_argument("--text-file", help="UTF-8 text (default: the built-in text); repeats as documents if short")
   p.add_argument("--tokens", type=_int_at_least(2, ">= 2"), default=100_000, help="tokens to stream")
   p.add_argument("--segment", type=positive_int, default=20_000, help="tokens per reported segment")
