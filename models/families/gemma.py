@@ -52,15 +52,12 @@ def _normalize_3(hf: HF) -> HF:
   return {**hf, "rope_parameters": full, "rope_local_base_freq": float(local_theta)}
 
 
-TRANSFORMERS_WINDOW = 4096  # Gemma2Config's and Gemma3TextConfig's sliding_window when config.json has none
-
-
 def _window(hf: HF) -> Window:
-  return layer_windows(hf, _pattern(hf["num_hidden_layers"], 2), TRANSFORMERS_WINDOW)
+  return layer_windows(hf, _pattern(hf["num_hidden_layers"], 2))
 
 
 def _window_3(hf: HF) -> Window:
-  return layer_windows(hf, _pattern(hf["num_hidden_layers"], hf.get("sliding_window_pattern", 6)), TRANSFORMERS_WINDOW)
+  return layer_windows(hf, _pattern(hf["num_hidden_layers"], hf.get("sliding_window_pattern", 6)))
 
 
 def _fields(hf: HF) -> dict[str, Any]:

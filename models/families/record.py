@@ -81,16 +81,19 @@ class Family:
   gguf_fields: GGUFReader = no_gguf_fields  # config.json fields beyond the Llama ones, from the metadata
 
 
-def layer_windows(hf: HF, default: list[str], default_window: int) -> Window:
+TRANSFORMERS_WINDOW = 4096  # the sliding_window of transformers' Gemma 2/3 and Qwen2/3 configs when config.json has none
+
+
+def layer_windows(hf: HF, default: list[str]) -> Window:
   """The window of config.json's `layer_types` ("sliding_attention" / "full_attention" per layer;
-  `default` when absent) and `sliding_window` (`default_window` when absent), as transformers reads them."""
+  `default` when absent) and `sliding_window` (transformers' default when absent), as transformers reads them."""
   n = hf["num_hidden_layers"]
   kinds = hf.get("layer_types") or default
   if not isinstance(kinds, list) or len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
     raise UserError(f"layer_types must list {n} of sliding_attention / full_attention, got {kinds!r}")
   if "sliding_attention" not in kinds:
     return None, ()
-  window = hf.get("sliding_window", default_window)
+  window = hf.get("sliding_window", TRANSFORMERS_WINDOW)
   if isinstance(window, bool) or not isinstance(window, int) or window < 1:  # (transformers fails on these too)
     raise UserError(f"layer_types has sliding_attention layers, so sliding_window must be a positive integer, got "
                     f"{window!r}")
