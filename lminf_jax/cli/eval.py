@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from lminf_jax.cache import check_memory
-from lminf_jax.cli.options import (CKPT_HELP, add_attention_args, add_mesh_args, _load_for_answers, mesh_context,
-                                   mesh_from_args, methods_from_args, non_negative_int, parse_lengths, place_tokens,
-                                   positive_int, seed_int)
+from lminf_jax.cli.options import (CKPT_HELP, add_attention_args, add_mesh_args, _load_for_answers, load_on_mesh,
+                                   mesh_context, mesh_from_args, methods_from_args, non_negative_int, parse_lengths,
+                                   place_tokens, positive_int, seed_int)
 from lminf_jax.errors import UserError
 from lminf_jax.eval.ruler import TASKS as RULER_TASKS
 from lminf_jax.eval.task import run
@@ -21,12 +21,11 @@ from lminf_jax.util.files import read_text, readable_file
 def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: int, bucket: int,
             json_out: Path | None, plot_out: Path | None, title: str, mesh=None) -> None:
   from lminf_jax.eval import perplexity as evaluate
-  from lminf_jax.loading import load
 
   for out, suffix in ((json_out, None), (plot_out, ".png")):
     if out is not None:
       check_output_file(out, suffix)
-  config, params, tokenizer = load(ckpt, mesh=mesh)
+  config, params, tokenizer = load_on_mesh(ckpt, mesh)
   if tokenizer is None:
     raise UserError(f"{ckpt} has no tokenizer")
   for spec in methods.values():

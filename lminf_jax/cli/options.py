@@ -148,6 +148,22 @@ def add_attention_args(p: argparse.ArgumentParser, several: bool = False, feeds:
 CKPT_HELP = "checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]"
 
 
+def load_on_mesh(ckpt: str | Path, mesh) -> tuple:
+  """(config, params, tokenizer) of `ckpt`, the params placed on `mesh` (None: one device), with a
+  one-line note when the mesh's tensor axis does not divide the model's heads (they are replicated over it)."""
+  import sys
+
+  from lminf_jax.loading import load
+
+  config, params, tokenizer = load(Path(ckpt), mesh=mesh)
+  tensor = 1 if mesh is None else dict(mesh.shape).get("tensor", 1)
+  odd = [f"{n} {what}" for n, what in ((config.num_heads, "heads"), (config.num_kv_heads, "kv heads")) if n % tensor]
+  if odd:
+    print(f"lminf: note: tensor={tensor} does not divide the model's {' and '.join(odd)}: they are replicated over it",
+          file=sys.stderr)
+  return config, params, tokenizer
+
+
 def add_token_source_args(p: argparse.ArgumentParser, text_help: str) -> None:
   """CKPT and the tokens `read_token_ids` reads: --text-file or --tokens-file, --max-tokens."""
   p.add_argument("ckpt", help=CKPT_HELP)
@@ -278,10 +294,9 @@ def parse_lengths(text: str) -> list[int]:
 
 def load_model_and_tokens(args: argparse.Namespace) -> tuple:
   """(mesh, config, params placed on it, token ids, tokenizer); check the output paths first."""
-  from lminf_jax.loading import load
 
   mesh = mesh_from_args(args)
-  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
+  config, params, tokenizer = load_on_mesh(args.ckpt, mesh)
   return mesh, config, params, read_token_ids(args, tokenizer, config.vocab_size), tokenizer
 
 
@@ -311,13 +326,12 @@ def methods_from_args(args: argparse.Namespace) -> dict:
 def _load_for_answers(args: argparse.Namespace, outputs: list[tuple[str | None, str]]):
   """Checks the output files (path, suffix), then loads the model, which needs a tokenizer, on
   the --mesh: (mesh or None, config, params, tokenizer)."""
-  from lminf_jax.loading import load
 
   for path, suffix in outputs:
     if path is not None:
       check_output_file(Path(path), suffix)
   mesh = mesh_from_args(args)
-  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
+  config, params, tokenizer = load_on_mesh(args.ckpt, mesh)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   return mesh, config, params, tokenizer

@@ -11,8 +11,8 @@ import numpy as np
 
 from lminf_jax.cache import check_memory
 from lminf_jax.cli.options import (CKPT_HELP, add_attention_args, add_mesh_args, add_token_source_args,
-                                   attention_from_args, _int_at_least, load_model_and_tokens, mesh_context,
-                                   mesh_from_args, non_negative_int, place_tokens, positive_int, seed_int,
+                                   attention_from_args, _int_at_least, load_model_and_tokens, load_on_mesh,
+                                   mesh_context, mesh_from_args, non_negative_int, place_tokens, positive_int, seed_int,
                                    temperature_float, top_p_float)
 from lminf_jax.errors import UserError
 from lminf_jax.eval.texts import builtin_text
@@ -80,7 +80,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
   import jax
 
   from lminf_jax.inference.generation import Sampling, generate
-  from lminf_jax.loading import load
 
   prompt = read_text(args.prompt_file) if args.prompt_file else args.prompt
   if not prompt:
@@ -88,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
   attention = attention_from_args(args, args.attention)
   sampling = Sampling(args.temperature, args.top_k_sample, args.top_p)
   mesh = mesh_from_args(args)
-  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
+  config, params, tokenizer = load_on_mesh(args.ckpt, mesh)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -130,12 +129,11 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
   from tqdm import tqdm
 
   from lminf_jax.cache import init_cache
-  from lminf_jax.loading import load
   from lminf_jax.inference.stream import document_stream, peak_rss_mib, stream_nll
 
   attention = attention_from_args(args, args.attention)
   mesh = mesh_from_args(args)
-  config, params, tokenizer = load(Path(args.ckpt), mesh=mesh)
+  config, params, tokenizer = load_on_mesh(args.ckpt, mesh)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   text = read_text(args.text_file) if args.text_file else builtin_text()

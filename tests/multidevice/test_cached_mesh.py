@@ -92,6 +92,9 @@ def test_cached_commands_take_a_mesh(smollm2_ckpt, tmp_path, capsys):
   assert code == 0, err
   code, meshed, err = run_cli(capsys, *common, "--mesh", "data=2,tensor=-1")  # (3 kv heads over 4: replicated)
   assert code == 0, err
+  notes = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("lminf:")]
+  assert notes == ["lminf: note: tensor=4 does not divide the model's 9 heads and 3 kv heads: they are replicated "
+                   "over it"], err
   assert meshed.split("\n[")[0] == one.split("\n[")[0]
   passkey = ("passkey", smollm2_ckpt, "--lengths", "300", "--samples", "2", "--batch", "2", "--attention", "lambda")
   for name, mesh in (("one", ()), ("mesh", ("--mesh", "data=2,fsdp=-1"))):
