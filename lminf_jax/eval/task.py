@@ -10,6 +10,7 @@ table, the JSON report and the heatmap. `EVAL_TASKS` names every registered task
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import time
@@ -46,24 +47,24 @@ class Axes(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalTask:
+class EvalTask(abc.ABC):
   """The protocol. Subclasses define `samples`, `new_tokens` and `score`; the rest has defaults.
   A sample is any named structure with `token_ids` (list[int], the prompt)."""
 
   name: ClassVar[str] = "task"
   score_key: ClassVar[str] = "score"  # the result field that the grid averages
 
+  @abc.abstractmethod
   def samples(self, tokenizer) -> dict[Hashable, list]:
     """The samples in groups, in order (seeded by the task's own fields)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def new_tokens(self, group: Hashable) -> int:
     """The most tokens generated for a sample of `group`."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def score(self, prediction: str, sample) -> float:
     """A decoded prediction's score, in [0, 1]."""
-    raise NotImplementedError
 
   def stop_ids(self, config, tokenizer) -> tuple[int, ...]:
     """Token ids that end an answer (default: the model's EOS)."""
