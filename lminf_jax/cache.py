@@ -73,7 +73,6 @@ def init_cache(config, spec: AttentionMethod, batch: int, max_len: int | None = 
     raise UserError("a cache runs on data, fsdp and tensor mesh axes, not sequence-parallel: drop the sequence axis")
   layout = spec.cache_layout(max_len)
 
-  @jax.jit  # (under a mesh: each device allocates only its shard)
   def make() -> Cache:
     extra, shared = spec.init_extra(config, batch, layout, max_len)
     kv = lambda length: jnp.zeros((config.num_layers, batch, config.num_kv_heads, length, config.head_dim),  # noqa: E731
@@ -83,7 +82,9 @@ def init_cache(config, spec: AttentionMethod, batch: int, max_len: int | None = 
                         index(layout.slots, 0), index(layout.slots, -1), index(layout.ring, 0), index(layout.ring, -1),
                         jnp.zeros((batch,), jnp.int32), shared))
 
-  return make()
+  # Under a mesh, made inside jit so that each device allocates only its shard; without one, as before
+  # (no compile per call).
+  return make() if jax.sharding.get_abstract_mesh().empty else jax.jit(make)()
 
 
 _KV_AXES = ("layers", "cache_batch", "cache_heads", "cache_length", "cache_head_dim")
@@ -93,13 +94,14 @@ def placed(cache: Cache) -> Cache:
   """`cache` under its logical axes on the current mesh (nothing without one): keys and values
   [L, B, K, S, H] over batch and kv heads, positions and indices [B, S] over batch; a method's own
   arrays over batch (their axis 1 per layer, axis 0 shared). A length is never split."""
-  rest = lambda *axes: lambda x: constrain(x, *axes, *(None,) * (x.ndim - len(axes)))  # noqa: E731
-  kv = cache.kv
-  return Cache(LayerKV(*(constrain(x, *_KV_AXES) for x in kv[:4]), jax.tree.map(rest("layers", "cache_batch"),
-                                                                                  kv.extra)),
-               *(constrain(x, "cache_batch", "cache_length") for x in cache[1:5]), constrain(cache.next_idx,
-                                                                                           "cache_batch"),
-               jax.tree.map(rest("cache_batch"), cache.shared))
+  leading = lambda *axes: lambda x: constrain(x, *axes, *(None,) * (x.ndim - len(axes)))  # noqa: E731
+  kv = cache.kv._replace(**{name: constrain(getattr(cache.kv, name), *_KV_AXES)
+                            for name in ("slot_k", "slot_v", "ring_k", "ring_v")},
+                         extra=jax.tree.map(leading("layers", "cache_batch"), cache.kv.extra))
+  index = {name: constrain(getattr(cache, name), "cache_batch", "cache_length")
+           for name in ("slot_pos", "slot_idx", "ring_pos", "ring_idx")}
+  return cache._replace(kv=kv, **index, next_idx=constrain(cache.next_idx, "cache_batch"),
+                        shared=jax.tree.map(leading("cache_batch"), cache.shared))
 
 
 def check_memory(config, attention, max_len: int | None = None, batch: int = 1) -> None:
