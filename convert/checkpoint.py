@@ -28,6 +28,20 @@ def is_checkpoint(path: Path) -> bool:
   return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+def _handler():
+  """Orbax's pytree handler, writing host arrays as they are: no deep copy of the params first (they
+  are ours and outlive the save) and no compression (whose buffers held most of a second copy of
+  the params at once; bfloat16 weights hardly compress): writing adds no copy (docs/memory.md).
+  A checkpoint written with compression still restores."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint import type_handlers
+
+  registry = type_handlers.create_type_handler_registry(
+      (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)), (jax.Array, type_handlers.ArrayHandler()))
+  return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+
+
 def save_checkpoint(out: Path, config: LlamaConfig, params: dict, tokenizer=None) -> Path:
   """Writes params (Orbax), config and tokenizer to `out`, which must not exist yet (atomically:
   `lminf_jax.util.atomic.atomic_dir`)."""
@@ -35,11 +49,10 @@ def save_checkpoint(out: Path, config: LlamaConfig, params: dict, tokenizer=None
 
   out = Path(out).absolute()
   with atomic_dir(out) as tmp:
-    # Leaving the checkpointer waits for its writer threads, also on an error, so that removing
-    # the temporary dir never races them.
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp / PARAMS_DIR, params)
-      checkpointer.wait_until_finished()
+    # A synchronous checkpointer: its writes are done when save returns, also on an error, so that
+    # removing the temporary dir never races them.
+    with ocp.Checkpointer(_handler()) as checkpointer:
+      checkpointer.save(tmp / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
     # config.json last: together with params/ it marks the dir as complete.
@@ -81,12 +94,28 @@ def load_checkpoint(path: Path, dtype: str | None = None, sharding=None) -> tupl
   previous_hook = sys.unraisablehook
   sys.unraisablehook = without_closed_loop_reports(previous_hook)
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      params = checkpointer.restore(path / PARAMS_DIR, target)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      params = jax.tree_util.tree_map_with_path(lambda keys, leaf: _restore_leaf(checkpointer, path / PARAMS_DIR,
+                                                                                 keys, leaf), target)
   except Exception as e:  # (the hook stays: reads still in flight report later)
     raise UserError(f"cannot restore params from {path / PARAMS_DIR}: truncated or corrupt ({_summary(e)})") from None
   sys.unraisablehook = previous_hook
   return config, params
+
+
+def _restore_leaf(checkpointer, path: Path, keys: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+  """One parameter of the checkpoint at `path` (a partial restore): restoring the params a leaf at a
+  time, the reads' buffers hold one leaf, not the whole params at once (docs/memory.md)."""
+  import orbax.checkpoint as ocp
+
+  item = leaf
+  for key in reversed(keys):
+    item = {key.key: item}
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), item)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))
+  for key in keys:
+    restored = restored[key.key]
+  return jax.block_until_ready(restored)
 
 
 def _summary(error: Exception, limit: int = 200) -> str:

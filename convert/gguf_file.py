@@ -143,9 +143,10 @@ def iter_gguf_tensors(reader, config: LlamaConfig, path: Path) -> Iterator[tuple
     yield name, array
 
 
-def load_gguf(path: Path, param_dtype: str = "float32") -> tuple[LlamaConfig, dict]:
-  """GGUF file -> (config, params as numpy arrays)."""
+def load_gguf(path: Path, param_dtype: str = "float32", placement=None) -> tuple[LlamaConfig, dict]:
+  """GGUF file -> (config, params): numpy arrays, or device arrays where `placement(config)` gives
+  their shardings (`assemble_params`)."""
   reader = open_gguf(path)
   config = gguf_config(reader, path).replace(param_dtype=param_dtype)
-  return config, assemble_params(config, iter_gguf_tensors(reader, config, path))
+  return config, assemble_params(config, iter_gguf_tensors(reader, config, path), placement and placement(config))
 

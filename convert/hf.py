@@ -6,6 +6,7 @@ params plus one source tensor.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import zipfile
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lminf_jax.convert import safetensors_file
 from lminf_jax.errors import UserError
 from lminf_jax.util.files import read_json_object
 from lminf_jax.util.limits import check_fits, host_memory_bytes
@@ -101,8 +103,10 @@ def _expected_source_shape(layout: str, target_shape: tuple[int, ...]) -> tuple[
   return tuple(target_shape)
 
 
-def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]]) -> dict:
-  """Fills a params tree from (HF name, array) pairs, one tensor at a time.
+def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], shardings=None) -> dict:
+  """Fills a params tree from (HF name, array) pairs, one tensor at a time: numpy arrays, or with
+  `shardings` (a tree of them, `lminf_jax.models.params.param_shardings`) device arrays placed by
+  them, each tensor written into its slice, so the host holds one tensor, never the params.
 
   Raises UserError naming the tensor on a shape mismatch, and naming the first missing one, and
   before allocating params bigger than this machine's memory. Warns (stderr, one line per tensor)
@@ -113,7 +117,10 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
   nbytes = sum(s.size for s in jax.tree.leaves(shapes)) * dtype.itemsize
   check_fits(f"holding the params ({config.num_params()} parameters as {dtype})", nbytes,
              ("this machine", host_memory_bytes()))
-  params = jax.tree.map(lambda s: np.empty(s.shape, dtype), shapes)
+  if shardings is None:
+    params = jax.tree.map(lambda s: np.empty(s.shape, dtype), shapes)
+  else:
+    params = jax.tree.map(lambda s, sharding: jnp.zeros(s.shape, dtype, device=sharding), shapes, shardings)
   filled: set[tuple] = set()
   renamed = ((_renamed(config.model_type, name), array) for name, array in tensors)
   for name, array in _unfused(config, renamed):
@@ -141,17 +148,31 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
     if tuple(array.shape) != expected:
       raise UserError(f"tensor {name} has shape {tuple(array.shape)}, "
                       f"expected {expected} from the model config")
-    converted = _to_layout(np.asarray(array), layout, target_shape).astype(dtype)
-    if not np.isfinite(converted).all():
-      bad = converted.size - int(np.count_nonzero(np.isfinite(converted)))
-      print(f"lminf: warning: tensor {name} has {bad} NaN or Inf values", file=sys.stderr)
-    if layer is None:
-      target[...] = converted
+    value = _to_layout(np.asarray(array), layout, target_shape)
+    if shardings is None:
+      destination = target if layer is None else target[layer]
+      destination[...] = value  # (cast as it is copied: no other copy)
     else:
-      target[layer] = converted
+      destination = np.ascontiguousarray(value, dtype)
+      node[path[-1]] = (jax.device_put(destination, target.sharding) if layer is None else
+                        _set_layer(target, destination, layer))
+    if bad := _nonfinite(destination):
+      print(f"lminf: warning: tensor {name} has {bad} NaN or Inf values", file=sys.stderr)
     filled.add(path + ((layer,) if layer is not None else ()))
   _check_complete(config, shapes, filled)
   return params
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, value: np.ndarray, layer: int) -> jax.Array:
+  """`stacked` [L, ...] with `value` at `layer`, in place (donated; its sharding kept)."""
+  return stacked.at[layer].set(value)
+
+
+def _nonfinite(a: np.ndarray, piece: int = 1 << 22) -> int:
+  """The NaN and Inf values of a contiguous array, counted a piece at a time (no mask of the whole)."""
+  flat = a.reshape(-1)
+  return sum(int(np.count_nonzero(~np.isfinite(flat[i:i + piece]))) for i in range(0, flat.size, piece))
 
 
 def _unfused(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
@@ -278,17 +299,6 @@ def _weight_files(model_dir: Path) -> list[Path]:
   return files
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-  from safetensors import SafetensorError, safe_open
-
-  try:
-    with safe_open(str(path), framework="flax") as f:
-      for name in f.keys():
-        yield name, np.asarray(f.get_tensor(name))
-  except (SafetensorError, OSError) as e:
-    raise UserError(f"{path} is truncated or corrupt: {e}") from None
-
-
 def _load_torch_bin(path: Path) -> dict:
   """The state dict in a PyTorch .bin, unpickled with torch's weights-only unpickler (never
   arbitrary objects); memory-mapped unless it is in the legacy (pre-1.6, non-zip) format."""
@@ -317,32 +327,37 @@ def _iter_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
   for path in _weight_files(model_dir):
-    reader = _iter_safetensors if path.suffix == ".safetensors" else _iter_torch_bin
+    reader = safetensors_file.iter_tensors if path.suffix == ".safetensors" else _iter_torch_bin
     yield from reader(path)
 
 
-def load_hf(model_dir: Path, param_dtype: str = "float32") -> tuple[LlamaConfig, dict]:
-  """HF model dir -> (config, params as numpy arrays)."""
+def saved_param_dtype(model_dir: Path) -> str:
+  """The param dtype an HF model dir's weights keep when none is asked for, as transformers 5 loads
+  them: bfloat16 where its config.json says so ("dtype", or transformers 4's "torch_dtype"), else
+  float32 (float16 is widened: params are float32 or bfloat16)."""
+  hf = read_hf_config(model_dir)
+  return "bfloat16" if (hf.get("dtype") or hf.get("torch_dtype")) == "bfloat16" else "float32"
+
+
+def load_hf(model_dir: Path, param_dtype: str | None = None, placement=None) -> tuple[LlamaConfig, dict]:
+  """HF model dir -> (config, params), in `param_dtype` (default: `saved_param_dtype`): numpy arrays, or
+  device arrays where `placement(config)` gives their shardings (`assemble_params`)."""
+  param_dtype = param_dtype or saved_param_dtype(model_dir)
   config = _mlp_width_of_tensors(model_dir, hf_config(model_dir).replace(param_dtype=param_dtype))
-  return config, assemble_params(config, iter_hf_tensors(model_dir))
+  return config, assemble_params(config, iter_hf_tensors(model_dir), placement and placement(config))
 
 
 def _mlp_width_of_tensors(model_dir: Path, config: LlamaConfig) -> LlamaConfig:
   """For a family whose config.json may misstate its MLP width (MPT: transformers builds 4 x d_model
   whatever expansion_ratio says), the width its safetensors hold, with a one-line note if it differs."""
-  from safetensors import SafetensorError, safe_open
-
   if not family(config.model_type).mlp_width_from_tensors:
     return config
   name = _renamed(config.model_type, "model.layers.0.mlp.down_proj.weight", to_llama=False)  # [D, F]
   for path in (p for p in _weight_files(model_dir) if p.suffix == ".safetensors"):
-    try:
-      with safe_open(str(path), framework="numpy") as f:
-        if name not in f.keys():
-          continue
-        shape = f.get_slice(name).get_shape()
-    except (SafetensorError, OSError) as e:
-      raise UserError(f"{path} is truncated or corrupt: {e}") from None
+    entry = safetensors_file.read_header(path).get(name)
+    if entry is None:
+      continue
+    shape = entry.shape
     if len(shape) == 2 and shape[1] != config.intermediate_size and shape[1] > 0:
       print(f"lminf: note: {model_dir / 'config.json'} implies an MLP of {config.intermediate_size}, its tensors "
             f"hold {shape[1]} (as transformers' {config.model_type} builds them): using {shape[1]}", file=sys.stderr)

@@ -31,8 +31,10 @@ def _hf_tokenizer(model_dir: Path):
   return _auto_tokenizer(model_dir)
 
 
-def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict, object]:
-  """HF dir, .gguf or hub id ORG/NAME[@REVISION] -> (config, numpy params, tokenizer or None), in memory."""
+def convert_source(src: Path, dtype: str | None = None, placement=None) -> tuple[LlamaConfig, dict, object]:
+  """HF dir, .gguf or hub id ORG/NAME[@REVISION] -> (config, params, tokenizer or None), in memory, in
+  `dtype` (default: an HF dir's own, `saved_param_dtype`; a GGUF's dequantised float32): numpy arrays, or
+  device arrays where `placement(config)` gives their shardings (one tensor on the host at a time)."""
   if hub := hub_id(src):
     src = snapshot(hub)
   src = Path(src)
@@ -41,14 +43,15 @@ def convert_source(src: Path, dtype: str = "float32") -> tuple[LlamaConfig, dict
   if src.is_file():
     if src.suffix != ".gguf":
       raise UserError(f"{src} is not a .gguf file or a model dir")
-    config, params = load_gguf(src, dtype)
+    config, params = load_gguf(src, dtype or "float32", placement)
     return config, params, gguf_tokenizer(open_gguf(src), src)
-  config, params = load_hf(src, dtype)
+  config, params = load_hf(src, dtype, placement)
   return config, params, _hf_tokenizer(src)
 
 
-def convert_checkpoint(src: Path, out: Path, dtype: str = "float32") -> Path:
-  """Converts an HF dir, .gguf file or hub id (ORG/NAME[@REVISION]) into a checkpoint dir at `out` (atomically)."""
+def convert_checkpoint(src: Path, out: Path, dtype: str | None = None) -> Path:
+  """Converts an HF dir, .gguf file or hub id (ORG/NAME[@REVISION]) into a checkpoint dir at `out`
+  (atomically), in `dtype` (default: `convert_source`'s)."""
   check_output_dir(out)  # before the conversion's work
   config, params, tokenizer = convert_source(src, dtype)
   return save_checkpoint(out, config, params, tokenizer)
@@ -62,15 +65,17 @@ def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, 
   (a checkpoint is restored straight into that sharding)."""
   import jax
 
-  from lminf_jax.models.params import param_shardings
+  from lminf_jax.models.params import abstract_params, param_shardings
 
   if hub := hub_id(path):
-    path = cached_checkpoint(hub, dtype or "float32")
+    path = cached_checkpoint(hub, dtype)
   path = Path(path).expanduser()
   if path.is_dir() and is_checkpoint(path):
     config = read_config(path).replace(**({"param_dtype": dtype} if dtype else {}))
     config, params = load_checkpoint(path, dtype, param_shardings(config, mesh) if mesh else None)
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     return config, params, _auto_tokenizer(path) if has_tokenizer else None
-  config, params, tokenizer = convert_source(path, dtype or "float32")
-  return config, jax.device_put(params, param_shardings(config, mesh) if mesh else None), tokenizer
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  placement = lambda config: (param_shardings(config, mesh) if mesh else  # noqa: E731
+                              jax.tree.map(lambda _: one_device, abstract_params(config)))
+  return convert_source(path, dtype, placement)

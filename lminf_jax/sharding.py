@@ -33,7 +33,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("tensor",),
     "vocab": ("tensor", "sequence"),
-    # The KV cache's [B, S, K, H] arrays. Not used yet: lminf_jax.cache places no constraints.
+    # The KV cache's [L, B, K, S, H] arrays (lminf_jax.cache.placed): a length is never split.
     "cache_batch": ("data", "fsdp"),
     "cache_length": (),
     "cache_heads": ("tensor",),

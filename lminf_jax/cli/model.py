@@ -14,7 +14,9 @@ def _convert_parser(sub) -> None:
   p = sub.add_parser("convert", help="HF model dir or .gguf file -> checkpoint dir")
   p.add_argument("src", help="HF model dir, .gguf file or hub id ORG/NAME[@REVISION]")
   p.add_argument("out")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 help="the params' dtype (default: an HF dir's own: bfloat16 stays bfloat16, float16 and a GGUF's "
+                      "dequantised weights become float32)")
   p.set_defaults(func=cmd_convert)
 
 

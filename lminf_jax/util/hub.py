@@ -58,12 +58,15 @@ def snapshot(hub: HubId) -> Path:
     raise UserError(f"{name}: cannot download from the hub: {type(e).__name__}: {line}") from None
 
 
-def cached_checkpoint(hub: HubId, dtype: str = "float32") -> Path:
-  """The checkpoint dir of `hub` in `dtype`, converted once and kept in lminf's cache by repo and commit."""
+def cached_checkpoint(hub: HubId, dtype: str | None = None) -> Path:
+  """The checkpoint dir of `hub` in `dtype` (default: its own, `saved_param_dtype`), converted once and
+  kept in lminf's cache by repo and commit."""
   from lminf_jax.convert.checkpoint import is_checkpoint
+  from lminf_jax.convert.hf import saved_param_dtype
   from lminf_jax.loading import convert_checkpoint
 
   source = snapshot(hub)  # snapshots/<commit>: a moving branch gets a new conversion, a fixed commit one only
+  dtype = dtype or saved_param_dtype(source)
   out = cache_dir() / "hub" / hub.repo.replace("/", "--") / f"{source.name}-{dtype}"
   if is_checkpoint(out):
     return out
