@@ -289,12 +289,12 @@ def test_interrupted_nll_exits_cleanly(delay, signum, hf_src, tmp_path):
 SLOW_SAVE = """
 import time
 import orbax.checkpoint as ocp
-_wait = ocp.StandardCheckpointer.wait_until_finished
-def slow_wait(self):
-  _wait(self)
+_save = ocp.Checkpointer.save
+def slow_save(self, *args, **kwargs):
+  _save(self, *args, **kwargs)
   print("saving", flush=True)
   time.sleep(120)
-ocp.StandardCheckpointer.wait_until_finished = slow_wait
+ocp.Checkpointer.save = slow_save
 """
 
 
