@@ -10,12 +10,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers, naive_attention
 
-from helpers import tiny_hf_model  # noqa: E402
+from helpers import SLOW, tiny_hf_model  # noqa: E402
 
 # tests/multidevice needs 8 virtual devices: tests/test_sharding.py runs it in a subprocess.
 collect_ignore = [] if os.environ.get("LMINF_MULTIDEVICE") else ["multidevice"]
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+def pytest_collection_modifyitems(config, items):
+  if SLOW:
+    return
+  skip = pytest.mark.skip(reason="slow: runs with LMINF_SLOW=1 (scripts/slow_tests.sh)")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
 
 
 @pytest.fixture

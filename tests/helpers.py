@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+# Cases marked `slow`, and wider random searches, widen what CI's suite covers (more meshes, more
+# examples, the real model through a mesh); they run only with LMINF_SLOW=1: scripts/slow_tests.sh.
+SLOW = bool(os.environ.get("LMINF_SLOW"))
 
 # One tiny config per model kind the converters must handle.
 TINY_KINDS = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SLOW
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive_attention import default_inv_freq, naive_attention
@@ -24,7 +25,7 @@ def _attend(q, k, v, positions, pe, spec):
   return np.asarray(attend(*(jnp.asarray(x)[None] for x in (q, k, v, positions)), pe, spec)[0])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40 if SLOW else 15, deadline=None)
 @given(case=st.sampled_from(with_path(Path.MASKED)), t=st.integers(1, 60), n_start=st.integers(0, 10),
        window=st.integers(1, 70), chunk=st.integers(1, 40), key_block=st.integers(1, 50), kv=st.integers(1, 3),
        groups=st.sampled_from([1, 2, 3]), h=st.sampled_from([4, 8]), offset=st.sampled_from([0, 37, 10**8]),
@@ -42,7 +43,7 @@ def test_alibi_matches_naive(case, t, n_start, window, chunk, key_block, kv, gro
   np.testing.assert_allclose(ours, expected, atol=2e-5)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25 if SLOW else 12, deadline=None)
 @given(case=st.sampled_from(with_path(Path.MASKED)), t=st.integers(1, 60), n_start=st.integers(0, 10),
        window=st.integers(1, 70), chunk=st.integers(1, 40), kv=st.integers(1, 2), groups=st.sampled_from([1, 2]),
        offset=st.integers(0, 1000), seed=st.integers(0, 2**16))

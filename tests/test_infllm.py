@@ -7,7 +7,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import feed_cached, run_cli
+from helpers import SLOW, feed_cached, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from naive_infllm import infllm_key_sets, memory_state, naive_infllm
@@ -39,7 +39,7 @@ def _random(seed: int, t: int, kv: int, groups: int, h: int):
           rng.standard_normal((t, kv, h)).astype(np.float32), rng.standard_normal((t, kv, h)).astype(np.float32))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40 if SLOW else 12, deadline=None)
 @given(t=st.integers(1, 72), n_init=st.integers(0, 6), n_local=st.integers(1, 16), block_size=st.integers(1, 6),
        repr_frac=st.floats(0, 1), top_k=st.integers(1, 5), chunk=st.integers(1, 20), key_block=st.integers(1, 24),
        kv=st.integers(1, 2), groups=st.sampled_from([1, 3]), h=st.sampled_from([2, 8]), seed=st.integers(0, 2**16))

@@ -41,8 +41,11 @@ def _mesh(text: str):
   return make_mesh(sizes, devices=jax.devices()[:int(np.prod(list(sizes.values())))])
 
 
-# lambda and infllm on every mesh; streaming and dense (the same shared cache code) on one
-CASES = [(m, n) for m in MESHES for n in ("lambda", "infllm")] + [("data=2,tensor=2", n) for n in ("streaming", "dense")]
+# lambda and infllm on every mesh (in CI: data and tensor parallel, and kv heads the tensor axis does not
+# divide); streaming and dense (the same shared cache code) on one
+CI_MESHES = ("data=2,tensor=2", "tensor=4")
+CASES = ([pytest.param(m, n, marks=() if m in CI_MESHES else pytest.mark.slow) for m in MESHES
+          for n in ("lambda", "infllm")] + [("data=2,tensor=2", n) for n in ("streaming", "dense")])
 
 
 @pytest.mark.parametrize("mesh_text, name", CASES)
@@ -84,6 +87,21 @@ def test_a_cache_on_a_sequence_axis_is_refused(hf):
     init_cache(config, SPECS["lambda"], 1, max_len=64)
 
 
+def test_nll_cached_takes_a_mesh(hf, tmp_path, capsys):
+  """`nll --cached --mesh` writes what one device writes; a sequence axis is one line (the commands on
+  SmolLM2: `test_cached_commands_take_a_mesh`)."""
+  np.save(tmp_path / "t.npy", TOKENS[0])
+  nll = ("nll", hf, "--tokens-file", tmp_path / "t.npy", "--cached", "--attention", "infllm", "--n-init", "4",
+         "--n-local", "16", "--block-size", "4", "--infllm-top-k", "2", "--chunk", "8")
+  assert run_cli(capsys, *nll, "--out", tmp_path / "one.npy")[0] == 0
+  code, _, err = run_cli(capsys, *nll, "--out", tmp_path / "mesh.npy", "--mesh", "data=2,tensor=-1")
+  assert code == 0, err
+  np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
+  code, _, err = run_cli(capsys, *nll, "--out", tmp_path / "seq.npy", "--mesh", "sequence=8")
+  assert code == 1 and err.count("\n") == 1 and "not sequence-parallel" in err and not (tmp_path / "seq.npy").exists()
+
+
+@pytest.mark.slow
 def test_cached_commands_take_a_mesh(smollm2_ckpt, tmp_path, capsys):
   """generate, passkey and nll --cached with --mesh print and write what one device does; a sequence
   axis is one line."""
