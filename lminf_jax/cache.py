@@ -70,9 +70,9 @@ class CachedInput(NamedTuple):
   kv and the chunk's sequence indices idx [B, T] (both broadcast to every layer). With a cache per
   layer kind (`Cache.windowed`): no kv, and the whole cache, which the layer reads at its index."""
 
-  kv: LayerKV
-  cache: Cache
-  idx_bt: jnp.ndarray
+  kv: LayerKV | None
+  cache: Cache | None
+  idx_bt: jnp.ndarray | None
 
 
 def init_cache(config, spec: AttentionMethod, batch: int, max_len: int | None = None) -> Cache:
