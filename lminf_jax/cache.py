@@ -12,6 +12,11 @@ outputs from then on for each row that overflowed (`capacity`, `attend_cached`).
 Slots hold raw keys with their positions; the ring holds what the method's `ring_entries` makes
 of them (banded methods: keys rotated from an anchor, lminf_jax.attention.ring). Layers only read
 the cache; `write` stores a chunk's keys for all layers at once, in place.
+
+A model with windowed and global layers (`PerLayer`) keeps one cache per kind: the global layers'
+laid out for the method, and in `Cache.windowed` the windowed layers' own, a ring of the sliding
+window (at most max_len), whatever the method and max_len. The layer scan then reads each layer's
+kv by its index in its kind's stack (`attend_cached`), and `write` stores each kind's layers in its own.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import math
 import numpy as np
 
 from lminf_jax.attention.blockwise import Keys, after, scatter_layers
-from lminf_jax.attention.method import AttentionMethod, CachedLayer
+from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
+from lminf_jax.attention.per_layer import PerLayer
 from lminf_jax.errors import UserError
 from lminf_jax.sharding import constrain, mesh_axis_size
 from lminf_jax.util.limits import INT32_MAX, check_fits, device_memory
@@ -42,13 +48,16 @@ class LayerKV(NamedTuple):
 
 
 class Cache(NamedTuple):
-  kv: LayerKV  # every leaf with a leading L axis
+  kv: LayerKV  # every leaf with a leading L axis (with `windowed`: the global layers' alone)
   slot_pos: jnp.ndarray  # [B, P] positions of the starting tokens (shared by all layers)
   slot_idx: jnp.ndarray  # [B, P] their sequence indices, -1 while empty
   ring_pos: jnp.ndarray  # [B, W] the ring positions the method's ring_entries gave its keys
   ring_idx: jnp.ndarray  # [B, W] their sequence indices, -1 while empty
   next_idx: jnp.ndarray  # [B] sequence index of the next real token
   shared: Any  # the method's own arrays shared by the layers
+  # `PerLayer`: the windowed layers' own cache (kv [L_w, ...], a ring of the window, no slots, no
+  # arrays of the method's; next_idx the same); None: every layer is in kv.
+  windowed: Cache | None = None
 
   def layer(self, kv: LayerKV) -> CachedLayer:
     """What a method reads of layer `kv` (or of every layer, given the stacked kv)."""
@@ -58,11 +67,12 @@ class Cache(NamedTuple):
 
 class CachedInput(NamedTuple):
   """A layer's input from the cache: its kv (scanned over layers), the rest of the cache without
-  kv and the chunk's sequence indices idx [B, T] (both broadcast to every layer)."""
+  kv and the chunk's sequence indices idx [B, T] (both broadcast to every layer). With a cache per
+  layer kind (`Cache.windowed`): no kv, and the whole cache, which the layer reads at its index."""
 
-  kv: LayerKV
-  cache: Cache
-  idx_bt: jnp.ndarray
+  kv: LayerKV | None
+  cache: Cache | None
+  idx_bt: jnp.ndarray | None
 
 
 def init_cache(config, spec: AttentionMethod, batch: int, max_len: int | None = None) -> Cache:
@@ -71,20 +81,29 @@ def init_cache(config, spec: AttentionMethod, batch: int, max_len: int | None = 
   spec = config.resolve_attention(spec)
   if mesh_axis_size("sequence") > 1:
     raise UserError("a cache runs on data, fsdp and tensor mesh axes, not sequence-parallel: drop the sequence axis")
-  layout = spec.cache_layout(max_len)
-
-  def make() -> Cache:
-    extra, shared = spec.init_extra(config, batch, layout, max_len)
-    kv = lambda length: jnp.zeros((config.num_layers, batch, config.num_kv_heads, length, config.head_dim),  # noqa: E731
-                                  jnp.dtype(config.dtype))
-    index = lambda length, fill: jnp.full((batch, length), fill, jnp.int32)  # noqa: E731
-    return placed(Cache(LayerKV(kv(layout.slots), kv(layout.slots), kv(layout.ring), kv(layout.ring), extra),
-                        index(layout.slots, 0), index(layout.slots, -1), index(layout.ring, 0), index(layout.ring, -1),
-                        jnp.zeros((batch,), jnp.int32), shared))
+  if not isinstance(spec, PerLayer):
+    layout = spec.cache_layout(max_len)
+    make = lambda: placed(_empty(config, spec, layout, batch, max_len))  # noqa: E731
+  else:  # a cache per layer kind, each stacking its layers alone
+    kinds = [(config.replace(num_layers=len(spec.layers(w)), window_layers=()), kind, kind.cache_layout(max_len))
+             for w, kind in ((False, spec.method), (True, spec.sliding()))]
+    make = lambda: placed(_empty(*kinds[0], batch, max_len)._replace(  # noqa: E731
+        windowed=_empty(*kinds[1], batch, max_len)))
 
   # Under a mesh, made inside jit so that each device allocates only its shard; without one, as before
   # (no compile per call).
   return make() if jax.sharding.get_abstract_mesh().empty else jax.jit(make)()
+
+
+def _empty(config, spec: AttentionMethod, layout: CacheLayout, batch: int, max_len: int | None) -> Cache:
+  """An empty cache of `layout` for config.num_layers layers under `spec`."""
+  extra, shared = spec.init_extra(config, batch, layout, max_len)
+  kv = lambda length: jnp.zeros((config.num_layers, batch, config.num_kv_heads, length, config.head_dim),  # noqa: E731
+                                jnp.dtype(config.dtype))
+  index = lambda length, fill: jnp.full((batch, length), fill, jnp.int32)  # noqa: E731
+  return Cache(LayerKV(kv(layout.slots), kv(layout.slots), kv(layout.ring), kv(layout.ring), extra),
+               index(layout.slots, 0), index(layout.slots, -1), index(layout.ring, 0), index(layout.ring, -1),
+               jnp.zeros((batch,), jnp.int32), shared)
 
 
 _KV_AXES = ("layers", "cache_batch", "cache_heads", "cache_length", "cache_head_dim")
@@ -93,7 +112,8 @@ _KV_AXES = ("layers", "cache_batch", "cache_heads", "cache_length", "cache_head_
 def placed(cache: Cache) -> Cache:
   """`cache` under its logical axes on the current mesh (nothing without one): keys and values
   [L, B, K, S, H] over batch and kv heads, positions and indices [B, S] over batch; a method's own
-  arrays over batch (their axis 1 per layer, axis 0 shared). A length is never split."""
+  arrays over batch (their axis 1 per layer, axis 0 shared); the windowed layers' cache alike. A
+  length is never split."""
   leading = lambda *axes: lambda x: constrain(x, *axes, *(None,) * (x.ndim - len(axes)))  # noqa: E731
   kv = cache.kv._replace(**{name: constrain(getattr(cache.kv, name), *_KV_AXES)
                             for name in ("slot_k", "slot_v", "ring_k", "ring_v")},
@@ -101,7 +121,8 @@ def placed(cache: Cache) -> Cache:
   index = {name: constrain(getattr(cache, name), "cache_batch", "cache_length")
            for name in ("slot_pos", "slot_idx", "ring_pos", "ring_idx")}
   return cache._replace(kv=kv, **index, next_idx=constrain(cache.next_idx, "cache_batch"),
-                        shared=jax.tree.map(leading("cache_batch"), cache.shared))
+                        shared=jax.tree.map(leading("cache_batch"), cache.shared),
+                        windowed=None if cache.windowed is None else placed(cache.windowed))
 
 
 def check_memory(config, attention, max_len: int | None = None, batch: int = 1) -> None:
@@ -128,9 +149,14 @@ def check_memory(config, attention, max_len: int | None = None, batch: int = 1) 
                                                       " per device"), nbytes, memory)
 
 
-def capacity(spec: AttentionMethod, cache: Cache, kv: LayerKV) -> int | None:
-  """Real tokens a row of the cache holds before it must refuse more (None: any number)."""
-  return spec.capacity(cache.ring_idx.shape[1], kv.extra)
+def capacity(spec: AttentionMethod, cache: Cache, kv: LayerKV | None) -> int | None:
+  """Real tokens a row of the cache holds before it must refuse more (None: any number): with a
+  cache per layer kind, the fewer of its kinds' (kv unused)."""
+  if cache.windowed is None:
+    return spec.capacity(cache.ring_idx.shape[1], kv.extra)
+  rooms = (capacity(spec.method, cache._replace(windowed=None), cache.kv),
+           capacity(spec.sliding(), cache.windowed, cache.windowed.kv))
+  return min((room for room in rooms if room is not None), default=None)
 
 
 def check_room(cache: Cache, spec: AttentionMethod, new_tokens_b) -> None:
@@ -160,9 +186,14 @@ def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, inputs: CachedInput, pe,
   `check_room` refuses before, unless traced) gets NaN, and so does every later chunk of it:
   `write` drops what does not fit."""
   new = Keys(jnp.swapaxes(k_bckh, 1, 2), jnp.swapaxes(v_bckh, 1, 2), positions_bc, inputs.idx_bt)
-  cached = inputs.cache.layer(inputs.kv)
-  attend = spec.attend_token if q_bcnh.shape[1] == 1 else spec.attend_chunk
-  out_bcnh, aux = attend(q_bcnh, new, cached, pe, layer)
+  if inputs.kv is None:  # (a cache per layer kind: the layer reads its kind's at its index)
+    at = spec.stack_index(layer)
+    read = lambda cache: lambda: cache.layer(  # noqa: E731
+        jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, at, keepdims=False), cache.kv))
+    out_bcnh, aux = spec.attend_kinds(q_bcnh, new, read(inputs.cache), read(inputs.cache.windowed), pe, layer)
+  else:
+    attend = spec.attend_token if q_bcnh.shape[1] == 1 else spec.attend_chunk
+    out_bcnh, aux = attend(q_bcnh, new, inputs.cache.layer(inputs.kv), pe, layer)
   room = capacity(spec, inputs.cache, inputs.kv)
   if room is not None:
     out_bcnh = jnp.where((jnp.max(inputs.idx_bt, axis=1) >= room)[:, None, None, None], jnp.nan, out_bcnh)
@@ -174,7 +205,10 @@ def write(cache: Cache, k_lbckh, v_lbckh, aux, positions_bc, idx_bc, pe, spec: A
   (if idx < P) and to ring slot idx % W (only the chunk's last W tokens: no slot is written
   twice). Padding (idx -1) is dropped, and so is a token past the capacity of a ring that must
   not wrap (its row's outputs are NaN: `attend_cached`). The method's own arrays are updated
-  first (`write_extra`, from `aux`: what every layer's attention returned), then the ring."""
+  first (`write_extra`, from `aux`: what every layer's attention returned), then the ring. A
+  cache per layer kind stores each kind's layers in its own."""
+  if cache.windowed is not None:
+    return _write_kinds(cache, k_lbckh, v_lbckh, aux, positions_bc, idx_bc, pe, spec)
   ring_len = cache.ring_idx.shape[1]
   valid_bc = idx_bc >= 0
   new = Keys(k_lbckh, v_lbckh, positions_bc, idx_bc)
@@ -195,6 +229,46 @@ def write(cache: Cache, k_lbckh, v_lbckh, aux, positions_bc, idx_bc, pe, spec: A
               Keys(ring_k, v_lbckh, ring_pos, idx_bc))
   return Cache(LayerKV(slots.k_bklh, slots.v_bklh, ring.k_bklh, ring.v_bklh, extra), slots.pos_bl, slots.idx_bl,
                ring.pos_bl, ring.idx_bl, next_idx, shared)
+
+
+def _write_kinds(cache: Cache, k_lbckh, v_lbckh, aux, positions_bc, idx_bc, pe, spec: PerLayer) -> Cache:
+  """`write` into a cache per layer kind: each kind's layers of the keys, values, aux and of the
+  per-layer arrays of `pe` (those with the keys' L axis) gathered along L, into its own cache."""
+
+  def kind(windowed: bool) -> Cache:
+    layers = np.asarray(spec.layers(windowed), np.int32)
+    take = lambda tree: jax.tree.map(lambda x: x[layers], tree)  # noqa: E731
+    kind_pe = jax.tree.map(lambda x: x[layers] if x.ndim == k_lbckh.ndim else x, pe)
+    own = cache.windowed if windowed else cache._replace(windowed=None)
+    return write(own, take(k_lbckh), take(v_lbckh), None if windowed else take(aux), positions_bc, idx_bc, kind_pe,
+                 spec.kind(layers[0]))
+
+  return kind(False)._replace(windowed=kind(True))
+
+
+def split_layers(cache: Cache, spec: AttentionMethod) -> tuple[Cache, ...]:
+  """One cache per layer, of its kind (kv leaves with a leading axis of 1, sliced from the stacks;
+  the index arrays copied, so that no two layers donate one buffer): for a loop over layers whose
+  buffers are separate (`generation.decode`, `cached_layer`)."""
+  def one(own: Cache, at: int) -> Cache:  # (a slice of the whole array would be the array itself: copied)
+    kv = jax.tree.map(lambda x: x[at:at + 1] if x.shape[0] > 1 else jnp.copy(x), own.kv)
+    return jax.tree.map(jnp.copy, own._replace(kv=None))._replace(kv=kv)
+
+  if cache.windowed is None:
+    return tuple(one(cache, layer) for layer in range(cache.kv.slot_k.shape[0]))
+  return tuple(one(cache.windowed if w else cache._replace(windowed=None), spec.layers(w).index(layer))
+               for layer, w in enumerate(spec.windowed))
+
+
+def stack_layers(layer_caches: tuple[Cache, ...], spec: AttentionMethod) -> Cache:
+  """`split_layers`' inverse: one cache (the index arrays of each kind's first layer)."""
+  def stack(caches: list[Cache]) -> Cache:
+    return caches[0]._replace(kv=jax.tree.map(lambda *xs: jnp.concatenate(xs), *(c.kv for c in caches)))
+
+  if not isinstance(spec, PerLayer):
+    return stack(list(layer_caches))
+  kind = lambda w: stack([layer_caches[layer] for layer in spec.layers(w)])  # noqa: E731
+  return kind(False)._replace(windowed=kind(True))
 
 
 def _put(keys: Keys, at_bc: jnp.ndarray, new: Keys) -> Keys:

@@ -120,7 +120,9 @@ class LlamaConfig:
 
   def resolve_attention(self, spec):
     """`spec` with this model's defaults (attention.resolve): n_local = the training length, and
-    Dense = the model's sliding window, if it has one."""
+    Dense = the model's sliding window, if it has one. With window_layers, the windowed layers
+    keep the window and the others run the method (`PerLayer`; where every layer is windowed,
+    the window alone)."""
     from lminf_jax.attention import resolve
     from lminf_jax.attention.per_layer import PerLayer
 
@@ -128,7 +130,10 @@ class LlamaConfig:
       return resolve(spec, self.max_position_embeddings, self.sliding_window)
     if isinstance(spec, PerLayer):
       return spec
-    return PerLayer(resolve(spec, self.max_position_embeddings), self.sliding_window, self.window_layers)
+    if not any(self.window_layers):  # (one kind of layer: no PerLayer)
+      return resolve(spec, self.max_position_embeddings)
+    per_layer = PerLayer(resolve(spec, self.max_position_embeddings), self.sliding_window, self.window_layers)
+    return per_layer.sliding() if all(self.window_layers) else per_layer
 
   def replace(self, **changes: Any) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from lminf_jax.attention import AttentionMethod, Dense, attend
 from lminf_jax.attention.blockwise import after
+from lminf_jax.attention.per_layer import PerLayer
 from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, write
 from lminf_jax.models.config import LlamaConfig, RopeScaling
 from lminf_jax.positional import ALiBi, Positional, Rotary, alibi_slopes, cap
@@ -143,7 +144,7 @@ class Attention(nn.Module):
       q_btnh = q_btnh * jnp.asarray((h / cfg.query_pre_attn_scalar) ** 0.5, dt)
     if cfg.rope_scaling.attention_factor != 1:  # (longrope: cos and sin times it, so rotated q.k times its square)
       q_btnh = q_btnh * jnp.where(jnp.arange(h) < cfg.rotary_dim, cfg.rope_scaling.attention_factor**2, 1).astype(dt)
-    if cached is None or cached.kv is None:  # (one-shot; with idx, into an empty cache: `Llama.cached_layers`)
+    if cached is None or cached.cache is None:  # (one-shot; with idx, into an empty cache: `Llama.cached_layers`)
       o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.attention, layer)
       new_kv = None if cached is None or cached.idx_bt is None else LayerWrite(k_btkh, v_btkh, None)
     else:
@@ -203,7 +204,7 @@ class Llama(nn.Module):
     # a cache's per-layer keys and values are scanned along their leading L axis.
     layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
     # Scanned inputs: positions (broadcast), layer index (0), spec (broadcast), CachedInput (its kv
-    # along L, the rest of the cache and idx broadcast).
+    # along L, the rest of the cache and idx broadcast; a cache per layer kind is all broadcast).
     cached_axes = CachedInput(0, nn.broadcast, nn.broadcast)
     self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, 0, nn.broadcast, cached_axes), length=cfg.num_layers,
@@ -251,7 +252,12 @@ class Llama(nn.Module):
     the chunk one-shot (`attend`, the method's `prefill_one_shot`) and the chunk is stored after."""
     cfg = self.config
     idx_bt = chunk_indices(cache.next_idx, positions_bt)
-    cached = CachedInput(None, None, idx_bt) if one_shot else CachedInput(cache.kv, cache._replace(kv=None), idx_bt)
+    if one_shot:
+      cached = CachedInput(None, None, idx_bt)
+    elif cache.windowed is not None:  # (a cache per layer kind: each layer reads its kind's at its index)
+      cached = CachedInput(None, cache, idx_bt)
+    else:
+      cached = CachedInput(cache.kv, cache._replace(kv=None), idx_bt)
     x_btd, new_kv = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, cached)
     return _write(cfg, x_btd, cache, new_kv, positions_bt, idx_bt, attention)
 
@@ -277,8 +283,11 @@ class Llama(nn.Module):
 def cached_layer(config: LlamaConfig, layer_params: dict, layer: int, x_btd: jnp.ndarray, positions_bt: jnp.ndarray,
                  attention, cache: Cache) -> tuple[jnp.ndarray, Cache]:
   """`Llama.cached_layers` for one layer, with no scan: its params and a cache holding only it
-  (every kv leaf with a leading axis of 1, as sliced from the stacked ones). For a loop over
-  layers whose buffers are separate: XLA copies the cache around a one-step scan on each call."""
+  (every kv leaf with a leading axis of 1, as sliced from the stacked ones: `cache.split_layers`,
+  of the layer's kind under `PerLayer`, whose attention it runs). For a loop over layers whose
+  buffers are separate: XLA copies the cache around a one-step scan on each call."""
+  if isinstance(attention, PerLayer):
+    attention = attention.kind(layer)
   idx_bt = chunk_indices(cache.next_idx, positions_bt)
   squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
   x_btd, new_kv = DecoderLayer(config).apply({"params": squeeze(layer_params)}, x_btd, positions_bt, jnp.int32(layer),

@@ -9,6 +9,9 @@
   - sequence parallelism: a SmolLM2 lambda NLL at T=65536 (G=10, L=2048) on `sequence=8`;
   - tensor parallelism through a cache: one decode step of a Llama-3-8B-shaped model (bf16 weights and
     cache) after a 32K prompt, on `tensor=8`: weights + cache + temporaries.
+- from shapes alone (`jax.eval_shape`), the bytes of a Gemma-3-4B-shaped cache for 32K tokens (34 layers,
+  5 windowed : 1 global, a window of 1024; bf16), a cache per layer kind against every layer at the global
+  layers' layout (as one shared cache was: num_layers x one global layer).
 
     python scripts/bench_memory.py [--seq-length 65536] [--prompt 32768] [--host-dir DIR] [--skip-host]
 """
@@ -30,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lminf_jax.attention import Dense, Lambda  # noqa: E402
+from lminf_jax.attention import Dense, InfLLM, Lambda  # noqa: E402
 from lminf_jax.cache import init_cache  # noqa: E402
 from lminf_jax.inference.forward import _forward_cached, token_nll  # noqa: E402
 from lminf_jax.models.config import LlamaConfig  # noqa: E402
@@ -118,6 +121,25 @@ def host_memory(root: Path, dtype: str) -> None:
   shutil.rmtree(ckpt)
 
 
+# Gemma 3 4B's config.json (text), as its family reads it.
+GEMMA3_4B = LlamaConfig.from_hf(dict(
+    model_type="gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024, sliding_window_pattern=6,
+    query_pre_attn_scalar=256, rope_theta=1000000.0, rope_local_base_freq=10000.0, max_position_embeddings=131072,
+    rope_scaling=dict(rope_type="linear", factor=8.0), rms_norm_eps=1e-6)).replace(param_dtype="bfloat16",
+                                                                                   dtype="bfloat16")
+
+
+def per_kind_cache_bytes(config: LlamaConfig, spec, max_len: int) -> tuple[int, int]:
+  """(bytes of a cache of every layer at the global layers' layout, bytes of a cache per layer kind)
+  for `max_len` tokens, batch 1 (shapes only)."""
+  nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+  cache = jax.eval_shape(lambda: init_cache(config, spec, 1, max_len=max_len))
+  n_global = cache.kv.slot_k.shape[0]
+  shared_cache = config.num_layers * nbytes(cache.kv) // n_global + nbytes(cache._replace(kv=None, windowed=None))
+  return shared_cache, nbytes(cache)
+
+
 def _abstract(tree, shardings):
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
 
@@ -160,6 +182,13 @@ def main() -> None:
         host_memory(Path(tmp), dtype)
   one, eight = make_mesh({}, devices=jax.devices()[:1]), make_mesh({"tensor": 8})
   print(f"{jax.device_count()} devices ({jax.devices()[0].platform}); XLA memory analysis, compile only")
+
+  for name, spec in (("dense", Dense()), ("lambda", Lambda()), ("lambda n_local=4096", Lambda(n_local=4096)),
+                     ("infllm", InfLLM()), ("infllm n_local=4096", InfLLM(n_local=4096))):
+    before, after = per_kind_cache_bytes(GEMMA3_4B, spec, args.prompt)
+    print(f"Gemma-3-4B-shaped cache for {args.prompt} tokens, {name}, bf16: every layer at the global layout "
+          f"{before / 2**30:.3f} GiB, a cache per layer kind {after / 2**30:.3f} GiB ({after / before:.3f}x)",
+          flush=True)
 
   from lminf_jax.convert.checkpoint import read_config
   from lminf_jax.util.fetch import fetch_smollm2

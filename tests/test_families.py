@@ -2,10 +2,13 @@
 RoPE), Gemma 2 (soft-capped logits, a sliding window on every other layer, the method on the
 rest) and Gemma 3 (windows on 5 of 6 layers, with their own RoPE theta; q/k norms): chunked caches and token-by-token decoding equal the one-shot forward, streams at offset
 10^8 equal those at 0, and a per-layer model's layers attend as their kind says (against the
-naive reference). Parity with transformers: test_parity.py, test_mpt.py."""
+naive reference), each kind keeping a cache of its own (the windowed layers a ring of the window). Parity with transformers: test_parity.py, test_mpt.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,11 +17,11 @@ from methods.cases import BY_NAME, Path, model_spec, with_path
 from naive_attention import default_inv_freq, naive_attention
 from test_attention import _inputs
 
-from lminf_jax.attention import InfLLM, Lambda, Rotary, attend, resolve
+from lminf_jax.attention import InfLLM, Lambda, Rotary, SlidingWindow, attend, resolve
 from lminf_jax.attention.per_layer import PerLayer
 from lminf_jax.cache import init_cache
-from lminf_jax.errors import UserError
 from lminf_jax.inference.forward import cached_token_nll, forward, token_nll
+from lminf_jax.inference.generation import Sampling, decode, generate, left_pad, prefill
 from lminf_jax.loading import load
 from lminf_jax.models.config import LlamaConfig
 
@@ -79,10 +82,94 @@ def test_per_layer_attends_its_window_or_the_method(layer):
   np.testing.assert_allclose(ours, expected, atol=2e-5)
 
 
-def test_a_ring_shorter_than_the_window_is_refused():
-  """InfLLM's ring (n_local + block_size) must hold the windowed layers' keys."""
+@pytest.fixture(scope="module", params=["gemma2", "gemma3_text", "qwen2_window_layer1"])
+def per_layer(request, tmp_path_factory):
+  """(config, params) of a tiny random model with windowed and global layers (windows of 8: gemma2's
+  layers 0 and 2, gemma3_text's 0-4 of 6, qwen2_window_layer1's layer 1 of 2)."""
+  from helpers import tiny_hf_model
+
+  out = tmp_path_factory.mktemp(request.param) / "hf"
+  tiny_hf_model(request.param).save_pretrained(out)
+  config, params, _ = load(out)
+  assert config.sliding_window == 8 and any(config.window_layers) and not all(config.window_layers)
+  return config, params
+
+
+# (The global layers' layout for 90 tokens: dense a ring of them, lambda and streaming 3 slots and a
+# ring of 20, infllm 3 slots and a ring of 20 + 4 with its own arrays; see `model_spec`.)
+GLOBAL_LAYOUT = {"dense": (0, 90), "lambda": (3, 20), "streaming": (3, 20), "infllm": (3, 24)}
+
+
+@pytest.mark.parametrize("method", list(GLOBAL_LAYOUT))
+def test_each_layer_kind_keeps_a_cache_of_its_own(per_layer, method):
+  """The windowed layers keep a ring of the window (8) alone, however long max_len is (at most
+  max_len): no starting slots and none of infllm's arrays; the global layers keep the method's
+  slots, ring and arrays."""
+  config, _ = per_layer
+  spec = config.resolve_attention(model_spec(BY_NAME[method], 16))
+  n_windowed = sum(config.window_layers)
+  n_global = config.num_layers - n_windowed
+  cache = init_cache(config, spec, 2, max_len=90)
+  windowed = cache.windowed
+  assert windowed.kv.ring_k.shape == windowed.kv.ring_v.shape == (n_windowed, 2, config.num_kv_heads, 8,
+                                                                  config.head_dim)
+  assert windowed.kv.slot_k.shape[3] == 0 and windowed.kv.extra == () and windowed.shared == ()
+  assert windowed.ring_idx.shape == (2, 8) and windowed.slot_idx.shape == (2, 0)
+  slots, ring = GLOBAL_LAYOUT[method]
+  assert cache.kv.slot_k.shape == (n_global, 2, config.num_kv_heads, slots, config.head_dim)
+  assert cache.kv.ring_k.shape == (n_global, 2, config.num_kv_heads, ring, config.head_dim)
+  assert cache.ring_idx.shape == (2, ring)
+  extra = jax.tree.leaves(cache.kv.extra)
+  assert (len(extra) == 5) == (method == "infllm") and all(x.shape[0] == n_global for x in extra)
+  if method != "dense":  # (dense without max_len: refused)
+    longer = init_cache(config, spec, 2, max_len=900)
+    assert jax.tree.map(jnp.shape, longer.windowed) == jax.tree.map(jnp.shape, windowed)
+  assert init_cache(config, spec, 2, max_len=5).windowed.kv.ring_k.shape[3] == 5
+
+
+@pytest.mark.parametrize("method", list(GLOBAL_LAYOUT))
+def test_greedy_generation_past_the_window_picks_the_one_shot_argmax(per_layer, method):
+  """30 tokens generated after a 12-token prompt (windows of 8, the windowed rings wrapping several
+  times; the decode loop runs each layer on its kind's cache): each is the argmax of the one-shot
+  forward over the tokens before it. Continued (`decode` on `Decoded.cache`, stacked back per
+  kind; infllm), 10 then 20 tokens are the 30. (infllm retrieves every block here, top_k 16: a decode step
+  retrieves per token, the one-shot forward per chunk.)"""
+  config, params = per_layer
+  spec = model_spec(BY_NAME[method], 4)
+  spec = config.resolve_attention(dataclasses.replace(spec, top_k=16) if method == "infllm" else spec)
+  prompt = TOKENS[0, :12].tolist()
+  out = generate(params, config, [prompt], 30, attention=spec, eos_ids=(), chunk=4)[0]
+  logits = forward(params, config, jnp.asarray([prompt + out]), attention=spec)
+  np.testing.assert_array_equal(np.asarray(logits[0, len(prompt) - 1:-1]).argmax(-1), out)
+  if method != "infllm":  # (stacking back is the same for every method: infllm's, with its own arrays)
+    return
+  cache = init_cache(config, spec, 1, max_len=42)
+  tokens, positions = left_pad([prompt], 4)
+  last, cache = prefill(params, config, cache, jnp.asarray(tokens), jnp.asarray(positions), spec, 4)
+  first = decode(params, config, cache, last, jnp.asarray([12]), jax.random.PRNGKey(0), spec, Sampling(), 10, ())
+  second = decode(params, config, first.cache, first.logits_bv, first.next_pos_b, jax.random.PRNGKey(0), spec,
+                  Sampling(), 20, ())
+  assert np.asarray(first.tokens_bn)[0].tolist() + np.asarray(second.tokens_bn)[0].tolist() == out
+
+
+def test_a_method_ring_shorter_than_the_window_is_the_global_layers_alone(per_layer):
+  """InfLLM's ring (n_local + block_size = 6) is shorter than the windowed layers' 8: they keep a
+  ring of their own (was: refused), and the cache fed in its chunks equals the one-shot forward."""
+  config, params = per_layer
+  spec = config.resolve_attention(InfLLM(n_init=2, n_local=4, block_size=2, repr_tokens=1, top_k=2, chunk=4))
+  cache = init_cache(config, spec, 2, max_len=90)
+  assert cache.kv.ring_k.shape[3] == 6 and cache.windowed.kv.ring_k.shape[3] == 8
+  tokens = jnp.asarray(TOKENS)
+  positions = jnp.broadcast_to(jnp.arange(90, dtype=jnp.int32), tokens.shape)
+  expected = np.asarray(forward(params, config, tokens, attention=spec))
+  np.testing.assert_allclose(feed_cached(params, config, spec, tokens, positions, [4] * 22 + [2], max_len=90),
+                             expected, atol=1e-4)
+
+
+def test_every_layer_windowed_is_the_window_alone():
+  """window_layers all true: every layer keeps its window whatever the method (no layer runs it)."""
   config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
-                       head_dim=16, sliding_window=8, window_layers=(True, False))
-  with pytest.raises(UserError, match="shorter than the model's sliding window"):
-    init_cache(config, InfLLM(n_init=2, n_local=4, block_size=2, repr_tokens=1, chunk=4), 1, max_len=64)
-  init_cache(config, InfLLM(n_init=2, n_local=6, block_size=2, repr_tokens=1, chunk=4), 1, max_len=64)
+                       head_dim=16, sliding_window=8, window_layers=(True, True))
+  spec = config.resolve_attention(Lambda(n_global=3, n_local=20))
+  assert spec == SlidingWindow(window=8, chunk=512, key_block=512)
+  assert init_cache(config, spec, 1, max_len=64).windowed is None

@@ -26,7 +26,6 @@ class BandMethod(Tiling):
   the window (or of `max_len` tokens, if fewer: then it refuses more)."""
 
   sequence_parallel = True
-  ring_may_grow = True  # (it masks by its own window in a longer ring)
 
   @abc.abstractmethod
   def band(self) -> Band:

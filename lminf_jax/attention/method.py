@@ -97,9 +97,6 @@ class AttentionMethod(abc.ABC):
 
   # Whether `attend` works with T split over the mesh's `sequence` axis.
   sequence_parallel: ClassVar[bool] = False
-  # Whether its cached attention is the same in a ring longer than `cache_layout` asks for (it
-  # masks by its own window): a model's sliding-window layers may then lengthen it (`PerLayer`).
-  ring_may_grow: ClassVar[bool] = False
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)

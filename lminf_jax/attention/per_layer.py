@@ -2,28 +2,31 @@
 own sliding window keep it, the others run the chosen method (docs/semantics.md#per-layer-windows). So `dense` is
 the model as trained and `lambda` changes only its global layers.
 
-Every layer shares one cache, laid out for the chosen method with a ring at least the window:
-the windowed layers read its ring (anchored or raw keys, either is a valid `Keys`) through
-`SlidingWindow` and no starting slots; what they hand the method's `write_extra` is zeros of its
-shape. The layer picks its branch with `lax.cond` on a table indexed by the (traced) layer index.
+Each kind of layer keeps a cache of its own (lminf_jax.cache): the global layers one laid out for
+the method (its slots, ring and arrays), the windowed layers a ring of the sliding window alone
+(`SlidingWindow`'s: no starting slots, no arrays of the method), each stacking only its layers.
+A layer picks its branch with `lax.cond` on a table indexed by the (traced) layer index, and
+reads its kind's cache at its place there (`stack_index`); a windowed layer hands the method's
+`write_extra` zeros of its shape, which the write drops.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from lminf_jax.attention.blockwise import Keys
 from lminf_jax.attention.dense import SlidingWindow
-from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, Tiling
-from lminf_jax.errors import UserError
+from lminf_jax.attention.method import AttentionMethod, CachedLayer, Tiling
 
 
 @dataclasses.dataclass(frozen=True)
 class PerLayer(AttentionMethod):
-  """Layers l with windowed[l] attend their last `window` keys; the others run `method`."""
+  """Layers l with windowed[l] attend their last `window` keys; the others run `method`. Both
+  kinds have layers (`LlamaConfig.resolve_attention` makes no PerLayer otherwise)."""
 
   method: AttentionMethod
   window: int
@@ -47,6 +50,18 @@ class PerLayer(AttentionMethod):
   def tiling(self) -> Tiling | None:
     return self.method.tiling()
 
+  def layers(self, windowed: bool) -> tuple[int, ...]:
+    """The layers of one kind, in order (layer layers(w)[i] is entry i of its kind's cache)."""
+    return tuple(layer for layer, w in enumerate(self.windowed) if w == windowed)
+
+  def kind(self, layer: int) -> AttentionMethod:
+    """The attention of layer `layer` (a static index): `sliding()` or the method."""
+    return self.sliding() if self.windowed[layer] else self.method
+
+  def stack_index(self, layer) -> jnp.ndarray:
+    """The (traced) layer's entry in its kind's cache."""
+    return jnp.asarray([self.layers(w).index(layer) for layer, w in enumerate(self.windowed)], jnp.int32)[layer]
+
   def _windowed(self, layer) -> jnp.ndarray:
     return jnp.asarray(self.windowed)[layer]
 
@@ -58,47 +73,24 @@ class PerLayer(AttentionMethod):
     tokens = self.method.window_tokens()
     return tokens and max(tokens, self.window)
 
-  def cache_layout(self, max_len: int | None) -> CacheLayout:
-    layout = self.method.cache_layout(max_len)
-    need = min(self.window, max_len or self.window)
-    if layout.ring >= need:
-      return layout
-    if not self.method.ring_may_grow:
-      raise UserError(f"{self.name}'s cache ring ({layout.ring} tokens) is shorter than the model's sliding "
-                      f"window ({self.window}) that its windowed layers read: give it a longer window (n_local)")
-    return layout._replace(ring=need)
-
-  def capacity(self, ring_len: int, extra) -> int | None:
-    return self.method.capacity(ring_len, extra)
-
   def cache_full(self, need: int, room: int, extra) -> str:
     return self.method.cache_full(need, room, extra)
 
-  def _cached(self, fn_name: str, q, new: Keys, cached: CachedLayer, pe, layer):
-    method = getattr(self.method, fn_name)
-    _, aux_shape = jax.eval_shape(lambda: method(q, new, cached, pe, layer))
-    no_slots = cached._replace(slots=cached.slots.slice(0, 0))
+  def attend_kinds(self, q_bcnh, new: Keys, global_layer: Callable[[], CachedLayer],
+                   windowed_layer: Callable[[], CachedLayer], pe, layer) -> tuple[jnp.ndarray, object]:
+    """Cached attention of a chunk q [B, C, N, H] (C = 1: `attend_token`) in layer `layer`
+    (traced), by its kind, over what its kind's cache holds of it (`global_layer()` or
+    `windowed_layer()`, read only in the branch taken): (out [B, C, N, H], the method's aux for
+    `write_extra`; zeros of its shape on a windowed layer)."""
+    fn_name = "attend_token" if q_bcnh.shape[1] == 1 else "attend_chunk"
+    method = lambda: getattr(self.method, fn_name)(q_bcnh, new, global_layer(), pe, layer)  # noqa: E731
+    _, aux_shape = jax.eval_shape(method)
 
     def windowed():
-      out, _ = getattr(self.sliding(), fn_name)(q, new, no_slots, pe, layer)
+      out, _ = getattr(self.sliding(), fn_name)(q_bcnh, new, windowed_layer(), pe, layer)
       return out, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
 
-    return jax.lax.cond(self._windowed(layer), windowed, lambda: method(q, new, cached, pe, layer))
-
-  def attend_chunk(self, q_bcnh, new: Keys, cached: CachedLayer, pe, layer):
-    return self._cached("attend_chunk", q_bcnh, new, cached, pe, layer)
-
-  def attend_token(self, q_b1nh, new: Keys, cached: CachedLayer, pe, layer):
-    return self._cached("attend_token", q_b1nh, new, cached, pe, layer)
-
-  def ring_entries(self, k_lbckh, positions_bc, ring_len, pe):
-    return self.method.ring_entries(k_lbckh, positions_bc, ring_len, pe)
-
-  def init_extra(self, config, batch, layout, max_len):
-    return self.method.init_extra(config, batch, layout, max_len)
-
-  def write_extra(self, cached, new, aux, next_idx_b, ring_at_bc, pe):
-    return self.method.write_extra(cached, new, aux, next_idx_b, ring_at_bc, pe)
+    return jax.lax.cond(self._windowed(layer), windowed, method)
 
   def prefill_one_shot(self, dtype) -> bool:
     return self.method.prefill_one_shot(dtype)

@@ -22,7 +22,7 @@ from jax.experimental import io_callback
 
 from lminf_jax.attention import AttentionMethod, Dense
 from lminf_jax.attention.blockwise import split_chunks
-from lminf_jax.cache import Cache, check_room, init_cache
+from lminf_jax.cache import Cache, check_room, init_cache, split_layers, stack_layers
 from lminf_jax.errors import UserError
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.llama import Llama, cached_layer
@@ -105,12 +105,13 @@ class Decoded:
   logits_bv: jnp.ndarray  # [B, V] logits after the last sampled token
   next_pos_b: jnp.ndarray  # [B] position of the next token
   layer_caches: tuple  # the loop's per-layer caches
+  attention: AttentionMethod  # the resolved spec (how the layer caches stack)
 
   @property
   def cache(self) -> Cache:
     """The updated cache, stacked from the per-layer ones when asked for (a copy of the cache:
     a generation that does not continue never pays for it)."""
-    return _stack_layers(self.layer_caches)
+    return _stack_layers(self.layer_caches, self.attention)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "chunk", "one_shot"), donate_argnames=("cache",))
@@ -152,22 +153,16 @@ def _decode_checked(params, config, cache, logits_bv, next_pos_b, key, attention
   rest = {name: x for name, x in params.items() if name != "layers"}
   layer_params = tuple(jax.tree.map(lambda x: x[layer:layer + 1], params["layers"])
                        for layer in range(config.num_layers))
-  # Slicing copies the kv; the shared index arrays are copied so that no two layers donate one buffer.
-  layer_caches = tuple(jax.tree.map(jnp.copy, cache._replace(kv=None))._replace(
-      kv=jax.tree.map(lambda x: x[layer:layer + 1], cache.kv)) for layer in range(config.num_layers))
+  layer_caches = split_layers(cache, attention)
   for x in jax.tree.leaves(cache):
     if not isinstance(x, jax.core.Tracer):
       x.delete()
   state = _decode(rest, layer_params, config, layer_caches, logits_bv, next_pos_b, key, attention, sampling,
                   max_new_tokens, eos_ids, on_tokens)
-  return Decoded(state.tokens_bn, state.lengths_b, state.logits_bv, state.pos_b, state.layer_caches)
+  return Decoded(state.tokens_bn, state.lengths_b, state.logits_bv, state.pos_b, state.layer_caches, attention)
 
 
-@jax.jit
-def _stack_layers(layer_caches: tuple) -> Cache:
-  """One cache (every kv leaf [L, ...]) from per-layer ones (the shared arrays of the first)."""
-  kv = jax.tree.map(lambda *xs: jnp.concatenate(xs), *(c.kv for c in layer_caches))
-  return layer_caches[0]._replace(kv=kv)
+_stack_layers = jax.jit(stack_layers, static_argnames=("spec",))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "attention", "sampling", "max_new_tokens", "eos_ids",

@@ -67,6 +67,25 @@ def test_cached_paths_on_a_mesh_equal_one_device(hf, mesh_text, name):
       np.testing.assert_allclose(got, nll[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["lambda", "infllm"])
+def test_a_cache_per_layer_kind_on_a_mesh_equals_one_device(tmp_path, name):
+  """Gemma 2 (windows of 8 on layers 0 and 2, 2 kv heads): the windowed layers' own ring is split as
+  the global layers' cache is, and generation and cached NLL on data=2,tensor=2 equal one device's."""
+  tiny_hf_model("gemma2").save_pretrained(tmp_path / "hf")
+  spec = SPECS[name]
+  config, params, _ = load(tmp_path / "hf")
+  greedy = generate(params, config, PROMPTS, 10, spec, eos_ids=())
+  nll = np.asarray(cached_token_nll(params, config, jnp.asarray(TOKENS), attention=spec))
+  mesh = _mesh("data=2,tensor=2")
+  _, sharded, _ = load(tmp_path / "hf", mesh=mesh)
+  with jax.set_mesh(mesh):
+    ring = init_cache(config, spec, 2, max_len=64).windowed.kv.ring_k
+    assert ring.shape[3] == 8 and ring.addressable_shards[0].data.nbytes * 4 == ring.nbytes  # (over batch and heads)
+    assert generate(sharded, config, PROMPTS, 10, spec, eos_ids=()) == greedy
+    np.testing.assert_allclose(np.asarray(cached_token_nll(sharded, config, jnp.asarray(TOKENS), attention=spec)), nll,
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("mesh_text, heads_split", [("data=2,tensor=2", True), ("tensor=4", False)])
 def test_the_cache_is_split_over_batch_and_kv_heads(hf, mesh_text, heads_split):
   """Keys and values [L, B, K, S, H]: B over data and fsdp, K over tensor where it divides the kv heads
