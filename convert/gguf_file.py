@@ -143,10 +143,10 @@ def iter_gguf_tensors(reader, config: LlamaConfig, path: Path) -> Iterator[tuple
     yield name, array
 
 
-def load_gguf(path: Path, param_dtype: str = "float32", placement=None) -> tuple[LlamaConfig, dict]:
-  """GGUF file -> (config, params): numpy arrays, or device arrays where `placement(config)` gives
-  their shardings (`assemble_params`)."""
+def load_gguf(path: Path, param_dtype: str = "float32", on_device: bool = False,
+              mesh=None) -> tuple[LlamaConfig, dict]:
+  """GGUF file -> (config, params): numpy arrays, or device arrays (`assemble_params`)."""
   reader = open_gguf(path)
   config = gguf_config(reader, path).replace(param_dtype=param_dtype)
-  return config, assemble_params(config, iter_gguf_tensors(reader, config, path), placement and placement(config))
+  return config, assemble_params(config, iter_gguf_tensors(reader, config, path), on_device, mesh)
 

@@ -25,7 +25,7 @@ from lminf_jax.util.limits import check_fits, host_memory_bytes
 from lminf_jax.models.config import LlamaConfig
 from lminf_jax.models.families import family
 from lminf_jax.models.fields import token_ids
-from lminf_jax.models.params import abstract_params
+from lminf_jax.models.params import abstract_params, param_shardings
 
 # HF name -> (params path, layout). Layouts turn an HF [out, in] matrix into our einsum axes.
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -103,10 +103,12 @@ def _expected_source_shape(layout: str, target_shape: tuple[int, ...]) -> tuple[
   return tuple(target_shape)
 
 
-def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], shardings=None) -> dict:
-  """Fills a params tree from (HF name, array) pairs, one tensor at a time: numpy arrays, or with
-  `shardings` (a tree of them, `lminf_jax.models.params.param_shardings`) device arrays placed by
-  them, each tensor written into its slice, so the host holds one tensor, never the params.
+def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], on_device: bool = False,
+                    mesh=None) -> dict:
+  """Fills a params tree from (HF name, array) pairs, one tensor at a time: numpy arrays, or
+  `on_device` device arrays (on `mesh`, placed by `lminf_jax.models.params.param_shardings`; else on
+  the default device, uncommitted), each tensor written into its slice, so the host holds one tensor,
+  never the params.
 
   Raises UserError naming the tensor on a shape mismatch, and naming the first missing one, and
   before allocating params bigger than this machine's memory. Warns (stderr, one line per tensor)
@@ -117,10 +119,13 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
   nbytes = sum(s.size for s in jax.tree.leaves(shapes)) * dtype.itemsize
   check_fits(f"holding the params ({config.num_params()} parameters as {dtype})", nbytes,
              ("this machine", host_memory_bytes()))
-  if shardings is None:
+  if not on_device:
     params = jax.tree.map(lambda s: np.empty(s.shape, dtype), shapes)
+  elif mesh is None:
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, dtype), shapes)
   else:
-    params = jax.tree.map(lambda s, sharding: jnp.zeros(s.shape, dtype, device=sharding), shapes, shardings)
+    params = jax.tree.map(lambda s, sharding: jnp.zeros(s.shape, dtype, device=sharding), shapes,
+                          param_shardings(config, mesh))
   filled: set[tuple] = set()
   renamed = ((_renamed(config.model_type, name), array) for name, array in tensors)
   for name, array in _unfused(config, renamed):
@@ -149,12 +154,12 @@ def assemble_params(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray
       raise UserError(f"tensor {name} has shape {tuple(array.shape)}, "
                       f"expected {expected} from the model config")
     value = _to_layout(np.asarray(array), layout, target_shape)
-    if shardings is None:
+    if not on_device:
       destination = target if layer is None else target[layer]
       destination[...] = value  # (cast as it is copied: no other copy)
     else:
       destination = np.ascontiguousarray(value, dtype)
-      node[path[-1]] = (jax.device_put(destination, target.sharding) if layer is None else
+      node[path[-1]] = (jax.device_put(destination, target.sharding if mesh else None) if layer is None else
                         _set_layer(target, destination, layer))
     if bad := _nonfinite(destination):
       print(f"lminf: warning: tensor {name} has {bad} NaN or Inf values", file=sys.stderr)
@@ -339,12 +344,13 @@ def saved_param_dtype(model_dir: Path) -> str:
   return "bfloat16" if (hf.get("dtype") or hf.get("torch_dtype")) == "bfloat16" else "float32"
 
 
-def load_hf(model_dir: Path, param_dtype: str | None = None, placement=None) -> tuple[LlamaConfig, dict]:
+def load_hf(model_dir: Path, param_dtype: str | None = None, on_device: bool = False,
+            mesh=None) -> tuple[LlamaConfig, dict]:
   """HF model dir -> (config, params), in `param_dtype` (default: `saved_param_dtype`): numpy arrays, or
-  device arrays where `placement(config)` gives their shardings (`assemble_params`)."""
+  device arrays (`assemble_params`)."""
   param_dtype = param_dtype or saved_param_dtype(model_dir)
   config = _mlp_width_of_tensors(model_dir, hf_config(model_dir).replace(param_dtype=param_dtype))
-  return config, assemble_params(config, iter_hf_tensors(model_dir), placement and placement(config))
+  return config, assemble_params(config, iter_hf_tensors(model_dir), on_device, mesh)
 
 
 def _mlp_width_of_tensors(model_dir: Path, config: LlamaConfig) -> LlamaConfig:

@@ -31,10 +31,11 @@ def _hf_tokenizer(model_dir: Path):
   return _auto_tokenizer(model_dir)
 
 
-def convert_source(src: Path, dtype: str | None = None, placement=None) -> tuple[LlamaConfig, dict, object]:
+def convert_source(src: Path, dtype: str | None = None, on_device: bool = False,
+                   mesh=None) -> tuple[LlamaConfig, dict, object]:
   """HF dir, .gguf or hub id ORG/NAME[@REVISION] -> (config, params, tokenizer or None), in memory, in
   `dtype` (default: an HF dir's own, `saved_param_dtype`; a GGUF's dequantised float32): numpy arrays, or
-  device arrays where `placement(config)` gives their shardings (one tensor on the host at a time)."""
+  `on_device` device arrays (on `mesh`, else the default device), one tensor on the host at a time."""
   if hub := hub_id(src):
     src = snapshot(hub)
   src = Path(src)
@@ -43,9 +44,9 @@ def convert_source(src: Path, dtype: str | None = None, placement=None) -> tuple
   if src.is_file():
     if src.suffix != ".gguf":
       raise UserError(f"{src} is not a .gguf file or a model dir")
-    config, params = load_gguf(src, dtype or "float32", placement)
+    config, params = load_gguf(src, dtype or "float32", on_device, mesh)
     return config, params, gguf_tokenizer(open_gguf(src), src)
-  config, params = load_hf(src, dtype, placement)
+  config, params = load_hf(src, dtype, on_device, mesh)
   return config, params, _hf_tokenizer(src)
 
 
@@ -63,9 +64,7 @@ def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, 
 
   `dtype` casts the params; with a `mesh` they are placed by `lminf_jax.models.params.param_shardings`
   (a checkpoint is restored straight into that sharding)."""
-  import jax
-
-  from lminf_jax.models.params import abstract_params, param_shardings
+  from lminf_jax.models.params import param_shardings
 
   if hub := hub_id(path):
     path = cached_checkpoint(hub, dtype)
@@ -75,7 +74,4 @@ def load(path: Path, dtype: str | None = None, mesh=None) -> tuple[LlamaConfig, 
     config, params = load_checkpoint(path, dtype, param_shardings(config, mesh) if mesh else None)
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     return config, params, _auto_tokenizer(path) if has_tokenizer else None
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  placement = lambda config: (param_shardings(config, mesh) if mesh else  # noqa: E731
-                              jax.tree.map(lambda _: one_device, abstract_params(config)))
-  return convert_source(path, dtype, placement)
+  return convert_source(path, dtype, on_device=True, mesh=mesh)
