@@ -106,18 +106,25 @@ def test_a_cache_on_a_sequence_axis_is_refused(hf):
     init_cache(config, SPECS["lambda"], 1, max_len=64)
 
 
+def _nll_cached_on_a_mesh(capsys, nll: tuple, out, mesh_text: str) -> tuple[np.ndarray, np.ndarray]:
+  """The NLLs `lminf *nll` writes on one device and on `mesh_text`; on a sequence axis it must refuse in
+  one line and write nothing."""
+  assert run_cli(capsys, *nll, "--out", out / "one.npy")[0] == 0
+  code, _, err = run_cli(capsys, *nll, "--out", out / "mesh.npy", "--mesh", mesh_text)
+  assert code == 0, err
+  code, _, err = run_cli(capsys, *nll, "--out", out / "seq.npy", "--mesh", "sequence=8")
+  assert code == 1 and err.count("\n") == 1 and "not sequence-parallel" in err and not (out / "seq.npy").exists()
+  return np.load(out / "one.npy"), np.load(out / "mesh.npy")
+
+
 def test_nll_cached_takes_a_mesh(hf, tmp_path, capsys):
   """`nll --cached --mesh` writes what one device writes; a sequence axis is one line (the commands on
   SmolLM2: `test_cached_commands_take_a_mesh`)."""
   np.save(tmp_path / "t.npy", TOKENS[0])
   nll = ("nll", hf, "--tokens-file", tmp_path / "t.npy", "--cached", "--attention", "infllm", "--n-init", "4",
          "--n-local", "16", "--block-size", "4", "--infllm-top-k", "2", "--chunk", "8")
-  assert run_cli(capsys, *nll, "--out", tmp_path / "one.npy")[0] == 0
-  code, _, err = run_cli(capsys, *nll, "--out", tmp_path / "mesh.npy", "--mesh", "data=2,tensor=-1")
-  assert code == 0, err
-  np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), np.load(tmp_path / "one.npy"), atol=1e-5)
-  code, _, err = run_cli(capsys, *nll, "--out", tmp_path / "seq.npy", "--mesh", "sequence=8")
-  assert code == 1 and err.count("\n") == 1 and "not sequence-parallel" in err and not (tmp_path / "seq.npy").exists()
+  one, meshed = _nll_cached_on_a_mesh(capsys, nll, tmp_path, "data=2,tensor=-1")
+  np.testing.assert_allclose(meshed, one, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -143,10 +150,6 @@ def test_cached_commands_take_a_mesh(smollm2_ckpt, tmp_path, capsys):
   np.save(tmp_path / "t.npy", np.arange(200, dtype=np.int32) * 11 % 49152)
   nll = ("nll", smollm2_ckpt, "--tokens-file", tmp_path / "t.npy", "--cached", "--attention", "lambda",
          "--n-local", "64", "--prefill-chunk", "32")
-  assert run_cli(capsys, *nll, "--out", tmp_path / "one.npy")[0] == 0
-  code, _, err = run_cli(capsys, *nll, "--out", tmp_path / "mesh.npy", "--mesh", "data=2,tensor=-1")
-  assert code == 0, err
+  one, meshed = _nll_cached_on_a_mesh(capsys, nll, tmp_path, "data=2,tensor=-1")
   # (SmolLM2's NLLs reach 22 and its MLP is split over tensor: float32 sums in another order, 1e-5 relative)
-  np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5)
-  code, _, err = run_cli(capsys, *nll, "--out", tmp_path / "seq.npy", "--mesh", "sequence=8")
-  assert code == 1 and err.count("\n") == 1 and "not sequence-parallel" in err and not (tmp_path / "seq.npy").exists()
+  np.testing.assert_allclose(meshed, one, rtol=1e-5)
