@@ -34,7 +34,7 @@ from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
 from lminf_jax.attention.per_layer import PerLayer
 from lminf_jax.errors import UserError
 from lminf_jax.sharding import constrain, mesh_axis_size
-from lminf_jax.util.limits import INT32_MAX, check_fits, device_memory
+from lminf_jax.util.limits import INT32_MAX, THIS_MACHINE, check_fits, device_memory, host_memory_bytes
 
 
 class LayerKV(NamedTuple):
@@ -90,9 +90,9 @@ def init_cache(config, spec: AttentionMethod, batch: int, max_len: int | None = 
     make = lambda: placed(_empty(*kinds[0], batch, max_len)._replace(  # noqa: E731
         windowed=_empty(*kinds[1], batch, max_len)))
 
-  # Under a mesh, made inside jit so that each device allocates only its shard; without one, as before
-  # (no compile per call).
-  return make() if jax.sharding.get_abstract_mesh().empty else jax.jit(make)()
+  # Made inside jit: under a mesh each device allocates only its shard, and arrays a method keeps
+  # in host memory are made there, never whole on the device.
+  return jax.jit(make)()
 
 
 def _empty(config, spec: AttentionMethod, layout: CacheLayout, batch: int, max_len: int | None) -> Cache:
@@ -112,12 +112,16 @@ _KV_AXES = ("layers", "cache_batch", "cache_heads", "cache_length", "cache_head_
 def placed(cache: Cache) -> Cache:
   """`cache` under its logical axes on the current mesh (nothing without one): keys and values
   [L, B, K, S, H] over batch and kv heads, positions and indices [B, S] over batch; a method's own
-  arrays over batch (their axis 1 per layer, axis 0 shared); the windowed layers' cache alike. A
+  arrays by their leading axes, if they name them (a `logical_axes()` of the same structure),
+  else over batch (their axis 1 per layer, axis 0 shared); the windowed layers' cache alike. A
   length is never split."""
   leading = lambda *axes: lambda x: constrain(x, *axes, *(None,) * (x.ndim - len(axes)))  # noqa: E731
+  extra = cache.kv.extra
+  extra_axes = (extra.logical_axes() if hasattr(extra, "logical_axes")
+                else jax.tree.map(lambda _: ("layers", "cache_batch"), extra))
   kv = cache.kv._replace(**{name: constrain(getattr(cache.kv, name), *_KV_AXES)
                             for name in ("slot_k", "slot_v", "ring_k", "ring_v")},
-                         extra=jax.tree.map(leading("layers", "cache_batch"), cache.kv.extra))
+                         extra=jax.tree.map(lambda x, axes: leading(*axes)(x), extra, extra_axes))
   index = {name: constrain(getattr(cache, name), "cache_batch", "cache_length")
            for name in ("slot_pos", "slot_idx", "ring_pos", "ring_idx")}
   return cache._replace(kv=kv, **index, next_idx=constrain(cache.next_idx, "cache_batch"),
@@ -125,13 +129,38 @@ def placed(cache: Cache) -> Cache:
                         windowed=None if cache.windowed is None else placed(cache.windowed))
 
 
+class CacheBytes(NamedTuple):
+  """A cache's bytes in device memory and in host memory (per device under a mesh)."""
+
+  device: int
+  host: int
+
+
+def cache_bytes(config, attention, max_len: int | None, batch: int = 1) -> CacheBytes:
+  """The bytes of an empty cache (`init_cache`) by the memory its arrays live in, from shapes
+  alone: traced without a mesh, compiled under one (each device's shards); nothing allocated."""
+  make = jax.jit(lambda: init_cache(config, attention, batch, max_len=max_len))
+  if jax.sharding.get_abstract_mesh().empty:
+    avals = jax.tree.leaves(make.trace().out_avals)
+    sizes = [(math.prod(a.shape) * a.dtype.itemsize, a.memory_space == jax.memory.Space.Host) for a in avals]
+  else:
+    lowered = make.lower()
+    shardings = jax.tree.leaves(lowered.compile().output_shardings)
+    sizes = [(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize, s.memory_kind == "pinned_host")
+             for a, s in zip(jax.tree.leaves(lowered.out_info), shardings)]
+  return CacheBytes(sum(n for n, host in sizes if not host), sum(n for n, host in sizes if host))
+
+
 def check_memory(config, attention, max_len: int | None = None, batch: int = 1) -> None:
-  """Refuses, from sizes alone (nothing allocated), what would not fit in the device's memory:
-  one layer's keys and values over the attention's window (banded attention pads a chunk's keys
-  to it, however few tokens there are), and a cache for `max_len` tokens, if given (refused, too,
-  beyond int32 positions)."""
+  """Refuses, from sizes alone (nothing allocated), what would not fit in memory: one layer's
+  keys and values over the attention's window on the device (banded attention pads a chunk's
+  keys to it, however few tokens there are), and a cache for `max_len` tokens, if given (refused,
+  too, beyond int32 positions): its device arrays in the device's memory, the arrays a method keeps
+  in host memory (infllm's offloaded blocks) in this machine's, with the device arrays where the
+  device is this machine's CPU."""
   spec = config.resolve_attention(attention)
   name, memory = spec.name.lower(), device_memory()
+  a_name = ("an " if name[0] in "aeiou" else "a ") + name
   if window := spec.window_tokens():
     per_token = 2 * batch * config.num_kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
     chunk = 0 if spec.tiling() is None else spec.tiling().chunk  # (the chunk's own keys)
@@ -140,13 +169,13 @@ def check_memory(config, attention, max_len: int | None = None, batch: int = 1) 
     return
   if max_len > INT32_MAX:
     raise UserError(f"{max_len} tokens are more than int32 positions hold (at most {INT32_MAX})")
-  make = lambda: init_cache(config, spec, batch, max_len=max_len)  # noqa: E731
-  if jax.sharding.get_abstract_mesh().empty:
-    nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make)))
-  else:  # each device's shard: the compiled allocation's output bytes (compiled, nothing allocated)
-    nbytes = jax.jit(make).lower().compile().memory_analysis().output_size_in_bytes
-  check_fits(f"a {name} cache for {max_len} tokens" + ("" if jax.sharding.get_abstract_mesh().empty else
-                                                      " per device"), nbytes, memory)
+  on_mesh = not jax.sharding.get_abstract_mesh().empty
+  nbytes = cache_bytes(config, spec, max_len, batch)
+  check_fits(f"{a_name} cache for {max_len} tokens" + (" per device" if on_mesh else ""), nbytes.device, memory)
+  if nbytes.host:
+    devices = jax.local_device_count() if on_mesh else 1
+    host = (nbytes.host + (nbytes.device if memory[0] == THIS_MACHINE else 0)) * devices
+    check_fits(f"the host memory of {a_name} cache for {max_len} tokens", host, (THIS_MACHINE, host_memory_bytes()))
 
 
 def capacity(spec: AttentionMethod, cache: Cache, kv: LayerKV | None) -> int | None:
@@ -251,7 +280,7 @@ def split_layers(cache: Cache, spec: AttentionMethod) -> tuple[Cache, ...]:
   the index arrays copied, so that no two layers donate one buffer): for a loop over layers whose
   buffers are separate (`generation.decode`, `cached_layer`)."""
   def one(own: Cache, at: int) -> Cache:  # (a slice of the whole array would be the array itself: copied)
-    kv = jax.tree.map(lambda x: x[at:at + 1] if x.shape[0] > 1 else jnp.copy(x), own.kv)
+    kv = jax.tree.map(lambda x: jax.lax.slice_in_dim(x, at, at + 1) if x.shape[0] > 1 else jnp.copy(x), own.kv)
     return jax.tree.map(jnp.copy, own._replace(kv=None))._replace(kv=kv)
 
   if cache.windowed is None:

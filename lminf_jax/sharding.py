@@ -112,15 +112,38 @@ def head_spec(shape_btkh: tuple[int, ...], mesh, sequence: bool = False) -> Part
   return logical_spec(("batch", "length" if sequence else None, "kv_heads", None), tuple(shape_btkh), mesh)
 
 
+def on_host(x) -> bool:
+  """Whether the array (or traced value) x lives in host memory (memory kind `pinned_host`)."""
+  return jax.typeof(x).memory_space == jax.memory.Space.Host
+
+
 def constrain(x: jnp.ndarray, *logical_axes: str | None) -> jnp.ndarray:
-  """Sharding constraint by logical axes under the current mesh; a no-op without one (the names
-  are checked either way)."""
+  """Sharding constraint by logical axes under the current mesh, in the memory x lives in; a
+  no-op without one (the names are checked either way)."""
   for name in logical_axes:
     _rule(name)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, x.shape, mesh))
+  sharding = NamedSharding(mesh, logical_spec(logical_axes, x.shape, mesh),
+                           memory_kind="pinned_host" if on_host(x) else None)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def per_shard(fn, arrays: tuple, axes: tuple[tuple[str | None, ...], ...], out_axes):
+  """fn(*arrays) run on each device's shard of them, with no communication (`jax.shard_map`):
+  each array split by its logical axes (`axes`, one tuple per array), the outputs by `out_axes`
+  (a tuple per output leaf, in fn's output structure). Directly without a mesh. For work local
+  to rows and heads that XLA would otherwise gather (a dynamic slice along a split axis)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or math.prod(dict(mesh.shape).values()) == 1:
+    return fn(*arrays)
+  out_shapes = jax.eval_shape(fn, *arrays)
+  names_leaf = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
+  out_specs = jax.tree.map(lambda names, out: logical_spec(names, out.shape, mesh), out_axes, out_shapes,
+                           is_leaf=names_leaf)
+  in_specs = tuple(logical_spec(names, x.shape, mesh) for names, x in zip(axes, arrays))
+  return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*arrays)
 
 
 def data_sharding(mesh, shape: tuple[int, ...]) -> NamedSharding:

@@ -289,7 +289,7 @@ def cached_layer(config: LlamaConfig, layer_params: dict, layer: int, x_btd: jnp
   if isinstance(attention, PerLayer):
     attention = attention.kind(layer)
   idx_bt = chunk_indices(cache.next_idx, positions_bt)
-  squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+  squeeze = lambda tree: jax.tree.map(lambda x: jax.lax.index_in_dim(x, 0, keepdims=False), tree)  # noqa: E731
   x_btd, new_kv = DecoderLayer(config).apply({"params": squeeze(layer_params)}, x_btd, positions_bt, jnp.int32(layer),
                                              attention, CachedInput(squeeze(cache.kv), cache._replace(kv=None), idx_bt))
   return _write(config, x_btd, cache, jax.tree.map(lambda x: x[None], new_kv), positions_bt, idx_bt, attention,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lminf_jax.positional import Positional
+from lminf_jax.sharding import on_host
 
 # Index given to padding keys past the end: in every real query's future.
 FUTURE = 2**30
@@ -76,8 +77,9 @@ def after(x: jnp.ndarray, *deps) -> jnp.ndarray:
   """x, with a zero data dependency on every array of `deps` (pytrees): XLA then schedules the
   ops that consume the result after the ops that produce `deps`. Used to order a cache's in-place
   writes after its reads; otherwise XLA may write first and copy the cache to keep the old one
-  for the reads (an optimization barrier does not order XLA:CPU's copy insertion)."""
-  leaves = [leaf for leaf in jax.tree.leaves(deps) if leaf.size]
+  for the reads (an optimization barrier does not order XLA:CPU's copy insertion). Arrays in
+  host memory are left out (no arithmetic runs there)."""
+  leaves = [leaf for leaf in jax.tree.leaves(deps) if leaf.size and not on_host(leaf)]
   return x + sum(0 * jnp.sum(leaf.reshape(-1)[:1]).astype(x.dtype) for leaf in leaves) if leaves else x
 
 

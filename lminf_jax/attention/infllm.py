@@ -22,6 +22,12 @@ probability sum, the pool of formed blocks with their representative keys, and a
 ring's keys rotated as lambda's are, so that a single decode token reads the ring in place, in
 one pass (`infllm_one`). `write_extra` forms the blocks a chunk completes (`form_blocks`). The
 pool holds every block of `max_len` tokens (or capacity_blocks).
+
+With `offload`, the pool's keys and values live in host memory (memory kind `pinned_host`), and
+the device holds `device_blocks` of them (`Held`): a chunk copies in only the blocks it selects
+that the device does not hold, each into the least recently used slot (`fetch`), and the blocks
+it forms are copied out to the host (`store_blocks`). Only dynamic slices touch host memory, each
+one block; the results are the in-device pool's (docs/memory.md#infllm-in-host-memory).
 """
 
 from __future__ import annotations
@@ -39,16 +45,29 @@ from lminf_jax.attention.blockwise import Keys
 from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, merge, on_mesh, xla_gradient
 from lminf_jax.attention.method import N_LOCAL_HELP, CachedLayer, CacheLayout, Tiling, option
 from lminf_jax.errors import UserError
+from lminf_jax.sharding import per_shard
+from lminf_jax.util.limits import INT32_MAX
 
 
-class Pool(NamedTuple):
-  """Block memory: raw keys and values [B, K, P*bs, H] (block b at [b*bs, (b+1)*bs)),
-  representative keys [B, N, P, H] and the number of formed blocks [B]."""
+class Held(NamedTuple):
+  """The device's copies of memory blocks when the pool is offloaded (D slots; D = 0 without
+  offload): keys and values [B, K, D*bs, H] (slot d at [d*bs, (d+1)*bs)), the pool block each
+  slot holds [B, D] (-1: none), the sequence index of the chunk that last used it [B, D] (-1:
+  never) and how many blocks were copied in so far [B]."""
 
   k_bkxh: jnp.ndarray
   v_bkxh: jnp.ndarray
-  rk_bnph: jnp.ndarray
-  formed_b: jnp.ndarray
+  block_bd: jnp.ndarray
+  used_bd: jnp.ndarray
+  fetched_b: jnp.ndarray
+
+
+class Aux(NamedTuple):
+  """What a layer's cached attention hands `write_extra`: the local probability column sums
+  [B, N, W+C] and the device's blocks after the chunk's copies."""
+
+  colsum_bnx: jnp.ndarray
+  held: Held
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +85,16 @@ class InfLLM(Tiling):
   chunk: int  # (Tiling's option, here in the order of the fields)
   capacity_blocks: int | None = option(None, "block pool size (default: every block the input forms)",
                                        minimum=0)
+  offload: bool = option(False, "keep the memory blocks in host memory, device_blocks of them on the device")
+  device_blocks: int = option(32, "memory blocks the device holds when offloading (at least top_k)", minimum=1)
 
   def __post_init__(self):
     super().__post_init__()
     if self.repr_tokens > self.block_size:
       raise UserError(f"InfLLM.repr_tokens ({self.repr_tokens}) must be <= block_size ({self.block_size})")
+    if self.offload and self.device_blocks < self.top_k:
+      raise UserError(f"InfLLM.device_blocks ({self.device_blocks}) must be >= top_k ({self.top_k}): a chunk's "
+                      f"selected blocks are on the device at once")
 
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> InfLLM:
     return dataclasses.replace(self, n_local=self.n_local or max_position_embeddings)
@@ -97,10 +121,16 @@ class InfLLM(Tiling):
 
   def init_extra(self, config, batch: int, layout: CacheLayout, max_len: int | None):
     layers, heads, kv_heads, h = config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim
-    dtype, w, n_pool = jnp.dtype(config.dtype), layout.ring, pool_blocks(max_len, self)
+    dtype, w, n_pool, bs = jnp.dtype(config.dtype), layout.ring, pool_blocks(max_len, self), self.block_size
     kv = lambda length: jnp.zeros((layers, batch, kv_heads, length, h), dtype)  # noqa: E731
-    extra = InfLLMCache(jnp.zeros((layers, batch, heads, w)), kv(n_pool * self.block_size),
-                        kv(n_pool * self.block_size), jnp.zeros((layers, batch, heads, n_pool, h)), kv(w))
+    pool = kv(n_pool * bs), kv(n_pool * bs)
+    if self.offload:  # (init_cache runs this under jit: XLA makes the zeros in host memory)
+      pool = jax.device_put(pool, jax.memory.Space.Host)
+    d = self.device_blocks if self.offload else 0  # (whatever max_len: the device's bytes are fixed)
+    never = jnp.full((layers, batch, d), -1, jnp.int32)
+    held = Held(kv(d * bs), kv(d * bs), never, never, jnp.zeros((layers, batch), jnp.int32))
+    extra = InfLLMCache(jnp.zeros((layers, batch, heads, w)), *pool, jnp.zeros((layers, batch, heads, n_pool, h)),
+                        kv(w), held)
     return extra, jnp.zeros((batch,), jnp.int32)
 
   def capacity(self, ring_len: int, extra: InfLLMCache) -> int:
@@ -115,14 +145,20 @@ class InfLLM(Tiling):
     return super().cache_full(need, room, extra)
 
   def attend_chunk(self, q_bcnh, new: Keys, cached: CachedLayer, pe, layer):
-    return infllm_chunk(q_bcnh, new.pos_bl, new.idx_bl, cached.ordered_ring().concat(new), cached.slots_with(new),
-                        _pool(cached), pe, self)
+    blocks, held = cached_blocks(q_bcnh, new.idx_bl, cached, pe, self)
+    out_bcnh, colsum_bnx = infllm_chunk(q_bcnh, new.pos_bl, new.idx_bl, cached.ordered_ring().concat(new),
+                                        cached.slots_with(new), blocks, cached.shared, pe, self)
+    return out_bcnh, Aux(colsum_bnx, held)
 
   def attend_token(self, q_b1nh, new: Keys, cached: CachedLayer, pe, layer):
-    return infllm_one(q_b1nh, new, cached, pe, self)
+    blocks, held = cached_blocks(q_b1nh, new.idx_bl, cached, pe, self)
+    out_b1nh, colsum_bnx = infllm_one(q_b1nh, new, cached, blocks, pe, self)
+    return out_b1nh, Aux(colsum_bnx, held)
 
-  def write_extra(self, cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, ring_at_bc, pe):
-    extra, formed_b = form_blocks(cached, new, colsum_lbnx, next_idx_b, self)
+  def write_extra(self, cached: CachedLayer, new: Keys, aux: Aux, next_idx_b, ring_at_bc, pe):
+    colsum_lbnx = aux.colsum_bnx
+    extra, formed_b = form_blocks(cached._replace(extra=cached.extra._replace(held=aux.held)), new, colsum_lbnx,
+                                  next_idx_b, self)
     # The ring writes take a zero data dependency on the formation, which reads the ring.
     ring_len = cached.ring.idx_bl.shape[1]
     k_lbckh, colsum_lbnx = bw.after(new.k_bklh, extra.pool_rk), bw.after(colsum_lbnx, extra.pool_rk)
@@ -142,10 +178,13 @@ class InfLLMCache(NamedTuple):
   pool_v: jnp.ndarray
   pool_rk: jnp.ndarray  # [B, N, P, H] their representative keys
   ring_rk: jnp.ndarray  # [B, K, W, H] the ring keys also rotated by position % W (for decoding)
+  held: Held  # with offload, the blocks on the device (pool_k and pool_v are then in host memory)
 
-
-def _pool(cached: CachedLayer) -> Pool:
-  return Pool(cached.extra.pool_k, cached.extra.pool_v, cached.extra.pool_rk, cached.shared)
+  def logical_axes(self) -> InfLLMCache:
+    """Each array's leading logical axes (lminf_jax.cache.placed): keys and values [L, B, K, S, H]
+    over rows and kv heads, the rest over rows."""
+    rows, kv = ("layers", "cache_batch"), ("layers", "cache_batch", "cache_heads")
+    return InfLLMCache(rows, kv, kv, rows, kv, Held(kv, kv, rows, rows, rows))
 
 
 def context_window(spec) -> int:
@@ -182,21 +221,22 @@ def representative_keys(colsum_nx: jnp.ndarray, k_kxh: jnp.ndarray, repr_tokens:
   return raw_kgxh.reshape(*lead, n, p, repr_tokens, h).astype(jnp.float32).mean(-2)
 
 
-def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool, pe, spec,
+def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, blocks: Keys | None, formed_b, pe, spec,
                  local_branch: tuple[jnp.ndarray, jnp.ndarray] | None = None):
   """One query chunk: q [B,C,N,H] at positions / sequence indices [B,C] (idx < 0: padding; the
   chunk's first real query has index s = its row's next token). `context` [B,K,W+C,H] holds raw
   keys with entry w at sequence index s-W+w (its last C entries are the chunk's own keys; idx < 0:
-  no key), `starts` the init tokens; `local_branch`, if given, the local branch's (out [B,C,N,H],
-  lse [B,C,N]) from a flash kernel. Returns (out [B,C,N,H], local probability column sums
-  [B,N,W+C] over the context, from the chunk's real queries)."""
+  no key), `starts` the init tokens, `blocks` the selected blocks' keys (`block_keys`; None: no
+  pool), formed_b [B] the blocks formed before the chunk; `local_branch`, if given, the local
+  branch's (out [B,C,N,H], lse [B,C,N]) from a flash kernel. Returns (out [B,C,N,H], local
+  probability column sums [B,N,W+C] over the context, from the chunk's real queries)."""
   b, c, n, _ = q_bcnh.shape
   kv = context.k_bklh.shape[1]
   g = n // kv
   n_local, bs = spec.n_local, spec.block_size
   pending = context.slice(0, bs + c)
-  state = add_far_keys(bw.init_state(bw.tile_rows(q_bcnh, kv)), q_bcnh, pos_bc, idx_bc, pending, starts, pool, pe,
-                       spec)
+  state = add_far_keys(bw.init_state(bw.tile_rows(q_bcnh, kv)), q_bcnh, pos_bc, idx_bc, pending, starts, blocks,
+                       formed_b, pe, spec)
 
   # Local: the context from entry bs on, in key blocks of S, rotated relative to the chunk's last query.
   local = context.slice(bs, None)
@@ -238,44 +278,108 @@ def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, pool: Pool
   return out_bcnh, bw.pad_axis(colsum_bnx, 2, bs, 0)
 
 
-def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, starts: Keys, pool: Pool, pe,
-                 spec) -> bw.SoftmaxState:
+def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, starts: Keys, blocks: Keys | None,
+                 formed_b, pe, spec) -> bw.SoftmaxState:
   """Folds the far branch into a chunk's softmax: the query rotated at n_local-1, raw keys of the
-  init tokens, of the pending tokens (the context's first bs + C entries, oldest first) and of
-  the top_k selected blocks, each seen only at distance >= n_local."""
-  real_bc = idx_bc >= 0
+  init tokens, of the pending tokens (the context's first bs + C entries, oldest first; those
+  from block formed_b [B] on) and of the selected `blocks` (idx -1: none), each seen only at
+  distance >= n_local."""
   q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, spec.n_local - 1), pe, pending.k_bklh.shape[1])
-  pending_start_b1 = (spec.n_init + pool.formed_b * spec.block_size)[:, None]
-  far = [starts, pending]
-  far_ok = [starts.idx_bl >= 0, (pending.idx_bl >= pending_start_b1)]
-  if pool.rk_bnph.shape[2]:
-    far_block, ok_block = _selected_blocks(q_far.x, real_bc, pool, spec)
-    far.append(far_block)
-    far_ok.append(ok_block)
+  pending_start_b1 = (spec.n_init + formed_b * spec.block_size)[:, None]
+  pending = pending._replace(idx_bl=jnp.where(pending.idx_bl >= pending_start_b1, pending.idx_bl, -1))
+  far = [starts, pending] + ([] if blocks is None else [blocks])
   far_k, far_v = (jnp.concatenate([x[i] for x in far], axis=2) for i in (0, 1))
   far_idx_bf = jnp.concatenate([x.idx_bl for x in far], axis=1)
-  mask_bcf = bw.visible(idx_bc, far_idx_bf, min_dist=spec.n_local) & jnp.concatenate(far_ok, axis=1)[:, None, :]
+  mask_bcf = bw.visible(idx_bc, far_idx_bf, min_dist=spec.n_local)
   far_tile = bw.Tile(far_k, jnp.zeros_like(far_idx_bf))  # (raw keys: the query's offset is the distance)
   return bw.update(state, bw.scores(q_far, far_tile, pe), far_v, mask_bcf)
 
 
-def _selected_blocks(q_far_bkmh, real_bc, pool: Pool, spec) -> tuple[Keys, jnp.ndarray]:
-  """The chunk's top_k blocks (by the sum over query heads of chunk-mean query . representative
-  key) as far Keys [B,K,top_k*bs,H], and which of their keys are in formed blocks [B, top_k*bs]."""
-  b, kv, m, h = q_far_bkmh.shape
-  c = real_bc.shape[1]
-  n_pool, bs = pool.rk_bnph.shape[2], spec.block_size
-  real_b1c = real_bc[:, None, :].astype(jnp.float32)
-  q_bkgh = jnp.einsum("bkgch,bxc->bkgh", q_far_bkmh.reshape(b, kv, m // c, c, h).astype(jnp.float32), real_b1c)
+def select_blocks(q_bcnh, idx_bc, rk_bnph, formed_b, kv: int, pe, spec) -> jnp.ndarray:
+  """The chunk's top_k blocks [B, min(top_k, P)] by the sum over query heads of its mean far query
+  (rotated at n_local-1; real queries only) . representative key; -1 where fewer are formed.
+  (kv: the kv heads.)"""
+  b, c, n, h = q_bcnh.shape
+  n_pool = rk_bnph.shape[2]
+  q_far_bkmh = bw.query_tile(q_bcnh, jnp.full_like(idx_bc, spec.n_local - 1), pe, kv).x
+  real_b1c = (idx_bc >= 0)[:, None, :].astype(jnp.float32)
+  q_bkgh = jnp.einsum("bkgch,bxc->bkgh", q_far_bkmh.reshape(b, kv, n // kv, c, h).astype(jnp.float32), real_b1c)
   q_bkgh /= jnp.maximum(real_b1c.sum(-1), 1)[:, :, None, None]
-  score_bp = jnp.einsum("bkgh,bkgph->bp", q_bkgh, pool.rk_bnph.reshape(b, kv, m // c, n_pool, h))
-  score_bp = jnp.where(jnp.arange(n_pool) < pool.formed_b[:, None], score_bp, -jnp.inf)
+  score_bp = jnp.einsum("bkgh,bkgph->bp", q_bkgh, rk_bnph.reshape(b, kv, n // kv, n_pool, h))
+  score_bp = jnp.where(jnp.arange(n_pool) < formed_b[:, None], score_bp, -jnp.inf)
   _, sel_bk = jax.lax.top_k(score_bp, min(spec.top_k, n_pool))  # ties: the lower block
-  at_bx = (sel_bk[:, :, None] * bs + jnp.arange(bs)).reshape(b, -1)
-  k_bkxh, v_bkxh = (jnp.take_along_axis(x, at_bx[:, None, :, None], axis=2) for x in (pool.k_bkxh, pool.v_bkxh))
-  idx_bx = spec.n_init + at_bx
-  ok_bx = jnp.repeat(sel_bk < pool.formed_b[:, None], bs, axis=1)
-  return Keys(k_bkxh, v_bkxh, jnp.zeros_like(idx_bx), idx_bx), ok_bx
+  return jnp.where(sel_bk < formed_b[:, None], sel_bk, -1)
+
+
+def block_keys(k_bkxh, v_bkxh, slot_bk, block_bk, spec) -> Keys:
+  """The keys of blocks block_bk [B, k] (-1: none), read from slots slot_bk of a store [B, K, X, H]
+  (the pool, or the device's `Held` blocks): Keys [B, K, k*bs, H] at their sequence indices
+  (-1 for no block)."""
+  b, bs = block_bk.shape[0], spec.block_size
+  at_bx = (jnp.maximum(slot_bk, 0)[:, :, None] * bs + jnp.arange(bs)).reshape(b, -1)
+  k_bkxh, v_bkxh = (jnp.take_along_axis(x, at_bx[:, None, :, None], axis=2) for x in (k_bkxh, v_bkxh))
+  idx_bx = (block_bk[:, :, None] * bs + spec.n_init + jnp.arange(bs)).reshape(b, -1)
+  idx_bx = jnp.where(jnp.repeat(block_bk >= 0, bs, axis=1), idx_bx, -1)
+  return Keys(k_bkxh, v_bkxh, jnp.zeros_like(idx_bx), idx_bx)
+
+
+def cached_blocks(q_bcnh, idx_bc, cached: CachedLayer, pe, spec) -> tuple[Keys | None, Held]:
+  """A cached chunk's selected blocks (`select_blocks`), read from the pool, or with offload from
+  the device's blocks after copying in those it lacks (`fetch`): (their Keys, or None with no
+  pool; the device's blocks after the chunk)."""
+  extra, formed_b = cached.extra, cached.shared
+  if not extra.pool_rk.shape[2]:
+    return None, extra.held
+  sel_bk = select_blocks(q_bcnh, idx_bc, extra.pool_rk, formed_b, cached.ring.k_bklh.shape[1], pe, spec)
+  if not spec.offload:
+    return block_keys(extra.pool_k, extra.pool_v, sel_bk, sel_bk, spec), extra.held
+  held, slot_bk = fetch(extra.held, sel_bk, extra.pool_k, extra.pool_v, cached.next_idx_b, spec.block_size)
+  return block_keys(held.k_bkxh, held.v_bkxh, slot_bk, sel_bk, spec), held
+
+
+def fetch(held: Held, want_bk, pool_k, pool_v, now_b, block_size: int) -> tuple[Held, jnp.ndarray]:
+  """Puts the wanted blocks want_bk [B, k] (-1: none) on the device: a block it holds stays in its
+  slot; each other one is copied from the host pool [B, K, P*bs, H] into the least recently used
+  slot that holds no wanted block (empty slots first; ties: the lower slot). Every wanted block's
+  slot is stamped with now_b [B]. Needs D >= k. (held after, the slot of each wanted block [B, k])."""
+  b, k = want_bk.shape
+  d = held.block_bd.shape[1]
+  wanted_bk = want_bk >= 0
+  hit_bkd = (held.block_bd[:, None, :] == want_bk[:, :, None]) & wanted_bk[:, :, None]
+  hit_bk, kept_bd = hit_bkd.any(2), hit_bkd.any(1)
+  free_bd = jnp.argsort(jnp.where(kept_bd, INT32_MAX, held.used_bd), axis=1, stable=True)
+  miss_bk = wanted_bk & ~hit_bk
+  rank_bk = jnp.clip(jnp.cumsum(miss_bk, axis=1) - 1, 0, d - 1)
+  slot_bk = jnp.where(hit_bk, jnp.argmax(hit_bkd, axis=2), jnp.take_along_axis(free_bd, rank_bk, axis=1))
+  b_b1 = jnp.arange(b)[:, None]
+  block_bd = held.block_bd.at[b_b1, jnp.where(miss_bk, slot_bk, d)].set(want_bk, mode="drop")
+  used_bd = held.used_bd.at[b_b1, jnp.where(wanted_bk, slot_bk, d)].set(jnp.broadcast_to(now_b[:, None], (b, k)),
+                                                                        mode="drop")
+  k_bkxh, v_bkxh = per_shard(functools.partial(_copy_in, block_size=block_size),
+                             (held.k_bkxh, held.v_bkxh, pool_k, pool_v, miss_bk, want_bk, slot_bk),
+                             (_KV,) * 4 + (_ROWS,) * 3, (_KV, _KV))
+  return Held(k_bkxh, v_bkxh, block_bd, used_bd, held.fetched_b + miss_bk.sum(1, dtype=jnp.int32)), slot_bk
+
+
+_KV = ("cache_batch", "cache_heads", None, None)  # (per_shard's logical axes of [B, K, X, H] and [B, k])
+_ROWS = ("cache_batch", None)
+
+
+def _copy_in(held_k, held_v, pool_k, pool_v, miss_bk, want_bk, slot_bk, block_size: int):
+  """The copies of `fetch` on one shard: block want_bk[b, i] of the host pool into slot
+  slot_bk[b, i] of the device's, for each miss, one dynamic slice each (no gather runs in host memory)."""
+  k = miss_bk.shape[1]
+  order_x = jnp.argsort(~miss_bk.reshape(-1), stable=True)  # (the misses first)
+  size = (1, pool_k.shape[1], block_size, pool_k.shape[3])
+
+  def one(i, kv):
+    row, j = order_x[i] // k, order_x[i] % k
+    at, to = (row, 0, want_bk[row, j] * block_size, 0), (row, 0, slot_bk[row, j] * block_size, 0)
+    return tuple(jax.lax.dynamic_update_slice(h, jax.device_put(jax.lax.dynamic_slice(p, at, size),
+                                                                jax.memory.Space.Device), to)
+                 for h, p in zip(kv, (pool_k, pool_v)))
+
+  return jax.lax.fori_loop(0, miss_bk.sum(dtype=jnp.int32), one, (held_k, held_v))
 
 
 def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, spec,
@@ -319,10 +423,14 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, spec,
     ci, q_bcnh, pos_bc, idx_bc, *local = xs
     context = Keys(*(jax.lax.dynamic_slice_in_dim(x, ci * c, w + c, axis=2) for x in keys[:2]),
                    *(jax.lax.dynamic_slice_in_dim(x, ci * c, w + c, axis=1) for x in keys[2:]))
-    rk_bnph = representative_keys(colsum_bnl[:, :, first:first + n_pool * spec.block_size], pool_k,
-                                  spec.repr_tokens, spec.block_size) if n_pool else jnp.zeros((b, n, 0, h))
-    pool = Pool(pool_k, pool_v, rk_bnph, jnp.full((b,), blocks_formed(ci * c, spec)))
-    out_bcnh, colsum_bnx = infllm_chunk(q_bcnh, pos_bc, idx_bc, context, init, pool, pe, spec,
+    formed_b = jnp.full((b,), blocks_formed(ci * c, spec))
+    blocks = None
+    if n_pool:
+      rk_bnph = representative_keys(colsum_bnl[:, :, first:first + n_pool * spec.block_size], pool_k,
+                                    spec.repr_tokens, spec.block_size)
+      sel_bk = select_blocks(q_bcnh, idx_bc, rk_bnph, formed_b, k_btkh.shape[2], pe, spec)
+      blocks = block_keys(pool_k, pool_v, sel_bk, sel_bk, spec)
+    out_bcnh, colsum_bnx = infllm_chunk(q_bcnh, pos_bc, idx_bc, context, init, blocks, formed_b, pe, spec,
                                         tuple(local) or None)
     old_bnx = jax.lax.dynamic_slice_in_dim(colsum_bnl, ci * c, w + c, axis=2)
     return jax.lax.dynamic_update_slice_in_dim(colsum_bnl, old_bnx + colsum_bnx, ci * c, axis=2), out_bcnh
@@ -336,10 +444,10 @@ def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, spec,
   return bw.roll_padding(bw.unsplit_chunks(out_nbcnh, t), -pad_b)
 
 
-def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, pe, spec: InfLLM):
+def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, blocks: Keys | None, pe, spec: InfLLM):
   """`infllm_chunk` for one query per row, with the ring read where it lies (its rotated copy):
   (out [B, 1, N, H], local probability sums [B, N, W+1] of the ring, oldest first, and the query's
-  own key). One pass: a single query's softmax needs no blocks."""
+  own key). One pass: a single query's softmax needs no blocks of keys."""
   b, _, n, _ = q_b1nh.shape
   raw = cached.ring  # raw keys at their positions
   kv_heads, ring_len = raw.k_bklh.shape[1], raw.k_bklh.shape[2]
@@ -347,7 +455,7 @@ def infllm_one(q_b1nh, new: Keys, cached: CachedLayer, pe, spec: InfLLM):
   order_bw = cached.ring_order()
   pending = raw.take(order_bw[:, :spec.block_size + 1])
   state = bw.init_state(bw.tile_rows(q_b1nh, kv_heads))
-  state = add_far_keys(state, q_b1nh, pos_b1, idx_b1, pending, cached.slots, _pool(cached), pe, spec)
+  state = add_far_keys(state, q_b1nh, pos_b1, idx_b1, pending, cached.slots, blocks, cached.shared, pe, spec)
   rotated = Keys(cached.extra.ring_rk, raw.v_bklh, ring.anchors(raw.pos_bl, ring_len, pe), raw.idx_bl)
   s_bkgw = ring.ring_scores(q_b1nh, pos_b1, rotated, pe)
   local_b1w = bw.visible(idx_b1, raw.idx_bl, spec.n_local)
@@ -400,10 +508,37 @@ def form_blocks(cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, spec: I
     at_bm = jnp.where(keep_bm, block_bm, n_pool)
     at_bx = jnp.where(jnp.repeat(keep_bm, bs, axis=1), token_bx - spec.n_init, n_pool * bs)
     put = lambda x, at, y: x.at[:, b_b1, :, at].set(jnp.moveaxis(y, (0, 2), (2, 3)), mode="drop")  # noqa: E731
-    return put(pool_k, at_bx, k_lbkxh), put(pool_v, at_bx, v_lbkxh), put(pool_rk, at_bm, rk_lbnmh)
+    if spec.offload:
+      pool_k, pool_v = (store_blocks(pool, x, block_bm, keep_bm, bs) for pool, x in ((pool_k, k_lbkxh),
+                                                                                      (pool_v, v_lbkxh)))
+    else:
+      pool_k, pool_v = put(pool_k, at_bx, k_lbkxh), put(pool_v, at_bx, v_lbkxh)
+    return pool_k, pool_v, put(pool_rk, at_bm, rk_lbnmh)
 
   # Most decode steps complete no block: they skip the gathers and the pool writes. (Only the
   # pool passes through the cond: XLA copies whatever a cond returns unchanged.)
   pool_k, pool_v, pool_rk = jax.lax.cond(jnp.any(formed_b > formed_b0), move, lambda pool: pool,
                                          (extra.pool_k, extra.pool_v, extra.pool_rk))
   return extra._replace(ring_colsum=ring_colsum, pool_k=pool_k, pool_v=pool_v, pool_rk=pool_rk), formed_b
+
+
+def store_blocks(pool_lbkxh, new_lbkxh, block_bm, keep_bm, block_size: int) -> jnp.ndarray:
+  """Copies the newly formed blocks m of each row (keys or values new [L, B, K, M*bs, H], those
+  with keep_bm [B, M]) to their places block_bm [B, M] in the host pool [L, B, K, P*bs, H], every
+  layer's at once: one dynamic update slice per block, on each shard of rows and heads."""
+
+  def local(pool_lbkxh, new_lbkxh, block_bm, keep_bm):
+    m = keep_bm.shape[1]
+    order_x = jnp.argsort(~keep_bm.reshape(-1), stable=True)  # (the kept blocks first)
+    size = (new_lbkxh.shape[0], 1, new_lbkxh.shape[2], block_size, new_lbkxh.shape[4])
+
+    def one(i, pool_lbkxh):
+      row, j = order_x[i] // m, order_x[i] % m
+      block = jax.lax.dynamic_slice(new_lbkxh, (0, row, 0, j * block_size, 0), size)
+      return jax.lax.dynamic_update_slice(pool_lbkxh, jax.device_put(block, jax.memory.Space.Host),
+                                          (0, row, 0, block_bm[row, j] * block_size, 0))
+
+    return jax.lax.fori_loop(0, keep_bm.sum(dtype=jnp.int32), one, pool_lbkxh)
+
+  layers = (None,) + _KV[:2] + (None, None)
+  return per_shard(local, (pool_lbkxh, new_lbkxh, block_bm, keep_bm), (layers, layers, _ROWS, _ROWS), layers)

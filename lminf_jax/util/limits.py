@@ -7,6 +7,7 @@ import os
 from lminf_jax.errors import UserError
 
 INT32_MAX = 2**31 - 1  # token ids and positions are int32
+THIS_MACHINE = "this machine"  # (the name of the host's memory)
 
 
 def gib(nbytes: int) -> str:
@@ -26,7 +27,7 @@ def device_memory() -> tuple[str, int]:
   stats = device.memory_stats() or {}
   if stats.get("bytes_limit"):
     return f"{device.platform}:{device.id}", int(stats["bytes_limit"])
-  return "this machine", host_memory_bytes()
+  return THIS_MACHINE, host_memory_bytes()
 
 
 def check_fits(what: str, nbytes: int, memory: tuple[str, int]) -> None:

@@ -97,6 +97,11 @@ CASES: tuple[MethodCase, ...] = (
                                           **INFLLM_BLOCKS),
                lambda z: ("infllm", dict(n_init=z.n_start, n_local=z.window, chunk=z.chunk, **INFLLM_BLOCKS)),
                frozenset({O})),
+    MethodCase("infllm_offload", lambda z: InfLLM(n_init=z.n_start, n_local=z.window, chunk=z.chunk,
+                                                  key_block=z.key_block, offload=True, device_blocks=2,
+                                                  **INFLLM_BLOCKS),  # (as many device blocks as top_k)
+               lambda z: ("infllm", dict(n_init=z.n_start, n_local=z.window, chunk=z.chunk, **INFLLM_BLOCKS)),
+               frozenset({O})),
     MethodCase("dilated", lambda z: Dilated(stride=z.n_start % 3 + 2, window=z.window),  # (the README's own method)
                lambda z: ("dilated", dict(stride=z.n_start % 3 + 2, window=z.window)), frozenset({C, D})),
 )
