@@ -7,6 +7,8 @@ Query chunk [s, s+C) attends
     the top_k blocks selected among those formed before s, and the evicted tokens not yet in a
     formed block ("pending", j >= n_init + formed*block_size), all with i-j >= n_local;
 in one softmax, so every key j <= i is in exactly one branch or in an unselected block.
+(`released_prefill`: every query of the chunk sees far keys j <= e-1-n_local, e-1 its last real
+query, as the released code's prefill; keys within n_local of a query count in both branches.)
 A block's representative key (per query head) is the mean raw key of its repr_tokens tokens
 that received the most local attention probability while in the window ("column sums").
 
@@ -56,7 +58,8 @@ class InfLLM(Tiling):
   """InfLLM: n_init starting tokens + an n_local window + a memory of evicted tokens in blocks of
   block_size, of which each query chunk attends the top_k most relevant. `chunk` is part of the
   semantics here: retrieval happens once per query chunk, and a cache is fed `chunk` tokens at a
-  time; capacity_blocks caps the block pool (None: as many blocks as the input forms)."""
+  time; capacity_blocks caps the block pool (None: as many blocks as the input forms);
+  released_prefill copies the released code's far mask during chunked prefill (docs/semantics.md#infllm)."""
 
   n_init: int = option(128, "starting tokens", minimum=0)
   n_local: int | None = option(None, N_LOCAL_HELP, minimum=1, model_default=True)
@@ -66,11 +69,15 @@ class InfLLM(Tiling):
   chunk: int  # (Tiling's option, here in the order of the fields)
   capacity_blocks: int | None = option(None, "block pool size (default: every block the input forms)",
                                        minimum=0)
+  released_prefill: bool = option(False, "reproduce the released code's chunked prefill (far keys up to the "
+                                         "chunk's last query - n_local: some keys count twice; chunk <= n_local)")
 
   def __post_init__(self):
     super().__post_init__()
     if self.repr_tokens > self.block_size:
       raise UserError(f"InfLLM.repr_tokens ({self.repr_tokens}) must be <= block_size ({self.block_size})")
+    if self.n_local is not None:
+      _check_released_chunk(self.chunk, self)
 
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> InfLLM:
     return dataclasses.replace(self, n_local=self.n_local or max_position_embeddings)
@@ -142,6 +149,13 @@ class InfLLMCache(NamedTuple):
   pool_v: jnp.ndarray
   pool_rk: jnp.ndarray  # [B, N, P, H] their representative keys
   ring_rk: jnp.ndarray  # [B, K, W, H] the ring keys also rotated by position % W (for decoding)
+
+
+def _check_released_chunk(c: int, spec) -> None:
+  """released_prefill takes chunks of at most n_local queries, as the released code asserts
+  (exc_block_size <= n_local): a longer one would see far keys in its queries' future."""
+  if spec.released_prefill and c > spec.n_local:
+    raise UserError(f"InfLLM.released_prefill needs chunks of at most n_local ({spec.n_local}) queries, got {c}")
 
 
 def _pool(cached: CachedLayer) -> Pool:
@@ -242,8 +256,13 @@ def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, 
                  spec) -> bw.SoftmaxState:
   """Folds the far branch into a chunk's softmax: the query rotated at n_local-1, raw keys of the
   init tokens, of the pending tokens (the context's first bs + C entries, oldest first) and of
-  the top_k selected blocks, each seen only at distance >= n_local."""
+  the top_k selected blocks, each seen only at distance >= n_local. With released_prefill the
+  distance is from the chunk's last real query (every real query sees far keys j <= e-1-n_local)."""
   real_bc = idx_bc >= 0
+  far_idx_bc = idx_bc
+  if spec.released_prefill:
+    _check_released_chunk(idx_bc.shape[1], spec)
+    far_idx_bc = jnp.where(real_bc, jnp.max(idx_bc, axis=1, keepdims=True), idx_bc)
   q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, spec.n_local - 1), pe, pending.k_bklh.shape[1])
   pending_start_b1 = (spec.n_init + pool.formed_b * spec.block_size)[:, None]
   far = [starts, pending]
@@ -254,7 +273,7 @@ def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, 
     far_ok.append(ok_block)
   far_k, far_v = (jnp.concatenate([x[i] for x in far], axis=2) for i in (0, 1))
   far_idx_bf = jnp.concatenate([x.idx_bl for x in far], axis=1)
-  mask_bcf = bw.visible(idx_bc, far_idx_bf, min_dist=spec.n_local) & jnp.concatenate(far_ok, axis=1)[:, None, :]
+  mask_bcf = bw.visible(far_idx_bc, far_idx_bf, min_dist=spec.n_local) & jnp.concatenate(far_ok, axis=1)[:, None, :]
   far_tile = bw.Tile(far_k, jnp.zeros_like(far_idx_bf))  # (raw keys: the query's offset is the distance)
   return bw.update(state, bw.scores(q_far, far_tile, pe), far_v, mask_bcf)
 
