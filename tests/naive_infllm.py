@@ -53,16 +53,19 @@ def memory_state(e: int, n_init: int, n_local: int, block_size: int) -> tuple[li
 
 
 def infllm_key_sets(t: int, selected: list[list[int]], n_init: int, n_local: int, block_size: int,
-                    chunk: int, start: int = 0) -> list[tuple[set[int], set[int]]]:
+                    chunk: int, start: int = 0, released_prefill: bool = False) -> list[tuple[set[int], set[int]]]:
   """(local keys, far keys) of every query i, given the selected blocks of each chunk.
 
   Returns one entry per query i in [start, t) (all queries with the default start=0). selected[c] are the
-  block indices chosen by chunk c = [c*chunk, (c+1)*chunk).
+  block indices chosen by chunk c = [c*chunk, (c+1)*chunk). `released_prefill`: the released code's rule
+  (docs/semantics.md, "The released code's chunked prefill"), for chunk <= n_local only.
   """
+  assert not released_prefill or chunk <= n_local  # (the released code asserts exc_block_size <= n_local)
   out: list[tuple[set[int], set[int]]] = []
   for i in range(start, t):
     c = i // chunk
     s = c * chunk
+    e = min(s + chunk, t)
     # "blocks formed before chunk c" = the blocks of the memory state after tokens [0, s).
     _, blocks = memory_state(s, n_init, n_local, block_size)
     sel = set(selected[c])
@@ -75,16 +78,27 @@ def infllm_key_sets(t: int, selected: list[list[int]], n_init: int, n_local: int
     # - Far branch of query i: keys with `i-j >= n_local`, except the tokens of blocks (formed
     #   before chunk c) that chunk c did not select.
     far = {j for j in range(0, i + 1) if i - j >= n_local and j not in unselected_tokens}
-    # So each key is in exactly one of local/far for each query.
-    assert not (local & far)
+    if released_prefill:
+      # Released code: every query of chunk [s, e) sees the init tokens, the selected blocks, and the
+      # remainder (pending and new-block) tokens up to e-1-n_local, whatever its own distance to them.
+      init, _ = memory_state(e, n_init, n_local, block_size)
+      pending = set(range(n_init + len(blocks) * block_size, e - n_local))
+      far = {j for j in range(0, e - n_local)
+             if j < n_init or j in pending or any(j in blocks[b] for b in sel)}
+      assert set(init) <= far and far <= set(range(i))  # (chunk <= n_local: no key in a query's future)
+    else:
+      # So each key is in exactly one of local/far for each query.
+      assert not (local & far)
     out.append((local, far))
   return out
 
 
 def naive_infllm(q: np.ndarray, k: np.ndarray, v: np.ndarray, inv_freq: np.ndarray, n_init: int, n_local: int,
-                 block_size: int, repr_tokens: int, top_k: int, chunk: int) -> tuple[np.ndarray, list[list[int]]]:
+                 block_size: int, repr_tokens: int, top_k: int, chunk: int,
+                 released_prefill: bool = False) -> tuple[np.ndarray, list[list[int]]]:
   """q [T, N, H], k and v [T, K, H] (projections before RoPE, one sequence, positions 0..T-1),
-  inv_freq [H/2]. Returns (out [T, N, H] float64, selected block indices per query chunk)."""
+  inv_freq [H/2]. Returns (out [T, N, H] float64, selected block indices per query chunk).
+  `released_prefill`: far keys by the released code's rule (`infllm_key_sets`)."""
   q = np.asarray(q, dtype=np.float64)
   k = np.asarray(k, dtype=np.float64)
   v = np.asarray(v, dtype=np.float64)
@@ -139,7 +153,8 @@ def naive_infllm(q: np.ndarray, k: np.ndarray, v: np.ndarray, inv_freq: np.ndarr
       sel = sorted(int(blocks[o].index) for o in np.argsort(-bscores, kind="stable")[:top_k])
     selected.append(sel)
 
-    key_sets = infllm_key_sets(e, selected, n_init, n_local, block_size, chunk, start=s)
+    key_sets = infllm_key_sets(e, selected, n_init, n_local, block_size, chunk, start=s,
+                               released_prefill=released_prefill)
     for i in range(s, e):
       local, far = key_sets[i - s]
       local_l, far_l = sorted(local), sorted(far)

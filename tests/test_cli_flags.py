@@ -53,6 +53,14 @@ def test_a_flag_sets_only_what_it_names():
   assert attention_from_args(_parse("--attention", "infllm"), "infllm") == InfLLM()  # the spec's own defaults
 
 
+def test_released_prefill_is_a_flag_and_an_attn_opt():
+  assert attention_from_args(_parse("--attention", "infllm"), "infllm").released_prefill is False
+  for argv in (["--released-prefill"], ["--attn-opt", "released_prefill=true"]):
+    assert attention_from_args(_parse("--attention", "infllm", *argv), "infllm") == InfLLM(released_prefill=True)
+  with pytest.raises(UserError, match="released_prefill takes bool"):
+    attention_from_args(_parse("--attention", "infllm", "--attn-opt", "released_prefill=maybe"), "infllm")
+
+
 def test_old_top_k_spelling_works_for_one_method_and_is_refused_for_both():
   assert attention_from_args(_parse("--attention", "infllm", "--top-k", "3"), "infllm") == InfLLM(top_k=3)
   assert attention_from_args(_parse("--attention", "lambda", "--top-k", "3"), "lambda") == Lambda(top_k=3)
@@ -84,7 +92,7 @@ def test_prefill_chunk_is_its_own_flag():
 
 MESH_FLAGS = ["--coordinator", "--distributed", "--mesh", "--num-processes", "--process-id"]
 ADDED = {command: MESH_FLAGS for command in ("generate", "stream-ppl", "passkey", "ruler", "longbench")}  # (issue 29)
-INFLLM_ADDED = ["--device-blocks", "--offload"]  # (issue 30: every command with infllm's options)
+INFLLM_ADDED = ["--device-blocks", "--offload", "--released-prefill"]  # (issue 30: every command with infllm's options)
 
 
 def test_every_command_keeps_its_flags():

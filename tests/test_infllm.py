@@ -129,6 +129,80 @@ def test_full_pool_is_a_clear_error():
     _ours(q, k, v, InfLLM(n_init=2, n_local=8, block_size=4, capacity_blocks=2, chunk=8))
 
 
+def _double_counted(t, selected, n_init, n_local, block_size, chunk) -> int:
+  """How many (query, key) pairs the released rule counts in both branches."""
+  sets = infllm_key_sets(t, selected, n_init, n_local, block_size, chunk, released_prefill=True)
+  return sum(len(local & far) for local, far in sets)
+
+
+@settings(max_examples=30 if SLOW else 10, deadline=None)
+@given(t=st.integers(1, 72), n_init=st.integers(0, 6), n_local=st.integers(1, 16), block_size=st.integers(1, 6),
+       repr_frac=st.floats(0, 1), top_k=st.integers(1, 5), chunk_frac=st.floats(0, 1), key_block=st.integers(1, 24),
+       kv=st.integers(1, 2), groups=st.sampled_from([1, 3]), h=st.sampled_from([2, 8]), seed=st.integers(0, 2**16))
+def test_released_prefill_matches_naive(t, n_init, n_local, block_size, repr_frac, top_k, chunk_frac, key_block, kv,
+                                        groups, h, seed):
+  """released_prefill against the naive reference's literal released rule (chunk <= n_local)."""
+  repr_tokens = 1 + int(repr_frac * (block_size - 1))
+  chunk = 1 + int(chunk_frac * (n_local - 1))
+  q, k, v = _random(seed, t, kv, groups, h)
+  expected, _ = naive_infllm(q, k, v, _inv_freq(h), n_init, n_local, block_size, repr_tokens, top_k, chunk,
+                             released_prefill=True)
+  spec = InfLLM(n_init=n_init, n_local=n_local, block_size=block_size, repr_tokens=repr_tokens, top_k=top_k,
+                chunk=chunk, key_block=key_block, released_prefill=True)
+  np.testing.assert_allclose(_ours(q, k, v, spec), expected, atol=1e-5)
+
+
+# (t, n_init, n_local, block_size, top_k, chunk): blocks selected among several, chunk = n_local, a partial last chunk
+RELEASED_CASES = [(60, 3, 8, 4, 2, 5), (60, 3, 8, 4, 2, 8), (61, 2, 6, 3, 1, 4), (40, 0, 5, 2, 100, 3)]
+
+
+@pytest.mark.parametrize("t,n_init,n_local,bs,top_k,chunk", RELEASED_CASES)
+def test_released_prefill_double_counts_as_naive(t, n_init, n_local, bs, top_k, chunk):
+  """Cases where the released rule counts keys twice, and (left-padded by 13) with a partial last chunk."""
+  q, k, v = _random(t, t, 2, 3, 8)
+  expected, selected = naive_infllm(q, k, v, _inv_freq(8), n_init, n_local, bs, 2, top_k, chunk,
+                                    released_prefill=True)
+  assert _double_counted(t, selected, n_init, n_local, bs, chunk) > 0
+  spec = InfLLM(n_init=n_init, n_local=n_local, block_size=bs, repr_tokens=2, top_k=top_k, chunk=chunk, key_block=5,
+                released_prefill=True)
+  np.testing.assert_allclose(_ours(q, k, v, spec), expected, atol=1e-5)
+  pad = 13
+  shift = lambda x: np.concatenate([np.zeros_like(x[:pad]), x[:-pad]])  # noqa: E731
+  batch = [np.stack([shift(x), x]) for x in (q, k, v)]
+  positions = np.stack([np.arange(t) - pad, np.arange(t)])
+  short, _ = naive_infllm(q[:-pad], k[:-pad], v[:-pad], _inv_freq(8), n_init, n_local, bs, 2, top_k, chunk,
+                          released_prefill=True)
+  got = _ours(*batch, spec, positions=positions)
+  np.testing.assert_allclose(got[0, pad:], short, atol=1e-5)
+  np.testing.assert_allclose(got[1], expected, atol=1e-5)
+
+
+def test_released_prefill_changes_chunked_prefill_not_decode():
+  """Chunks of 8 (= n_local): the outputs differ where keys count twice; chunks of 1 (decoding): equal."""
+  t, n_init, n_local, bs = 60, 3, 8, 4
+  q, k, v = _random(5, t, 2, 3, 8)
+  base = dict(n_init=n_init, n_local=n_local, block_size=bs, repr_tokens=2, top_k=2, key_block=5)
+  for chunk in (8, 1):
+    paper, released = (_ours(q, k, v, InfLLM(**base, chunk=chunk, released_prefill=flag)) for flag in (False, True))
+    if chunk == 1:
+      np.testing.assert_allclose(released, paper, atol=1e-6)
+    else:
+      diff = np.abs(released - paper).max(axis=(1, 2))
+      # Equal where the rules agree: chunk 0 (no far key) and the last query of chunks 1 and 2 (before
+      # selection depends on the representative keys, which the double counting changes).
+      assert diff[[*range(chunk), 2 * chunk - 1, 3 * chunk - 1]].max() < 1e-6
+      assert diff.max() > 1e-2, diff.max()
+
+
+def test_released_prefill_refuses_chunks_longer_than_n_local():
+  with pytest.raises(UserError, match=r"released_prefill needs chunks of at most n_local \(8\) queries, got 9"):
+    InfLLM(n_local=8, chunk=9, released_prefill=True)
+  spec = InfLLM(chunk=64, released_prefill=True)  # (n_local from the model)
+  assert resolve(spec, 64).chunk == 64
+  with pytest.raises(UserError, match=r"at most n_local \(32\) queries, got 64"):
+    resolve(spec, 32)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
   return tiny_model
@@ -242,3 +316,28 @@ def test_blocks_formed_from_a_left_padded_chunk(tiny):
     outs.append((np.asarray(first_logits)[:, -28:], np.asarray(logits)))
   np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5)
   np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 12])
+def test_cached_released_prefill_nll_equals_one_shot(tiny, chunk):
+  """released_prefill through the cache C tokens at a time (chunk 1: the decode path, where it
+  changes nothing) equals its one-shot result, which differs from the paper's for chunk > 1."""
+  config, params, _ = tiny
+  spec = InfLLM(**SPEC, chunk=chunk, key_block=8, released_prefill=True)
+  expected = np.asarray(token_nll(params, config, TOKENS, attention=spec))
+  got = np.asarray(cached_token_nll(params, config, TOKENS, attention=spec, chunk=chunk))
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+  paper = np.asarray(cached_token_nll(params, config, TOKENS, attention=InfLLM(**SPEC, chunk=chunk, key_block=8),
+                                      chunk=chunk))
+  if chunk == 1:
+    np.testing.assert_allclose(got, paper, atol=1e-5)
+  else:
+    assert np.abs(got - paper).max() > 1e-3
+
+
+def test_cache_refuses_a_released_prefill_chunk_longer_than_n_local(tiny):
+  config, params, _ = tiny
+  spec = resolve(InfLLM(**SPEC, chunk=12, released_prefill=True), config.max_position_embeddings)
+  cache = init_cache(config, spec, 1, max_len=30)
+  with pytest.raises(UserError, match=r"at most n_local \(12\) queries, got 13"):
+    forward_cached(params, config, cache, TOKENS[:1, :13], jnp.arange(13, dtype=jnp.int32)[None], spec)

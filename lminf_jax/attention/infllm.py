@@ -7,6 +7,8 @@ Query chunk [s, s+C) attends
     the top_k blocks selected among those formed before s, and the evicted tokens not yet in a
     formed block ("pending", j >= n_init + formed*block_size), all with i-j >= n_local;
 in one softmax, so every key j <= i is in exactly one branch or in an unselected block.
+(`released_prefill`: every query of the chunk sees far keys j <= e-1-n_local, e-1 its last real
+query, as the released code's prefill; keys within n_local of a query count in both branches.)
 A block's representative key (per query head) is the mean raw key of its repr_tokens tokens
 that received the most local attention probability while in the window ("column sums").
 
@@ -75,7 +77,8 @@ class InfLLM(Tiling):
   """InfLLM: n_init starting tokens + an n_local window + a memory of evicted tokens in blocks of
   block_size, of which each query chunk attends the top_k most relevant. `chunk` is part of the
   semantics here: retrieval happens once per query chunk, and a cache is fed `chunk` tokens at a
-  time; capacity_blocks caps the block pool (None: as many blocks as the input forms)."""
+  time; capacity_blocks caps the block pool (None: as many blocks as the input forms);
+  released_prefill copies the released code's far mask during chunked prefill (docs/semantics.md#infllm)."""
 
   n_init: int = option(128, "starting tokens", minimum=0)
   n_local: int | None = option(None, N_LOCAL_HELP, minimum=1, model_default=True)
@@ -87,6 +90,8 @@ class InfLLM(Tiling):
                                        minimum=0)
   offload: bool = option(False, "keep the memory blocks in host memory, device_blocks of them on the device")
   device_blocks: int = option(32, "memory blocks the device holds when offloading (at least top_k)", minimum=1)
+  released_prefill: bool = option(False, "reproduce the released code's chunked prefill (far keys up to the "
+                                         "chunk's last query - n_local: some keys count twice; chunk <= n_local)")
 
   def __post_init__(self):
     super().__post_init__()
@@ -95,6 +100,8 @@ class InfLLM(Tiling):
     if self.offload and self.device_blocks < self.top_k:
       raise UserError(f"InfLLM.device_blocks ({self.device_blocks}) must be >= top_k ({self.top_k}): a chunk's "
                       f"selected blocks are on the device at once")
+    if self.n_local is not None:
+      _check_released_chunk(self.chunk, self)
 
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> InfLLM:
     return dataclasses.replace(self, n_local=self.n_local or max_position_embeddings)
@@ -185,6 +192,13 @@ class InfLLMCache(NamedTuple):
     over rows and kv heads, the rest over rows."""
     rows, kv = ("layers", "cache_batch"), ("layers", "cache_batch", "cache_heads")
     return InfLLMCache(rows, kv, kv, rows, kv, Held(kv, kv, rows, rows, rows))
+
+
+def _check_released_chunk(c: int, spec) -> None:
+  """released_prefill takes chunks of at most n_local queries, as the released code asserts
+  (exc_block_size <= n_local): a longer one would see far keys in its queries' future."""
+  if spec.released_prefill and c > spec.n_local:
+    raise UserError(f"InfLLM.released_prefill needs chunks of at most n_local ({spec.n_local}) queries, got {c}")
 
 
 def context_window(spec) -> int:
@@ -283,14 +297,19 @@ def add_far_keys(state: bw.SoftmaxState, q_bcnh, pos_bc, idx_bc, pending: Keys, 
   """Folds the far branch into a chunk's softmax: the query rotated at n_local-1, raw keys of the
   init tokens, of the pending tokens (the context's first bs + C entries, oldest first; those
   from block formed_b [B] on) and of the selected `blocks` (idx -1: none), each seen only at
-  distance >= n_local."""
+  distance >= n_local. With released_prefill the distance is from the chunk's last real query
+  (every real query sees far keys j <= e-1-n_local)."""
+  far_idx_bc = idx_bc
+  if spec.released_prefill:
+    _check_released_chunk(idx_bc.shape[1], spec)
+    far_idx_bc = jnp.where(idx_bc >= 0, jnp.max(idx_bc, axis=1, keepdims=True), idx_bc)
   q_far = bw.query_tile(q_bcnh, jnp.full_like(pos_bc, spec.n_local - 1), pe, pending.k_bklh.shape[1])
   pending_start_b1 = (spec.n_init + formed_b * spec.block_size)[:, None]
   pending = pending._replace(idx_bl=jnp.where(pending.idx_bl >= pending_start_b1, pending.idx_bl, -1))
   far = [starts, pending] + ([] if blocks is None else [blocks])
   far_k, far_v = (jnp.concatenate([x[i] for x in far], axis=2) for i in (0, 1))
   far_idx_bf = jnp.concatenate([x.idx_bl for x in far], axis=1)
-  mask_bcf = bw.visible(idx_bc, far_idx_bf, min_dist=spec.n_local)
+  mask_bcf = bw.visible(far_idx_bc, far_idx_bf, min_dist=spec.n_local)
   far_tile = bw.Tile(far_k, jnp.zeros_like(far_idx_bf))  # (raw keys: the query's offset is the distance)
   return bw.update(state, bw.scores(q_far, far_tile, pe), far_v, mask_bcf)
 

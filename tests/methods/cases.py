@@ -102,6 +102,14 @@ CASES: tuple[MethodCase, ...] = (
                                                   **INFLLM_BLOCKS),  # (as many device blocks as top_k)
                lambda z: ("infllm", dict(n_init=z.n_start, n_local=z.window, chunk=z.chunk, **INFLLM_BLOCKS)),
                frozenset({O})),
+    # (released_prefill takes chunks of at most n_local; its cached paths: tests/test_infllm.py, as the
+    # families' tests feed longer chunks)
+    MethodCase("infllm_released",
+               lambda z: InfLLM(n_init=z.n_start, n_local=z.window, chunk=min(z.chunk, z.window), key_block=z.key_block,
+                                released_prefill=True, **INFLLM_BLOCKS),
+               lambda z: ("infllm", dict(n_init=z.n_start, n_local=z.window, chunk=min(z.chunk, z.window),
+                                         released_prefill=True, **INFLLM_BLOCKS)),
+               frozenset()),
     MethodCase("dilated", lambda z: Dilated(stride=z.n_start % 3 + 2, window=z.window),  # (the README's own method)
                lambda z: ("dilated", dict(stride=z.n_start % 3 + 2, window=z.window)), frozenset({C, D})),
 )
