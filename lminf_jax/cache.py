@@ -33,7 +33,7 @@ from lminf_jax.attention.blockwise import Keys, after, scatter_layers
 from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout
 from lminf_jax.attention.per_layer import PerLayer
 from lminf_jax.errors import UserError
-from lminf_jax.sharding import constrain, mesh_axis_size
+from lminf_jax.sharding import constrain, mesh_axis_size, on_host
 from lminf_jax.util.limits import INT32_MAX, THIS_MACHINE, check_fits, device_memory, host_memory_bytes
 
 
@@ -59,16 +59,34 @@ class Cache(NamedTuple):
   # arrays of the method's; next_idx the same); None: every layer is in kv.
   windowed: Cache | None = None
 
-  def layer(self, kv: LayerKV) -> CachedLayer:
-    """What a method reads of layer `kv` (or of every layer, given the stacked kv)."""
+  def layer(self, kv: LayerKV, at=0) -> CachedLayer:
+    """What a method reads of layer `kv` (or of every layer, given the stacked kv); `at`: the
+    layer's index along the L axis of the host-memory arrays, which stay whole (`split_host`)."""
+    host = [x for x in jax.tree.leaves(kv.extra) if on_host(x)]
     return CachedLayer(Keys(kv.slot_k, kv.slot_v, self.slot_pos, self.slot_idx),
-                       Keys(kv.ring_k, kv.ring_v, self.ring_pos, self.ring_idx), kv.extra, self.shared, self.next_idx)
+                       Keys(kv.ring_k, kv.ring_v, self.ring_pos, self.ring_idx), kv.extra, self.shared, self.next_idx,
+                       at if host and host[0].shape[0] > 1 else 0)  # (one layer's own: the decode loop's)
+
+
+def split_host(kv: LayerKV) -> tuple[LayerKV, LayerKV]:
+  """(kv without its host-memory arrays, those alone), each None where the other has an array:
+  the layer scan slices the first along L and passes the second whole, so that a layer reads
+  only what it needs of a host array (one block: a slice of a layer would be copied)."""
+  return (jax.tree.map(lambda x: None if on_host(x) else x, kv), jax.tree.map(lambda x: x if on_host(x) else None, kv))
+
+
+def merge_host(kv: LayerKV, host: LayerKV | None) -> LayerKV:
+  """`split_host`'s inverse (host None: kv as it is)."""
+  if host is None:
+    return kv
+  return jax.tree.map(lambda x, h: h if x is None else x, kv, host, is_leaf=lambda x: x is None)
 
 
 class CachedInput(NamedTuple):
-  """A layer's input from the cache: its kv (scanned over layers), the rest of the cache without
-  kv and the chunk's sequence indices idx [B, T] (both broadcast to every layer). With a cache per
-  layer kind (`Cache.windowed`): no kv, and the whole cache, which the layer reads at its index."""
+  """A layer's input from the cache: its kv (scanned over layers), the rest of the cache (of kv,
+  only the arrays in host memory, whole: `split_host`) and the chunk's sequence indices idx [B, T]
+  (both broadcast to every layer). With a cache per layer kind (`Cache.windowed`): no kv, and the
+  whole cache, which the layer reads at its index."""
 
   kv: LayerKV | None
   cache: Cache | None
@@ -217,13 +235,15 @@ def attend_cached(q_bcnh, k_bckh, v_bckh, positions_bc, inputs: CachedInput, pe,
   new = Keys(jnp.swapaxes(k_bckh, 1, 2), jnp.swapaxes(v_bckh, 1, 2), positions_bc, inputs.idx_bt)
   if inputs.kv is None:  # (a cache per layer kind: the layer reads its kind's at its index)
     at = spec.stack_index(layer)
-    read = lambda cache: lambda: cache.layer(  # noqa: E731
-        jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, at, keepdims=False), cache.kv))
+    index = lambda x: x if on_host(x) else jax.lax.dynamic_index_in_dim(x, at, keepdims=False)  # noqa: E731
+    read = lambda cache: lambda: cache.layer(jax.tree.map(index, cache.kv), at)  # noqa: E731
     out_bcnh, aux = spec.attend_kinds(q_bcnh, new, read(inputs.cache), read(inputs.cache.windowed), pe, layer)
+    kv = inputs.cache.kv
   else:
     attend = spec.attend_token if q_bcnh.shape[1] == 1 else spec.attend_chunk
-    out_bcnh, aux = attend(q_bcnh, new, inputs.cache.layer(inputs.kv), pe, layer)
-  room = capacity(spec, inputs.cache, inputs.kv)
+    kv = merge_host(inputs.kv, inputs.cache.kv)
+    out_bcnh, aux = attend(q_bcnh, new, inputs.cache.layer(kv, layer), pe, layer)
+  room = capacity(spec, inputs.cache, kv)
   if room is not None:
     out_bcnh = jnp.where((jnp.max(inputs.idx_bt, axis=1) >= room)[:, None, None, None], jnp.nan, out_bcnh)
   return out_bcnh, aux

@@ -25,11 +25,11 @@ import jax.numpy as jnp
 from lminf_jax.attention import AttentionMethod, Dense, attend
 from lminf_jax.attention.blockwise import after
 from lminf_jax.attention.per_layer import PerLayer
-from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, write
+from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, split_host, write
 from lminf_jax.models.config import LlamaConfig, RopeScaling
 from lminf_jax.positional import ALiBi, Positional, Rotary, alibi_slopes, cap
 from lminf_jax.rope import inv_frequencies
-from lminf_jax.sharding import constrain, mesh_axis_size
+from lminf_jax.sharding import constrain, mesh_axis_size, on_host
 
 
 def _init(*logical_axes: str):
@@ -256,8 +256,9 @@ class Llama(nn.Module):
       cached = CachedInput(None, None, idx_bt)
     elif cache.windowed is not None:  # (a cache per layer kind: each layer reads its kind's at its index)
       cached = CachedInput(None, cache, idx_bt)
-    else:
-      cached = CachedInput(cache.kv, cache._replace(kv=None), idx_bt)
+    else:  # (the kv scanned along L; arrays in host memory passed whole, each layer reading its part)
+      kv, host = split_host(cache.kv)
+      cached = CachedInput(kv, cache._replace(kv=host), idx_bt)
     x_btd, new_kv = self.layers(x_btd, positions_bt, jnp.arange(cfg.num_layers), attention, cached)
     return _write(cfg, x_btd, cache, new_kv, positions_bt, idx_bt, attention)
 
@@ -289,7 +290,8 @@ def cached_layer(config: LlamaConfig, layer_params: dict, layer: int, x_btd: jnp
   if isinstance(attention, PerLayer):
     attention = attention.kind(layer)
   idx_bt = chunk_indices(cache.next_idx, positions_bt)
-  squeeze = lambda tree: jax.tree.map(lambda x: jax.lax.index_in_dim(x, 0, keepdims=False), tree)  # noqa: E731
+  squeeze = lambda tree: jax.tree.map(  # noqa: E731 (host-memory arrays stay whole: `Cache.layer`)
+      lambda x: x if on_host(x) else jax.lax.index_in_dim(x, 0, keepdims=False), tree)
   x_btd, new_kv = DecoderLayer(config).apply({"params": squeeze(layer_params)}, x_btd, positions_bt, jnp.int32(layer),
                                              attention, CachedInput(squeeze(cache.kv), cache._replace(kv=None), idx_bt))
   return _write(config, x_btd, cache, jax.tree.map(lambda x: x[None], new_kv), positions_bt, idx_bt, attention,

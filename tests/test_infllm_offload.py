@@ -52,13 +52,13 @@ def test_fetch_keeps_held_blocks_and_replaces_the_least_recently_used():
   pool_k, pool_v = (rng.standard_normal((b, kv, n_pool * bs, h)).astype(np.float32) for _ in range(2))
   wanted = [[[0, 1], [5, -1]], [[1, 2], [5, 6]], [[3, 0], [7, 6]], [[0, 1], [5, 7]], [[4, 2], [7, 5]],
             [[4, 2], [1, 0]]]
-  host = lambda x: jax.device_put(jnp.asarray(x), jax.memory.Space.Host)  # noqa: E731
+  host = lambda x: jax.device_put(jnp.asarray(x)[None], jax.memory.Space.Host)  # noqa: E731 (a pool of one layer)
   never = jnp.full((b, d), -1, jnp.int32)
   held = Held(jnp.zeros((b, kv, d * bs, h)), jnp.zeros((b, kv, d * bs, h)), never, never, jnp.zeros((b,), jnp.int32))
   step = jax.jit(fetch, static_argnames="block_size")
   fetched = np.zeros(b, int)
   for i, (want, (slots, misses)) in enumerate(zip(wanted, _lru_reference(wanted, d))):
-    held, slot_bk = step(held, jnp.asarray(want, jnp.int32), host(pool_k), host(pool_v), jnp.full((b,), 10 * i),
+    held, slot_bk = step(held, jnp.asarray(want, jnp.int32), host(pool_k), host(pool_v), 0, jnp.full((b,), 10 * i),
                          block_size=bs)
     np.testing.assert_array_equal(np.asarray(held.block_bd), slots)
     fetched += misses

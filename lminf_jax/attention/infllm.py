@@ -47,7 +47,7 @@ from lminf_jax.attention.blockwise import Keys
 from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, merge, on_mesh, xla_gradient
 from lminf_jax.attention.method import N_LOCAL_HELP, CachedLayer, CacheLayout, Tiling, option
 from lminf_jax.errors import UserError
-from lminf_jax.sharding import per_shard
+from lminf_jax.sharding import on_host, per_shard
 from lminf_jax.util.limits import INT32_MAX
 
 
@@ -350,17 +350,19 @@ def cached_blocks(q_bcnh, idx_bc, cached: CachedLayer, pe, spec) -> tuple[Keys |
   if not extra.pool_rk.shape[2]:
     return None, extra.held
   sel_bk = select_blocks(q_bcnh, idx_bc, extra.pool_rk, formed_b, cached.ring.k_bklh.shape[1], pe, spec)
-  if not spec.offload:
+  if not on_host(extra.pool_k):  # (offload places it in host memory: `init_extra`)
     return block_keys(extra.pool_k, extra.pool_v, sel_bk, sel_bk, spec), extra.held
-  held, slot_bk = fetch(extra.held, sel_bk, extra.pool_k, extra.pool_v, cached.next_idx_b, spec.block_size)
+  held, slot_bk = fetch(extra.held, sel_bk, extra.pool_k, extra.pool_v, cached.layer_at, cached.next_idx_b,
+                        spec.block_size)
   return block_keys(held.k_bkxh, held.v_bkxh, slot_bk, sel_bk, spec), held
 
 
-def fetch(held: Held, want_bk, pool_k, pool_v, now_b, block_size: int) -> tuple[Held, jnp.ndarray]:
+def fetch(held: Held, want_bk, pool_k, pool_v, at, now_b, block_size: int) -> tuple[Held, jnp.ndarray]:
   """Puts the wanted blocks want_bk [B, k] (-1: none) on the device: a block it holds stays in its
-  slot; each other one is copied from the host pool [B, K, P*bs, H] into the least recently used
-  slot that holds no wanted block (empty slots first; ties: the lower slot). Every wanted block's
-  slot is stamped with now_b [B]. Needs D >= k. (held after, the slot of each wanted block [B, k])."""
+  slot; each other one is copied from layer `at` of the host pool [L, B, K, P*bs, H] into the
+  least recently used slot that holds no wanted block (empty slots first; ties: the lower slot).
+  Every wanted block's slot is stamped with now_b [B]. Needs D >= k. (held after, the slot of each
+  wanted block [B, k])."""
   b, k = want_bk.shape
   d = held.block_bd.shape[1]
   wanted_bk = want_bk >= 0
@@ -374,9 +376,10 @@ def fetch(held: Held, want_bk, pool_k, pool_v, now_b, block_size: int) -> tuple[
   block_bd = held.block_bd.at[b_b1, jnp.where(miss_bk, slot_bk, d)].set(want_bk, mode="drop")
   used_bd = held.used_bd.at[b_b1, jnp.where(wanted_bk, slot_bk, d)].set(jnp.broadcast_to(now_b[:, None], (b, k)),
                                                                         mode="drop")
+  pool_axes = (None, *_KV, None)
   k_bkxh, v_bkxh = per_shard(functools.partial(_copy_in, block_size=block_size),
-                             (held.k_bkxh, held.v_bkxh, pool_k, pool_v, miss_bk, want_bk, slot_bk),
-                             (_KV,) * 4 + (_ROWS,) * 3, (_KV, _KV))
+                             (held.k_bkxh, held.v_bkxh, pool_k, pool_v, jnp.asarray(at, jnp.int32), miss_bk, want_bk,
+                              slot_bk), (_KV, _KV, pool_axes, pool_axes, ()) + (_ROWS,) * 3, (_KV, _KV))
   return Held(k_bkxh, v_bkxh, block_bd, used_bd, held.fetched_b + miss_bk.sum(1, dtype=jnp.int32)), slot_bk
 
 
@@ -384,19 +387,19 @@ _KV = ("cache_batch", "cache_heads", None, None)  # (per_shard's logical axes of
 _ROWS = ("cache_batch", None)
 
 
-def _copy_in(held_k, held_v, pool_k, pool_v, miss_bk, want_bk, slot_bk, block_size: int):
-  """The copies of `fetch` on one shard: block want_bk[b, i] of the host pool into slot
-  slot_bk[b, i] of the device's, for each miss, one dynamic slice each (no gather runs in host memory)."""
+def _copy_in(held_k, held_v, pool_k, pool_v, layer, miss_bk, want_bk, slot_bk, block_size: int):
+  """The copies of `fetch` on one shard: block want_bk[b, i] of the host pool's layer `layer` into
+  slot slot_bk[b, i] of the device's, for each miss: one dynamic slice each, of one block (nothing
+  else runs in host memory)."""
   k = miss_bk.shape[1]
   order_x = jnp.argsort(~miss_bk.reshape(-1), stable=True)  # (the misses first)
-  size = (1, pool_k.shape[1], block_size, pool_k.shape[3])
+  size = (1, 1, pool_k.shape[2], block_size, pool_k.shape[4])
 
   def one(i, kv):
     row, j = order_x[i] // k, order_x[i] % k
-    at, to = (row, 0, want_bk[row, j] * block_size, 0), (row, 0, slot_bk[row, j] * block_size, 0)
-    return tuple(jax.lax.dynamic_update_slice(h, jax.device_put(jax.lax.dynamic_slice(p, at, size),
-                                                                jax.memory.Space.Device), to)
-                 for h, p in zip(kv, (pool_k, pool_v)))
+    at, to = (layer, row, 0, want_bk[row, j] * block_size, 0), (row, 0, slot_bk[row, j] * block_size, 0)
+    read = lambda p: jax.device_put(jax.lax.dynamic_slice(p, at, size), jax.memory.Space.Device)[0]  # noqa: E731
+    return tuple(jax.lax.dynamic_update_slice(h, read(p), to) for h, p in zip(kv, (pool_k, pool_v)))
 
   return jax.lax.fori_loop(0, miss_bk.sum(dtype=jnp.int32), one, (held_k, held_v))
 
@@ -527,7 +530,7 @@ def form_blocks(cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, spec: I
     at_bm = jnp.where(keep_bm, block_bm, n_pool)
     at_bx = jnp.where(jnp.repeat(keep_bm, bs, axis=1), token_bx - spec.n_init, n_pool * bs)
     put = lambda x, at, y: x.at[:, b_b1, :, at].set(jnp.moveaxis(y, (0, 2), (2, 3)), mode="drop")  # noqa: E731
-    if spec.offload:
+    if on_host(pool_k):
       pool_k, pool_v = (store_blocks(pool, x, block_bm, keep_bm, bs) for pool, x in ((pool_k, k_lbkxh),
                                                                                       (pool_v, v_lbkxh)))
     else:

@@ -67,6 +67,9 @@ class CachedLayer(NamedTuple):
   extra: Any  # the method's own per-layer arrays (`init_extra`)
   shared: Any  # the method's own arrays shared by every layer
   next_idx_b: jnp.ndarray  # [B] the sequence index of the row's next real token
+  # Arrays of `extra` in host memory (memory kind pinned_host) are not sliced by layer: they keep
+  # their leading L axis, and `layer_at` is this layer's index along it.
+  layer_at: Any = 0
 
   def slots_with(self, new: Keys) -> Keys:
     """The slots with the chunk's own starting tokens (idx < P) written in: a chunk's first

@@ -23,7 +23,9 @@ from lminf_jax.sharding import make_mesh, parse_mesh
 
 SPECS = {"lambda": Lambda(n_global=4, n_local=16, chunk=8, key_block=8),
          "infllm": InfLLM(n_init=4, n_local=16, block_size=4, repr_tokens=2, top_k=2, chunk=8),
-         "streaming": Streaming(n_sink=4, n_recent=12, chunk=8, key_block=8), "dense": Dense(chunk=8, key_block=8)}
+         "streaming": Streaming(n_sink=4, n_recent=12, chunk=8, key_block=8), "dense": Dense(chunk=8, key_block=8),
+         "infllm_offload": InfLLM(n_init=4, n_local=16, block_size=4, repr_tokens=2, top_k=2, chunk=8, offload=True,
+                                  device_blocks=2)}
 MESHES = ["tensor=2", "data=2,tensor=2", "tensor=4", "data=2,fsdp=2,tensor=2"]  # tensor=4: 2 kv heads, replicated
 PROMPTS = [np.random.default_rng(0).integers(0, 97, 30).tolist(), np.random.default_rng(1).integers(0, 97, 23).tolist()]
 TOKENS = np.random.default_rng(2).integers(0, 97, size=(2, 60)).astype(np.int32)
@@ -45,7 +47,7 @@ def _mesh(text: str):
 # divide); streaming and dense (the same shared cache code) on one
 CI_MESHES = ("data=2,tensor=2", "tensor=4")
 CASES = ([pytest.param(m, n, marks=() if m in CI_MESHES else pytest.mark.slow) for m in MESHES
-          for n in ("lambda", "infllm")] + [("data=2,tensor=2", n) for n in ("streaming", "dense")])
+          for n in ("lambda", "infllm", "infllm_offload")] + [("data=2,tensor=2", n) for n in ("streaming", "dense")])
 
 
 @pytest.mark.parametrize("mesh_text, name", CASES)
@@ -67,7 +69,7 @@ def test_cached_paths_on_a_mesh_equal_one_device(hf, mesh_text, name):
       np.testing.assert_allclose(got, nll[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lambda", "infllm"])
+@pytest.mark.parametrize("name", ["lambda", "infllm", "infllm_offload"])
 def test_a_cache_per_layer_kind_on_a_mesh_equals_one_device(tmp_path, name):
   """Gemma 2 (windows of 8 on layers 0 and 2, 2 kv heads): the windowed layers' own ring is split as
   the global layers' cache is, and generation and cached NLL on data=2,tensor=2 equal one device's."""
