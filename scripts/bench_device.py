@@ -1,21 +1,32 @@
 """One accelerator benchmark, in one call: the flash-kernel path (splash on TPU, cuDNN on GPU)
-against the XLA path.
+against the XLA path, infllm with its memory blocks in host memory at 1M tokens, and lambda's
+streaming throughput.
 
-    python scripts/bench_device.py            # on a GPU or TPU, in bf16 (about 3 minutes on an H200)
+    python scripts/bench_device.py            # on a GPU or TPU, in bf16 (an estimated 4-6 minutes on an H200)
     python scripts/bench_device.py --small    # anywhere (CPU: splash in interpret mode), small shapes
 
 1. Correctness first, T=1024 (--small: 256), offset 10^6, one left-padded row: each method's
    kernel path against its float32 XLA path. On a GPU (bf16 only) the bound is the error of one
    bf16 cuDNN dense call over the same keys (T <= n_local) against its float32 result; the
    lambda and streaming merges must be no further off.
-2. One attention layer, bf16, SmolLM2 (9/3 heads, H=64) and a Llama-3-8B layer (32/8, H=128), at
+2. InfLLM with offload at 1M tokens (--offload-tokens; --small: 8K), SmolLM2's shapes with random
+   bf16 weights: a passkey-shaped input fed through the cache in chunks of 512 (n_local 8192, block
+   128, top_k 16, 32 blocks on the device): tokens/s, the cache's device and host bytes, the
+   device's peak memory (run early, so that the peak is this section's), blocks copied in per chunk
+   and layer, bytes copied per chunk. With --smollm2 CKPT (a converted checkpoint), the real
+   passkey at that length: found or not. The long section (an estimated 1-3 minutes on an H200).
+3. One attention layer, bf16, SmolLM2 (9/3 heads, H=64) and a Llama-3-8B layer (32/8, H=128), at
    T = 32K and 128K: lambda (L=8192 and 4096) through XLA and through the kernel, dense through
    the kernel; attended (query, key) pairs per second (per query head); lambda-kernel pairs/s
    over dense-kernel pairs/s (goal: >= 0.8).
-3. SmolLM2's shapes with random bf16 weights (no checkpoint needed; speed does not depend on
+4. SmolLM2's shapes with random bf16 weights (no checkpoint needed; speed does not depend on
    the weights): token_nll tokens/s at 128K, kernel vs XLA path (lambda L=8192), the prefill of a
    32K prompt and decode tokens/s after it.
-Times: compile excluded, best of --repeats.
+5. Lambda's streaming throughput through the cache (`stream_nll`, as `lminf stream-ppl`), SmolLM2's
+   shapes, random bf16 weights, over 64K tokens (--small: 2K) after as many of warm-up, and the
+   hours it projects for LM-Infinite's 200M-token stream.
+Times: compile excluded, best of --repeats (sections 2 and 5: one run, their first call excluded).
+Imports nothing of gguf or torch (the accelerator's machine has neither).
 """
 
 from __future__ import annotations
@@ -28,8 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lminf_jax.attention import Dense, Lambda, Streaming, attend, resolve
+from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming, attend, resolve
+from lminf_jax.cache import check_memory, init_cache
+from lminf_jax.eval.passkey import NEW_TOKENS, first_integer, make_sample
+from lminf_jax.inference.forward import token_nll
+from lminf_jax.inference.generation import Sampling, decode, left_pad, prefill
+from lminf_jax.inference.stream import stream_nll
+from lminf_jax.loading import load
 from lminf_jax.models.config import LlamaConfig, RopeScaling
+from lminf_jax.models.llama import Llama
 from lminf_jax.positional import Rotary
 from lminf_jax.rope import inv_frequencies
 
@@ -155,19 +173,19 @@ def layers(kernel: str, small: bool, repeats: int) -> None:
               f"{rate[f'lambda L={w}', kernel] / rate['dense', kernel]:.2f}")
 
 
-def model(kernel: str, small: bool, repeats: int) -> None:
-  from lminf_jax.cache import init_cache
-  from lminf_jax.inference.forward import token_nll
-  from lminf_jax.inference.generation import Sampling, decode, left_pad, prefill
-  from lminf_jax.models.llama import Llama
-
+def smollm2(small: bool) -> tuple[LlamaConfig, dict]:
+  """SmolLM2's config and random weights (--small: 2 layers, a 512-token vocabulary, float32)."""
   config = SMOLLM2
   if small:
     config = dataclasses.replace(config, num_layers=2, vocab_size=512, dtype="float32", param_dtype="float32")
+  params = Llama(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  return config, jax.tree.map(lambda x: x.astype(config.param_dtype), params)
+
+
+def model(kernel: str, small: bool, repeats: int) -> None:
+  config, params = smollm2(small)
   t_nll, t_prompt, new = (512, 256, 8) if small else (131072, 32768, 32)
   n_local = 128 if small else 8192
-  params = Llama(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, t_nll)), jnp.int32)
   print(f"\nSmolLM2 shapes, random {config.param_dtype} weights: token_nll over {t_nll} tokens (lambda L={n_local}):")
   rate = {}
@@ -196,19 +214,137 @@ def model(kernel: str, small: bool, repeats: int) -> None:
   print(f"  decode after a {t_prompt}-token prompt: {new / (time.perf_counter() - start):.1f} tokens/s (lambda, cached)")
 
 
+def size(nbytes: float) -> str:
+  return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def passkey_ids(length: int, vocab: int, rng: np.random.Generator) -> np.ndarray:
+  """A passkey-shaped prompt of `length` random token ids: a prefix, one filler sentence repeated,
+  a needle at a random depth, the question (random weights read no text; the shape is the point)."""
+  prefix, filler, needle, question = (rng.integers(0, vocab, n) for n in (30, 24, 16, 10))
+  body = np.resize(filler, length - len(prefix) - len(needle) - len(question))
+  at = int(rng.uniform() * len(body))
+  return np.concatenate([prefix, body[:at], needle, body[at:], question]).astype(np.int32)
+
+
+def memory_bytes(config, spec, max_len: int) -> tuple[int, int]:
+  """(device, host) bytes of an empty cache, from shapes alone."""
+  try:
+    from lminf_jax.cache import cache_bytes
+  except ImportError:  # (a library without infllm's offload: every array on the device)
+    shapes = jax.eval_shape(lambda: init_cache(config, spec, 1, max_len=max_len))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)), 0
+  return tuple(cache_bytes(config, spec, max_len))
+
+
+def offloaded(small: bool, total: int, offload: bool, checkpoint: str | None) -> None:
+  """Section 2: infllm (blocks in host memory if `offload`) fed `total` passkey-shaped tokens."""
+  if checkpoint:
+    config, params, tokenizer = load(checkpoint, "bfloat16")
+    config = dataclasses.replace(config, dtype="bfloat16")
+    sample = make_sample(tokenizer, total, np.random.default_rng(0))
+    ids, weights = sample.token_ids, f"checkpoint {checkpoint}"
+  else:
+    config, params = smollm2(small)
+    ids = passkey_ids(total, config.vocab_size, np.random.default_rng(0))
+    weights = f"random {config.param_dtype} weights"
+  # --small: a window and pool that 8K tokens fill, so that blocks are formed, selected and fetched.
+  shape = dict(n_local=1024, top_k=4, chunk=256) if small else dict(top_k=16, chunk=512)
+  placement = dict(offload=True, device_blocks=8 if small else 32) if offload else {}
+  spec = config.resolve_attention(InfLLM(block_size=128, **shape, **placement))
+  chunk = spec.feed_chunk(None)
+  tokens, positions = left_pad([list(ids)], chunk)
+  length = tokens.shape[1]
+  segment = max(chunk, min(32768, length // 4) // chunk * chunk)
+  print(f"\ninfllm {'with offload' if offload else 'on the device'} at {len(ids)} tokens, SmolLM2 "
+        f"({weights}; n_local {spec.n_local}, block {spec.block_size}, top_k {spec.top_k}, "
+        f"{f'device_blocks {spec.device_blocks}, ' if offload else ''}chunk {chunk}):")
+  max_len = length + NEW_TOKENS
+  check_memory(config, spec, max_len)
+  device_b, host_b = memory_bytes(config, spec, max_len)
+  print(f"  cache: device {size(device_b)}, host {size(host_b)} (cache_bytes)", flush=True)
+  cache = init_cache(config, spec, 1, max_len=max_len)
+  seconds, fed = [], []
+  for start in range(0, length, segment):
+    at = slice(start, start + segment)
+    began = time.perf_counter()
+    logits, cache = prefill(params, config, cache, tokens[:, at], positions[:, at], spec, chunk)
+    logits.block_until_ready()
+    seconds.append(time.perf_counter() - began)
+    fed.append(tokens[:, at].shape[1])
+  steady = [(n, t) for i, (n, t) in enumerate(zip(fed, seconds)) if i and n == segment]
+  rate = sum(n for n, _ in steady) / sum(t for _, t in steady) if steady else float("nan")
+  print(f"  feed: {rate:>10.0f} tokens/s over calls 2-{len(steady) + 1} of {segment} tokens (the first, compile "
+        f"included: {seconds[0]:.1f} s; all {length} tokens: {sum(seconds):.1f} s)", flush=True)
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    print(f"  device memory: peak {size(stats['peak_bytes_in_use'])} (the process's so far), "
+          f"in use after feeding {size(stats['bytes_in_use'])}")
+  else:
+    print(f"  device memory: no memory_stats on {jax.devices()[0].platform}; the cache's device arrays "
+          f"{size(device_b)}")
+  chunks, layers_ = length // chunk, config.num_layers
+  block = 2 * config.num_kv_heads * spec.block_size * config.head_dim * jnp.dtype(config.dtype).itemsize  # k + v
+  formed = int(np.asarray(cache.shared).sum())
+  held = getattr(cache.kv.extra, "held", None)
+  if offload and held is not None:
+    fetched = int(np.asarray(held.fetched_b).sum())
+    print(f"  blocks copied in per chunk per layer: {fetched / chunks / layers_:.2f} (of top_k {spec.top_k}; "
+          f"{fetched} in {chunks} chunks x {layers_} layers)")
+    print(f"  bytes copied per chunk (all layers): in {size(fetched * block / chunks)}, out (formed blocks) "
+          f"{size(formed * layers_ * block / chunks)}")
+  else:
+    print(f"  blocks copied: none (no offload; {formed} blocks formed)")
+  if checkpoint:
+    out = decode(params, config, cache, logits, jnp.asarray([len(ids)], jnp.int32), jax.random.PRNGKey(0), spec,
+                 Sampling(), NEW_TOKENS, ())
+    text = tokenizer.decode(np.asarray(out.tokens_bn[0]).tolist())
+    found = first_integer(text) == sample.key
+    print(f"  passkey {sample.key} at depth {sample.depth:.2f}: generated {text!r}: "
+          f"{'found' if found else 'NOT found'}")
+
+
+def streaming(small: bool, tokens: int) -> None:
+  """Section 5: lambda's streaming throughput (`stream_nll`): the first `tokens` warm up (compile,
+  filling the window), the next `tokens` are timed."""
+  config, params = smollm2(small)
+  spec = config.resolve_attention(Lambda(n_local=256) if small else Lambda())
+  chunk = spec.feed_chunk(None)
+  total = 2 * tokens
+  ids = np.random.default_rng(0).integers(0, config.vocab_size, total)
+  rates = []
+  stream_nll(params, config, init_cache(config, spec, 1, max_len=total),
+             (ids[i:i + chunk] for i in range(0, total, chunk)), total, spec, tokens,
+             lambda index, nll, rate, rss: rates.append(rate))
+  print(f"\nlambda streaming through the cache (stream_nll, SmolLM2 shapes, random {config.param_dtype} weights, "
+        f"n_local {spec.n_local}, chunk {chunk}):")
+  print(f"  {rates[1]:>10.0f} tokens/s over {tokens} tokens after {tokens} of warm-up")
+  print(f"  LM-Infinite's 200M-token stream at this rate: {200e6 / rates[1] / 3600:.1f} h")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--small", action="store_true", help="small shapes (runs on a CPU in interpret mode)")
   parser.add_argument("--kernel", default=None, help="kernel path to test (default: auto; --small on CPU: splash)")
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--offload-tokens", type=int, default=None,
+                      help="tokens fed to infllm with offload (default: 1048576; --small: 8192)")
+  parser.add_argument("--no-offload", dest="offload", action="store_false",
+                      help="infllm's section with its memory blocks on the device")
+  parser.add_argument("--smollm2", metavar="CKPT", default=None,
+                      help="a converted SmolLM2 checkpoint: run the real passkey at --offload-tokens")
+  parser.add_argument("--stream-tokens", type=int, default=None,
+                      help="tokens timed through lambda's cache (default: 65536; --small: 2048)")
   args = parser.parse_args()
   kernel = args.kernel or ("splash" if args.small and jax.default_backend() == "cpu" else "auto")
   print(f"devices: {jax.devices()}  kernel path: {kernel}")
   start = time.perf_counter()
   check(kernel, args.small)
   lse_precision(args.small)
+  offloaded(args.small, args.offload_tokens or (8192 if args.small else 1048576), args.offload, args.smollm2)
   layers(kernel, args.small, args.repeats)
   model(kernel, args.small, args.repeats)
+  streaming(args.small, args.stream_tokens or (2048 if args.small else 65536))
   print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
