@@ -189,7 +189,10 @@ def check_memory(config, attention, max_len: int | None = None, batch: int = 1) 
     raise UserError(f"{max_len} tokens are more than int32 positions hold (at most {INT32_MAX})")
   on_mesh = not jax.sharding.get_abstract_mesh().empty
   nbytes = cache_bytes(config, spec, max_len, batch)
-  check_fits(f"{a_name} cache for {max_len} tokens" + (" per device" if on_mesh else ""), nbytes.device, memory)
+  try:
+    check_fits(f"{a_name} cache for {max_len} tokens" + (" per device" if on_mesh else ""), nbytes.device, memory)
+  except UserError as e:
+    raise UserError(f"{e}{spec.memory_hint()}") from None
   if nbytes.host:
     devices = jax.local_device_count() if on_mesh else 1
     host = (nbytes.host + (nbytes.device if memory[0] == THIS_MACHINE else 0)) * devices

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming, attend, resolve
-from lminf_jax.cache import check_memory, init_cache
+from lminf_jax.cache import cache_bytes, check_memory, init_cache
 from lminf_jax.eval.passkey import NEW_TOKENS, first_integer, make_sample
 from lminf_jax.inference.forward import token_nll
 from lminf_jax.inference.generation import Sampling, decode, left_pad, prefill
@@ -227,16 +227,6 @@ def passkey_ids(length: int, vocab: int, rng: np.random.Generator) -> np.ndarray
   return np.concatenate([prefix, body[:at], needle, body[at:], question]).astype(np.int32)
 
 
-def memory_bytes(config, spec, max_len: int) -> tuple[int, int]:
-  """(device, host) bytes of an empty cache, from shapes alone."""
-  try:
-    from lminf_jax.cache import cache_bytes
-  except ImportError:  # (a library without infllm's offload: every array on the device)
-    shapes = jax.eval_shape(lambda: init_cache(config, spec, 1, max_len=max_len))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)), 0
-  return tuple(cache_bytes(config, spec, max_len))
-
-
 def offloaded(small: bool, total: int, offload: bool, checkpoint: str | None) -> None:
   """Section 2: infllm (blocks in host memory if `offload`) fed `total` passkey-shaped tokens."""
   if checkpoint:
@@ -261,7 +251,7 @@ def offloaded(small: bool, total: int, offload: bool, checkpoint: str | None) ->
         f"{f'device_blocks {spec.device_blocks}, ' if offload else ''}chunk {chunk}):")
   max_len = length + NEW_TOKENS
   check_memory(config, spec, max_len)
-  device_b, host_b = memory_bytes(config, spec, max_len)
+  device_b, host_b = cache_bytes(config, spec, max_len)
   print(f"  cache: device {size(device_b)}, host {size(host_b)} (cache_bytes)", flush=True)
   cache = init_cache(config, spec, 1, max_len=max_len)
   seconds, fed = [], []

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from lminf_jax.attention import InfLLM, resolve
 from lminf_jax.attention.infllm import Held, fetch
@@ -126,6 +127,18 @@ def test_offloaded_stream_nll_equals_one_shot(tiny):
   np.testing.assert_allclose(got, -np.take_along_axis(logp, tokens[1:, None], axis=-1)[:, 0], atol=1e-4)
 
 
+def test_cli_nll_cached_with_offload(tiny, tmp_path, capsys):
+  """`lminf nll --cached --offload --device-blocks 2` writes the in-device pool's NLL."""
+  _, _, ckpt = tiny
+  np.save(tmp_path / "tokens.npy", np.asarray(TOKENS[0]))
+  nll = ("nll", ckpt, "--tokens-file", tmp_path / "tokens.npy", "--cached", "--attention", "infllm", "--n-init", "3",
+         "--n-local", "12", "--block-size", "4", "--repr-tokens", "2", "--infllm-top-k", "2", "--chunk", "8")
+  for name, extra in (("pool", ()), ("offload", ("--offload", "--device-blocks", "2"))):
+    code, _, err = run_cli(capsys, *nll, *extra, "--out", tmp_path / f"{name}.npy")
+    assert code == 0, err
+  np.testing.assert_allclose(np.load(tmp_path / "offload.npy"), np.load(tmp_path / "pool.npy"), atol=1e-6)
+
+
 SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                       num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
                       max_position_embeddings=8192, tie_word_embeddings=True, param_dtype="bfloat16",
@@ -159,6 +172,10 @@ def test_a_pool_the_host_cannot_hold_is_refused_naming_both_sizes(monkeypatch):
                                       r"more than the 1\.0 GiB of memory of this machine$"):
     check_memory(SMOLLM2, InfLLM(offload=True), 1 << 20)
   check_memory(SMOLLM2, InfLLM(), 1 << 20)  # (in device memory: 80 GiB hold it)
+  monkeypatch.setattr("lminf_jax.cache.device_memory", lambda: ("gpu:0", 16 * 2**30))
+  with pytest.raises(UserError, match=r"^an infllm cache for 1048576 tokens needs 23\.1 GiB, more than the 16\.0 GiB "
+                                      r"of memory of gpu:0 \(offload=true keeps infllm's memory blocks in host memory\)$"):
+    check_memory(SMOLLM2, InfLLM(), 1 << 20)
 
 
 def test_fewer_device_blocks_than_top_k_is_an_error():

@@ -140,6 +140,9 @@ class InfLLM(Tiling):
                         kv(w), held)
     return extra, jnp.zeros((batch,), jnp.int32)
 
+  def memory_hint(self) -> str:
+    return "" if self.offload else " (offload=true keeps infllm's memory blocks in host memory)"
+
   def capacity(self, ring_len: int, extra: InfLLMCache) -> int:
     """Up to the first token whose block the pool has no room for (the inverse of pool_blocks)."""
     return self.n_init + self.n_local + (extra.pool_rk.shape[-2] + 1) * self.block_size

@@ -152,6 +152,10 @@ class AttentionMethod(abc.ABC):
     raise UserError(f"{self.name} has no cached attention (it defines attend only, not cache_layout and "
                     f"attend_chunk), so it cannot run through a cache: use one-shot paths (nll, ppl, finetune)")
 
+  def memory_hint(self) -> str:
+    """What `check_memory` adds to its error when the method's cache does not fit the device ("": nothing)."""
+    return ""
+
   def capacity(self, ring_len: int, extra) -> int | None:
     """Real tokens a row holds before its cache must refuse more; None: any number. By default
     the ring must not wrap."""

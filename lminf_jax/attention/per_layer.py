@@ -76,6 +76,9 @@ class PerLayer(AttentionMethod):
   def cache_full(self, need: int, room: int, extra) -> str:
     return self.method.cache_full(need, room, extra)
 
+  def memory_hint(self) -> str:
+    return self.method.memory_hint()
+
   def attend_kinds(self, q_bcnh, new: Keys, global_layer: Callable[[], CachedLayer],
                    windowed_layer: Callable[[], CachedLayer], pe, layer) -> tuple[jnp.ndarray, object]:
     """Cached attention of a chunk q [B, C, N, H] (C = 1: `attend_token`) in layer `layer`
