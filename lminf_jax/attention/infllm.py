@@ -522,28 +522,36 @@ def form_blocks(cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, spec: I
     return jnp.where(at(in_ring_bx), jnp.take_along_axis(ring_x, at(token_bx % ring_len), axis=3),
                      jnp.take_along_axis(chunk_x, at(at_chunk_bx), axis=3))
 
-  def move(pool):  # (pool_k, pool_v, pool_rk) -> the same with the completed blocks stored
-    pool_k, pool_v, pool_rk = pool
+  keep_bm = block_bm < jnp.minimum(formed_b, n_pool)[:, None]
+  host = on_host(extra.pool_k)
+
+  def move(arrays):
+    """(pool_k, pool_v, pool_rk) with the completed blocks stored. With the pool in host memory:
+    (their keys, their values [L, B, K, X, H], pool_rk); `store_blocks` copies them out after the
+    cond, so that no host array passes through it."""
+    pool_k, pool_v, pool_rk = arrays
     k_lbkxh = gather(cached.ring.k_bklh, jnp.swapaxes(new.k_bklh, 2, 3))
     v_lbkxh = gather(cached.ring.v_bklh, jnp.swapaxes(new.v_bklh, 2, 3))
     block_colsum_lbnx = gather(ring_colsum[..., None], colsum_lbnx[..., ring_len:, None])[..., 0]
     rk_lbnmh = representative_keys(block_colsum_lbnx, k_lbkxh, spec.repr_tokens, bs)
-    keep_bm = block_bm < jnp.minimum(formed_b, n_pool)[:, None]
     b_b1 = jnp.arange(block_bm.shape[0])[:, None]
     at_bm = jnp.where(keep_bm, block_bm, n_pool)
     at_bx = jnp.where(jnp.repeat(keep_bm, bs, axis=1), token_bx - spec.n_init, n_pool * bs)
     put = lambda x, at, y: x.at[:, b_b1, :, at].set(jnp.moveaxis(y, (0, 2), (2, 3)), mode="drop")  # noqa: E731
-    if on_host(pool_k):
-      pool_k, pool_v = (store_blocks(pool, x, block_bm, keep_bm, bs) for pool, x in ((pool_k, k_lbkxh),
-                                                                                      (pool_v, v_lbkxh)))
-    else:
-      pool_k, pool_v = put(pool_k, at_bx, k_lbkxh), put(pool_v, at_bx, v_lbkxh)
-    return pool_k, pool_v, put(pool_rk, at_bm, rk_lbnmh)
+    if host:
+      return k_lbkxh, v_lbkxh, put(pool_rk, at_bm, rk_lbnmh)
+    return put(pool_k, at_bx, k_lbkxh), put(pool_v, at_bx, v_lbkxh), put(pool_rk, at_bm, rk_lbnmh)
 
   # Most decode steps complete no block: they skip the gathers and the pool writes. (Only the
-  # pool passes through the cond: XLA copies whatever a cond returns unchanged.)
-  pool_k, pool_v, pool_rk = jax.lax.cond(jnp.any(formed_b > formed_b0), move, lambda pool: pool,
-                                         (extra.pool_k, extra.pool_v, extra.pool_rk))
+  # pool, or the blocks, pass through the cond: XLA copies whatever a cond returns unchanged.)
+  arrays = (extra.pool_k, extra.pool_v, extra.pool_rk)
+  if host:
+    blocks = jax.eval_shape(move, arrays)[:2]
+    arrays = (*(jnp.zeros(x.shape, x.dtype) for x in blocks), extra.pool_rk)
+  pool_k, pool_v, pool_rk = jax.lax.cond(jnp.any(formed_b > formed_b0), move, lambda arrays: arrays, arrays)
+  if host:
+    pool_k, pool_v = (store_blocks(pool, x, block_bm, keep_bm, bs) for pool, x in ((extra.pool_k, pool_k),
+                                                                                    (extra.pool_v, pool_v)))
   return extra._replace(ring_colsum=ring_colsum, pool_k=pool_k, pool_v=pool_v, pool_rk=pool_rk), formed_b
 
 
