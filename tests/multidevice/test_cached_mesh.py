@@ -44,10 +44,12 @@ def _mesh(text: str):
 
 
 # lambda and infllm on every mesh (in CI: data and tensor parallel, and kv heads the tensor axis does not
-# divide); streaming and dense (the same shared cache code) on one
+# divide); streaming, dense (the same shared cache code) and infllm with offload on one in CI (offload on every
+# mesh: slow)
 CI_MESHES = ("data=2,tensor=2", "tensor=4")
 CASES = ([pytest.param(m, n, marks=() if m in CI_MESHES else pytest.mark.slow) for m in MESHES
-          for n in ("lambda", "infllm", "infllm_offload")] + [("data=2,tensor=2", n) for n in ("streaming", "dense")])
+          for n in ("lambda", "infllm")] + [("data=2,tensor=2", n) for n in ("streaming", "dense", "infllm_offload")]
+         + [pytest.param(m, "infllm_offload", marks=pytest.mark.slow) for m in MESHES if m != "data=2,tensor=2"])
 
 
 @pytest.mark.parametrize("mesh_text, name", CASES)
@@ -69,7 +71,7 @@ def test_cached_paths_on_a_mesh_equal_one_device(hf, mesh_text, name):
       np.testing.assert_allclose(got, nll[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lambda", "infllm", "infllm_offload"])
+@pytest.mark.parametrize("name", ["lambda", "infllm", pytest.param("infllm_offload", marks=pytest.mark.slow)])
 def test_a_cache_per_layer_kind_on_a_mesh_equals_one_device(tmp_path, name):
   """Gemma 2 (windows of 8 on layers 0 and 2, 2 kv heads): the windowed layers' own ring is split as
   the global layers' cache is, and generation and cached NLL on data=2,tensor=2 equal one device's."""
