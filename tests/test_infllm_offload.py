@@ -10,7 +10,7 @@ import pytest
 from helpers import run_cli
 
 from lminf_jax.attention import InfLLM, resolve
-from lminf_jax.attention.infllm import Held, fetch
+from lminf_jax.attention.host_blocks import Held, fetch
 from lminf_jax.cache import cache_bytes, check_memory, init_cache
 from lminf_jax.errors import UserError
 from lminf_jax.inference.forward import cached_token_nll, forward, forward_cached

@@ -26,10 +26,10 @@ one pass (`infllm_one`). `write_extra` forms the blocks a chunk completes (`form
 pool holds every block of `max_len` tokens (or capacity_blocks).
 
 With `offload`, the pool's keys and values live in host memory (memory kind `pinned_host`), and
-the device holds `device_blocks` of them (`Held`): a chunk copies in only the blocks it selects
-that the device does not hold, each into the least recently used slot (`fetch`), and the blocks
-it forms are copied out to the host (`store_blocks`). Only dynamic slices touch host memory, each
-one block; the results are the in-device pool's (docs/memory.md#infllm-in-host-memory).
+the device holds `device_blocks` of them (lminf_jax.attention.host_blocks): a chunk copies in
+only the blocks it selects that the device does not hold, each into the least recently used slot
+(`fetch`), and the blocks it forms are copied out to the host (`store_blocks`). The results are
+the in-device pool's (docs/memory.md#infllm-in-host-memory).
 """
 
 from __future__ import annotations
@@ -47,21 +47,8 @@ from lminf_jax.attention.blockwise import Keys
 from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, merge, on_mesh, xla_gradient
 from lminf_jax.attention.method import N_LOCAL_HELP, CachedLayer, CacheLayout, Tiling, option
 from lminf_jax.errors import UserError
-from lminf_jax.sharding import on_host, per_shard
-from lminf_jax.util.limits import INT32_MAX
-
-
-class Held(NamedTuple):
-  """The device's copies of memory blocks when the pool is offloaded (D slots; D = 0 without
-  offload): keys and values [B, K, D*bs, H] (slot d at [d*bs, (d+1)*bs)), the pool block each
-  slot holds [B, D] (-1: none), the sequence index of the chunk that last used it [B, D] (-1:
-  never) and how many blocks were copied in so far [B]."""
-
-  k_bkxh: jnp.ndarray
-  v_bkxh: jnp.ndarray
-  block_bd: jnp.ndarray
-  used_bd: jnp.ndarray
-  fetched_b: jnp.ndarray
+from lminf_jax.attention.host_blocks import Held, fetch, store_blocks
+from lminf_jax.sharding import on_host
 
 
 class Aux(NamedTuple):
@@ -360,53 +347,6 @@ def cached_blocks(q_bcnh, idx_bc, cached: CachedLayer, pe, spec) -> tuple[Keys |
   return block_keys(held.k_bkxh, held.v_bkxh, slot_bk, sel_bk, spec), held
 
 
-def fetch(held: Held, want_bk, pool_k, pool_v, at, now_b, block_size: int) -> tuple[Held, jnp.ndarray]:
-  """Puts the wanted blocks want_bk [B, k] (-1: none) on the device: a block it holds stays in its
-  slot; each other one is copied from layer `at` of the host pool [L, B, K, P*bs, H] into the
-  least recently used slot that holds no wanted block (empty slots first; ties: the lower slot).
-  Every wanted block's slot is stamped with now_b [B]. Needs D >= k. (held after, the slot of each
-  wanted block [B, k])."""
-  b, k = want_bk.shape
-  d = held.block_bd.shape[1]
-  wanted_bk = want_bk >= 0
-  hit_bkd = (held.block_bd[:, None, :] == want_bk[:, :, None]) & wanted_bk[:, :, None]
-  hit_bk, kept_bd = hit_bkd.any(2), hit_bkd.any(1)
-  free_bd = jnp.argsort(jnp.where(kept_bd, INT32_MAX, held.used_bd), axis=1, stable=True)
-  miss_bk = wanted_bk & ~hit_bk
-  rank_bk = jnp.clip(jnp.cumsum(miss_bk, axis=1) - 1, 0, d - 1)
-  slot_bk = jnp.where(hit_bk, jnp.argmax(hit_bkd, axis=2), jnp.take_along_axis(free_bd, rank_bk, axis=1))
-  b_b1 = jnp.arange(b)[:, None]
-  block_bd = held.block_bd.at[b_b1, jnp.where(miss_bk, slot_bk, d)].set(want_bk, mode="drop")
-  used_bd = held.used_bd.at[b_b1, jnp.where(wanted_bk, slot_bk, d)].set(jnp.broadcast_to(now_b[:, None], (b, k)),
-                                                                        mode="drop")
-  pool_axes = (None, *_KV, None)
-  k_bkxh, v_bkxh = per_shard(functools.partial(_copy_in, block_size=block_size),
-                             (held.k_bkxh, held.v_bkxh, pool_k, pool_v, jnp.asarray(at, jnp.int32), miss_bk, want_bk,
-                              slot_bk), (_KV, _KV, pool_axes, pool_axes, ()) + (_ROWS,) * 3, (_KV, _KV))
-  return Held(k_bkxh, v_bkxh, block_bd, used_bd, held.fetched_b + miss_bk.sum(1, dtype=jnp.int32)), slot_bk
-
-
-_KV = ("cache_batch", "cache_heads", None, None)  # (per_shard's logical axes of [B, K, X, H] and [B, k])
-_ROWS = ("cache_batch", None)
-
-
-def _copy_in(held_k, held_v, pool_k, pool_v, layer, miss_bk, want_bk, slot_bk, block_size: int):
-  """The copies of `fetch` on one shard: block want_bk[b, i] of the host pool's layer `layer` into
-  slot slot_bk[b, i] of the device's, for each miss: one dynamic slice each, of one block (nothing
-  else runs in host memory)."""
-  k = miss_bk.shape[1]
-  order_x = jnp.argsort(~miss_bk.reshape(-1), stable=True)  # (the misses first)
-  size = (1, 1, pool_k.shape[2], block_size, pool_k.shape[4])
-
-  def one(i, kv):
-    row, j = order_x[i] // k, order_x[i] % k
-    at, to = (layer, row, 0, want_bk[row, j] * block_size, 0), (row, 0, slot_bk[row, j] * block_size, 0)
-    read = lambda p: jax.device_put(jax.lax.dynamic_slice(p, at, size), jax.memory.Space.Device)[0]  # noqa: E731
-    return tuple(jax.lax.dynamic_update_slice(h, read(p), to) for h, p in zip(kv, (pool_k, pool_v)))
-
-  return jax.lax.fori_loop(0, miss_bk.sum(dtype=jnp.int32), one, (held_k, held_v))
-
-
 def infllm_attention(q_btnh, k_btkh, v_btkh, positions_bt, pe, spec,
                      kernel: FlashKernel | None = None) -> jnp.ndarray:
   """One-shot: q [B,T,N,H], k/v [B,T,K,H] before RoPE, positions [B,T] (negative = left padding)
@@ -553,25 +493,3 @@ def form_blocks(cached: CachedLayer, new: Keys, colsum_lbnx, next_idx_b, spec: I
     pool_k, pool_v = (store_blocks(pool, x, block_bm, keep_bm, bs) for pool, x in ((extra.pool_k, pool_k),
                                                                                     (extra.pool_v, pool_v)))
   return extra._replace(ring_colsum=ring_colsum, pool_k=pool_k, pool_v=pool_v, pool_rk=pool_rk), formed_b
-
-
-def store_blocks(pool_lbkxh, new_lbkxh, block_bm, keep_bm, block_size: int) -> jnp.ndarray:
-  """Copies the newly formed blocks m of each row (keys or values new [L, B, K, M*bs, H], those
-  with keep_bm [B, M]) to their places block_bm [B, M] in the host pool [L, B, K, P*bs, H], every
-  layer's at once: one dynamic update slice per block, on each shard of rows and heads."""
-
-  def local(pool_lbkxh, new_lbkxh, block_bm, keep_bm):
-    m = keep_bm.shape[1]
-    order_x = jnp.argsort(~keep_bm.reshape(-1), stable=True)  # (the kept blocks first)
-    size = (new_lbkxh.shape[0], 1, new_lbkxh.shape[2], block_size, new_lbkxh.shape[4])
-
-    def one(i, pool_lbkxh):
-      row, j = order_x[i] // m, order_x[i] % m
-      block = jax.lax.dynamic_slice(new_lbkxh, (0, row, 0, j * block_size, 0), size)
-      return jax.lax.dynamic_update_slice(pool_lbkxh, jax.device_put(block, jax.memory.Space.Host),
-                                          (0, row, 0, block_bm[row, j] * block_size, 0))
-
-    return jax.lax.fori_loop(0, keep_bm.sum(dtype=jnp.int32), one, pool_lbkxh)
-
-  layers = (None,) + _KV[:2] + (None, None)
-  return per_shard(local, (pool_lbkxh, new_lbkxh, block_bm, keep_bm), (layers, layers, _ROWS, _ROWS), layers)
