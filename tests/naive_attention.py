@@ -63,6 +63,8 @@ _DEFAULTS = {
         "top_k_from_layer": 4,
     },
     "streaming": {"n_sink": 4, "n_recent": None},  # n_recent required
+    "selfextend": {"group_size": None, "window_size": None},  # both required
+    "dca": {"chunk_size": None, "local_window": None, "mscale_length": None},  # mscale_length: L, or None (off)
 }
 
 
@@ -102,6 +104,25 @@ def _mask_and_distance(q, k, inv_freq, pos, method, p, alibi=False):
         allowed = causal
         dist = true_dist
         return np.broadcast_to(allowed, (n_heads, t, t)).copy(), dist
+
+    if method == "selfextend":
+        # Jin et al. 2024: neighbours (i-j < W) at i-j; the rest at (p_i//G - p_j//G) + W - W//G
+        g_size, w_size = p["group_size"], p["window_size"]
+        pi, pj = pos[:, None], pos[None, :]
+        grouped = (pi // g_size - pj // g_size) + w_size - w_size // g_size
+        dist = np.where(i - j < w_size, true_dist, grouped.astype(np.float64))
+        return np.broadcast_to(causal, (n_heads, t, t)).copy(), dist
+
+    if method == "dca":
+        # An et al. 2024: key at p_j mod c; the query at p_i mod c (same chunk), at
+        # min(p_i mod c + c, chunk_size) (the chunk before), at min(2c - 1, chunk_size) (earlier)
+        c = p["chunk_size"] - p["local_window"]
+        pi, pj = pos[:, None], pos[None, :]
+        a, b = pi // c, pj // c
+        q_at = np.where(a == b, pi % c, np.where(a - 1 == b, np.minimum(pi % c + c, p["chunk_size"]),
+                                                 min(2 * c - 1, p["chunk_size"])))
+        dist = (q_at - pj % c).astype(np.float64)
+        return np.broadcast_to(causal, (n_heads, t, t)).copy(), dist
 
     if method == "streaming":
         n_sink, n_recent = p["n_sink"], p["n_recent"]
@@ -167,6 +188,8 @@ def naive_attention(q, k, v, positions, inv_freq, method, alibi_slopes=None, sof
                    mask [True], top_k [None], insert_at [2048], layer [0],
                    top_k_from_layer [4].
       "streaming": n_sink [4], n_recent (required).
+      "selfextend": group_size, window_size (required).
+      "dca":       chunk_size, local_window (required), mscale_length [None: no mscale].
 
     alibi_slopes [N] (docs/semantics.md#alibi-models): no RoPE (inv_freq is ignored); a key at
     the method's distance d (the distance RoPE would use) adds ``-slope_n * d`` to the logit;
@@ -205,6 +228,10 @@ def naive_attention(q, k, v, positions, inv_freq, method, alibi_slopes=None, sof
             kr = k[js]
         kr = np.repeat(kr, g, axis=1)  # [J, N, H], head n -> kv head n // g
         s = np.einsum("nh,jnh->nj", q[i], kr) * scale
+        if method == "dca" and p["mscale_length"] is not None:
+            # ChunkLlama's mscale of a token at position p: 0.05 ln((p+1)/L) + 1 past L, on q and on k
+            ms = lambda x: np.where(x + 1 > p["mscale_length"], 0.05 * np.log((x + 1) / p["mscale_length"]) + 1, 1.0)  # noqa: E731
+            s = s * ms(float(pos[i])) * ms(pos[js].astype(np.float64))[None, :]
         if alibi_slopes is not None:
             s = s - np.asarray(alibi_slopes, np.float64)[:, None] * dist[i, js][None, :]
         if softcap is not None:

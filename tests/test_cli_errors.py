@@ -331,6 +331,14 @@ CASES = [
     *[row(device_memory_of(GiB), argv + ("--attention", "lambda", "--n-local", str(2 * 10**9)),
           ["lambda attention over a window of 2000000", "GiB"], id=f"{argv[0]} lambda window over memory")
       for argv in (generate(), nll(), ("ppl", "{tok}"), ("passkey", "{tok}"), FINETUNE)],
+    *[row(nothing, nll("{hf}", "--attention", "selfextend", flag, "0"), [flag], code=2, id=f"selfextend {flag} 0")
+      for flag in ("--group-size", "--window-size")],
+    row(nothing, nll("{hf}", "--attention", "dca", "--chunk-size", "8", "--local-window", "8"),
+        ["DCA.local_window (8) must be less than chunk_size (8)"], id="dca local_window = chunk_size"),
+    row(nothing, nll("{hf}", "--attention", "dca", "--attn-opt", "local_window=1000"),
+        ["DCA.local_window (1000) must be less than chunk_size"], id="dca local_window over the default chunk_size"),
+    row(device_memory_of(GiB), generate("--attention", "selfextend", "--max-new-tokens", str(10**9)),
+        ["selfextend cache for 1000000", "GiB"], id="selfextend cache over memory"),
     row(device_memory_of(GiB), nll("{hf}", "--attention", "streaming", "--n-recent", str(2 * 10**9)),
         ["streaming attention over a window of 2000000", "GiB"], id="streaming window over memory"),
     row(device_memory_of(GiB), ("stream-ppl", "{tok}", "--tokens", str(10**9), "--attention", "dense"),

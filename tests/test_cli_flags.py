@@ -92,7 +92,9 @@ def test_prefill_chunk_is_its_own_flag():
 
 MESH_FLAGS = ["--coordinator", "--distributed", "--mesh", "--num-processes", "--process-id"]
 ADDED = {command: MESH_FLAGS for command in ("generate", "stream-ppl", "passkey", "ruler", "longbench")}  # (issue 29)
-INFLLM_ADDED = ["--device-blocks", "--offload", "--released-prefill"]  # (issue 30: every command with infllm's options)
+METHOD_OPTIONS_ADDED = ["--device-blocks", "--offload", "--released-prefill"]  # (issue 30: every command with infllm's options)
+# (issue 31: selfextend's and dca's options, with every method's)
+METHOD_OPTIONS_ADDED += ["--group-size", "--window-size", "--chunk-size", "--local-window", "--mscale", "--trained-length"]
 
 
 def test_every_command_keeps_its_flags():
@@ -102,7 +104,7 @@ def test_every_command_keeps_its_flags():
   from pathlib import Path
 
   expected = json.loads((Path(__file__).parent / "cli_flags.json").read_text())
-  expected = {name: sorted(flags + ADDED.get(name, []) + (INFLLM_ADDED if "--capacity-blocks" in flags else []))
+  expected = {name: sorted(flags + ADDED.get(name, []) + (METHOD_OPTIONS_ADDED if "--capacity-blocks" in flags else []))
               for name, flags in expected.items()}
   commands = build_parser()._subparsers._group_actions[0].choices
   got = {name: sorted(s for a in p._actions for s in (a.option_strings or [a.dest])) for name, p in commands.items()}

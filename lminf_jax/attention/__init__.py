@@ -13,18 +13,21 @@ import jax.numpy as jnp
 from lminf_jax.attention.band_method import BandMethod
 from lminf_jax.attention.banded import AtDistance, Band, InCache, TrueDistance
 from lminf_jax.attention.blockwise import Keys
+from lminf_jax.attention.dca import DCA
 from lminf_jax.attention.dense import Dense, SlidingWindow
 from lminf_jax.attention.infllm import InfLLM
 from lminf_jax.attention.lminfinite import Lambda
 from lminf_jax.attention.method import AttentionMethod, CachedLayer, CacheLayout, Tiling, option
 from lminf_jax.attention.registry import ATTENTION_METHODS, method_class, resolve
+from lminf_jax.attention.remapped import RemappedMethod
+from lminf_jax.attention.selfextend import SelfExtend
 from lminf_jax.attention.streaming import Streaming
 from lminf_jax.errors import UserError
 from lminf_jax.positional import ALiBi, Positional, Rotary
 from lminf_jax.sharding import mesh_axis_size
 
 __all__ = ["ALiBi", "ATTENTION_METHODS", "AtDistance", "AttentionMethod", "Band", "BandMethod", "CacheLayout",
-           "CachedLayer", "Dense", "InCache", "InfLLM", "Keys", "Lambda", "Positional", "Rotary", "SlidingWindow",
+           "CachedLayer", "DCA", "Dense", "InCache", "InfLLM", "Keys", "Lambda", "Positional", "RemappedMethod", "Rotary", "SelfExtend", "SlidingWindow",
            "Streaming", "Tiling", "TrueDistance", "attend", "method_class", "option", "resolve"]
 
 

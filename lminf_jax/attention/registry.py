@@ -1,19 +1,21 @@
-"""The attention methods by name: the four built in, and any `package.module:ClassName`."""
+"""The attention methods by name: the built-in ones, and any `package.module:ClassName`."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
+from lminf_jax.attention.dca import DCA
 from lminf_jax.attention.dense import Dense
 from lminf_jax.attention.infllm import InfLLM
 from lminf_jax.attention.lminfinite import Lambda
 from lminf_jax.attention.method import AttentionMethod
+from lminf_jax.attention.selfextend import SelfExtend
 from lminf_jax.attention.streaming import Streaming
 from lminf_jax.errors import UserCodeError, UserError
 
 ATTENTION_METHODS: dict[str, type[AttentionMethod]] = {"dense": Dense, "lambda": Lambda, "streaming": Streaming,
-                                                       "infllm": InfLLM}
+                                                       "infllm": InfLLM, "selfextend": SelfExtend, "dca": DCA}
 
 USER_FILES: set[str] = set()  # the files of the users' method modules imported by `method_class`
 

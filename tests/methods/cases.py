@@ -16,7 +16,7 @@ from naive_attention import naive_attention
 from naive_infllm import naive_infllm
 from test_own_method import Dilated, naive_dilated
 
-from lminf_jax.attention import AttentionMethod, Dense, InfLLM, Lambda, SlidingWindow, Streaming
+from lminf_jax.attention import DCA, AttentionMethod, Dense, InfLLM, Lambda, SelfExtend, SlidingWindow, Streaming
 
 
 class Sizes(NamedTuple):
@@ -34,7 +34,7 @@ class Path:
   MASKED = "masked"  # its reference is naive_attention's mask and distances: gradients, ALiBi, soft-cap
   CACHED = "cached"  # through a cache in chunks of any length (its result does not depend on them)
   DECODE = "decode"  # one token at a time through a cache equals the one-shot forward
-  KERNELS = "kernels"  # a BandMethod: its band through the flash kernels (BandMethod.kernel_attend)
+  KERNELS = "kernels"  # its band through the flash kernels (kernel_attend; xla_attend its XLA path)
   OWN_CHUNKS = "own_chunks"  # through a cache only in its own query chunks (retrieval per chunk)
 
 
@@ -67,6 +67,12 @@ def reference(method: str, params: dict, q_tnh: np.ndarray, k_tkh: np.ndarray, v
   if method == "dilated":
     return naive_dilated(q_tnh, k_tkh, v_tkh, positions_t, inv_freq_h, **params)
   return naive_attention(q_tnh, k_tkh, v_tkh, positions_t, inv_freq_h, method, **extra, **params)[0]
+
+
+def _dca_sizes(z: Sizes) -> dict:
+  """DCA's chunk_size and local_window from a case's window and starting tokens."""
+  chunk_size = max(z.window, 2)
+  return dict(chunk_size=chunk_size, local_window=min(z.n_start, chunk_size - 1))
 
 
 M, C, D, K, O = Path.MASKED, Path.CACHED, Path.DECODE, Path.KERNELS, Path.OWN_CHUNKS
@@ -110,6 +116,15 @@ CASES: tuple[MethodCase, ...] = (
                lambda z: ("infllm", dict(n_init=z.n_start, n_local=z.window, chunk=min(z.chunk, z.window),
                                          released_prefill=True, **INFLLM_BLOCKS)),
                frozenset()),
+    MethodCase("selfextend", lambda z: SelfExtend(group_size=z.n_start % 5 + 1, window_size=z.window, chunk=z.chunk,
+                                                  key_block=z.key_block),
+               lambda z: ("selfextend", dict(group_size=z.n_start % 5 + 1, window_size=z.window)),
+               frozenset({M, C, D, K})),
+    MethodCase("dca", lambda z: DCA(**_dca_sizes(z), chunk=z.chunk, key_block=z.key_block),
+               lambda z: ("dca", _dca_sizes(z)), frozenset({M, C, D})),
+    MethodCase("dca_mscale", lambda z: DCA(**_dca_sizes(z), mscale=True, trained_length=z.window // 2 + 1,
+                                           chunk=z.chunk, key_block=z.key_block),
+               lambda z: ("dca", dict(_dca_sizes(z), mscale_length=z.window // 2 + 1)), frozenset({C, D})),
     MethodCase("dilated", lambda z: Dilated(stride=z.n_start % 3 + 2, window=z.window),  # (the README's own method)
                lambda z: ("dilated", dict(stride=z.n_start % 3 + 2, window=z.window)), frozenset({C, D})),
 )

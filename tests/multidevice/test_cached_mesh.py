@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import run_cli, tiny_hf_model
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming
+from lminf_jax.attention import DCA, Dense, InfLLM, Lambda, SelfExtend, Streaming
 from lminf_jax.cache import init_cache
 from lminf_jax.errors import UserError
 from lminf_jax.inference.forward import cached_token_nll
@@ -25,7 +25,9 @@ SPECS = {"lambda": Lambda(n_global=4, n_local=16, chunk=8, key_block=8),
          "infllm": InfLLM(n_init=4, n_local=16, block_size=4, repr_tokens=2, top_k=2, chunk=8),
          "streaming": Streaming(n_sink=4, n_recent=12, chunk=8, key_block=8), "dense": Dense(chunk=8, key_block=8),
          "infllm_offload": InfLLM(n_init=4, n_local=16, block_size=4, repr_tokens=2, top_k=2, chunk=8, offload=True,
-                                  device_blocks=2)}
+                                  device_blocks=2),
+         "selfextend": SelfExtend(group_size=3, window_size=10, chunk=8, key_block=8),
+         "dca": DCA(chunk_size=12, local_window=2, chunk=8, key_block=8)}
 MESHES = ["tensor=2", "data=2,tensor=2", "tensor=4", "data=2,fsdp=2,tensor=2"]  # tensor=4: 2 kv heads, replicated
 PROMPTS = [np.random.default_rng(0).integers(0, 97, 30).tolist(), np.random.default_rng(1).integers(0, 97, 23).tolist()]
 TOKENS = np.random.default_rng(2).integers(0, 97, size=(2, 60)).astype(np.int32)
@@ -49,7 +51,8 @@ def _mesh(text: str):
 CI_MESHES = ("data=2,tensor=2", "tensor=4")
 CASES = ([pytest.param(m, n, marks=() if m in CI_MESHES else pytest.mark.slow) for m in MESHES
           for n in ("lambda", "infllm")] + [("data=2,tensor=2", n) for n in ("streaming", "dense", "infllm_offload")]
-         + [pytest.param(m, "infllm_offload", marks=pytest.mark.slow) for m in MESHES if m != "data=2,tensor=2"])
+         + [pytest.param(m, "infllm_offload", marks=pytest.mark.slow) for m in MESHES if m != "data=2,tensor=2"]
+         + [pytest.param("data=2,tensor=2", n, marks=pytest.mark.slow) for n in ("selfextend", "dca")])
 
 
 @pytest.mark.parametrize("mesh_text, name", CASES)
@@ -64,7 +67,7 @@ def test_cached_paths_on_a_mesh_equal_one_device(hf, mesh_text, name):
     assert generate(sharded, config, PROMPTS, 10, spec, eos_ids=()) == greedy
     np.testing.assert_allclose(np.asarray(cached_token_nll(sharded, config, jnp.asarray(TOKENS), attention=spec)), nll,
                                atol=1e-5)
-    if name != "dense":  # (a dense cache holds the whole stream: stream_nll is for the bounded ones)
+    if name not in ("dense", "selfextend", "dca"):  # (a dense cache holds the whole stream: stream_nll is for the bounded ones)
       cache = init_cache(config, spec, 1, max_len=60)
       chunks = np.split(TOKENS[0], range(8, 60, 8))  # (the method's chunk: infllm retrieves once per chunk)
       got = stream_nll(sharded, config, cache, iter(chunks), 60, spec, segment=60)
