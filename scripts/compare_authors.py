@@ -20,7 +20,7 @@ the rotary embedding, which 4.39 dropped); `Llama_4_40.py` runs under both (its 
 under 4.38.2, whose full-size causal mask it indexes); ChunkLlama under 4.40.2 (its decode checks
 the mask's shape, which 4.38's full-size mask fails).
 
-One command does it all (about 2 minutes on 2 cores):
+One command does it all (about 3 minutes on 2 shared CPU cores):
 1. writes a tiny random Llama (GQA: 2 layers, 4 query / 2 kv heads, head dim 16,
    max_position_embeddings 32, seeded) as an HF dir (model.safetensors + config.json), from numpy;
 2. runs, in each old-transformers python (`--authors-side`), the authors' patched model in float32
@@ -351,9 +351,9 @@ class TorchWith:
 
 def chunkllama_runs(chunkllama: Path, hf_dir: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
   """ChunkLlama's patch, with its mscale and with get_mscale patched to return 1: one-shot, one token
-  per call, a prefill then one token per call, and a prefill then 6 tokens per call (calls that cross
-  chunk boundaries); the one-shot again with its merge weights left unrounded ('oneshot_exact_merge').
-  The float64 runs build its RoPE tables in float64 (its `.float()` calls read as `.double()` while it
+  per call, and a prefill then 1, 5 (calls within one chunk: 40 + 5k never crosses a multiple of
+  c = 20) or 6 tokens per call (calls that cross chunk boundaries); the one-shot again with its merge
+  weights left unrounded ('oneshot_exact_merge'). The float64 runs build its RoPE tables in float64 (its `.float()` calls read as `.double()` while it
   builds them) and read its float32 casts as float64; 'tokens_f32_tables' keeps its float32 tables."""
   import torch
 
@@ -393,6 +393,7 @@ def chunkllama_runs(chunkllama: Path, hf_dir: Path, ids: np.ndarray) -> dict[str
       attempt(out, tag + "/oneshot", lambda: run_model(fresh(), ids, None))
       attempt(out, tag + "/tokens", lambda: run_model(fresh(), ids, 1))
       attempt(out, tag + "/cached", lambda: run_model(fresh(), ids, PREFILL))
+      attempt(out, tag + "/cached5", lambda: run_model(fresh(), ids, PREFILL, chunk=5))
       attempt(out, tag + "/cached6", lambda: run_model(fresh(), ids, PREFILL, chunk=6))
       setup(dtype, exact_merge=True)
       attempt(out, tag + "/oneshot_exact_merge", lambda: run_model(fresh(), ids, None))
@@ -476,7 +477,8 @@ def report(runs: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, dict]:
                 f"NLL max {d['nll_max']:8.2e} mean {d['nll_mean']:8.2e}")
 
   modes = {"oneshot": "one-shot", "cached": f"prefill {PREFILL} + 1/call", "cached4": f"prefill {PREFILL} + 4/call",
-           "tokens": "1 token/call", "cached6": f"prefill {PREFILL} + 6/call", "chunked": f"{OUR_CHUNK}/call",
+           "tokens": "1 token/call", "cached5": f"prefill {PREFILL} + 5/call",
+           "cached6": f"prefill {PREFILL} + 6/call", "chunked": f"{OUR_CHUNK}/call",
            "oneshot_exact_merge": "one-shot, unrounded merge", "tokens_f32_tables": "1 token/call, f32 tables",
            "decode": f"prefill {PREFILL} + decode"}
   versions = sorted({name.split("/")[1] for name in runs if name.startswith("se/")})
@@ -503,7 +505,7 @@ def report(runs: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, dict]:
     rule = "rule/dca" if ms == "nomscale" else "rule/dca/mscale"
     print(f"  -- {'get_mscale patched to return 1; ours mscale=False' if ms == 'nomscale' else 'stock get_mscale; ours mscale=True'}"
           f"{'' if ms == 'nomscale' else ' (rule: mscale((i+1)/M) mscale((j+1)/M) on logit (i, j))'}")
-    for mode in ("tokens", "tokens_f32_tables", "cached", "cached6", "oneshot", "oneshot_exact_merge"):
+    for mode in ("tokens", "tokens_f32_tables", "cached", "cached5", "cached6", "oneshot", "oneshot_exact_merge"):
       against = [("rule f64", rule)]
       if ms == "mscale" and mode.startswith("oneshot"):
         against.append(("rule f64 with mscale(T/M) for all", "rule/dca/mscale_oneshot"))

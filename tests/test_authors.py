@@ -7,7 +7,7 @@ pythons their code needs (CI has none of them, so it skips):
     LMINF_AUTHORS_PY438=/tmp/v-authors438/bin/python LMINF_AUTHORS_PY440=/tmp/v-authors/bin/python \\
     python -m pytest -q tests/test_authors.py
 
-(the script's docstring says how to make the two venvs). About two minutes on two CPU cores.
+(the script's docstring says how to make the two venvs). 3 to 5 minutes on two shared CPU cores.
 """
 
 from __future__ import annotations
