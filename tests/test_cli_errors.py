@@ -337,6 +337,8 @@ CASES = [
         ["DCA.local_window (8) must be less than chunk_size (8)"], id="dca local_window = chunk_size"),
     row(nothing, nll("{hf}", "--attention", "dca", "--attn-opt", "local_window=1000"),
         ["DCA.local_window (1000) must be less than chunk_size"], id="dca local_window over the default chunk_size"),
+    row(nothing, nll("{hf}", "--attention", "dca", "--kernel", "splash"), ["dca has no flash kernel path"],
+        id="dca kernel splash"),
     row(device_memory_of(GiB), generate("--attention", "selfextend", "--max-new-tokens", str(10**9)),
         ["selfextend cache for 1000000", "GiB"], id="selfextend cache over memory"),
     row(device_memory_of(GiB), nll("{hf}", "--attention", "streaming", "--n-recent", str(2 * 10**9)),

@@ -90,6 +90,9 @@ class DCA(RemappedMethod):
     super().__post_init__()
     if self.chunk_size is not None and self.local_window is not None and self.local_window >= self.chunk_size:
       raise UserError(f"DCA.local_window ({self.local_window}) must be less than chunk_size ({self.chunk_size})")
+    if self.kernel not in ("auto", "xla"):
+      raise UserError(f"dca has no flash kernel path (its intra-chunk keys are no band): kernel={self.kernel} is not "
+                      f"available, use auto or xla")
 
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> DCA:
     chunk_size = self.chunk_size or max(2, max_position_embeddings * 3 // 4)

@@ -1,0 +1,135 @@
+"""The length-generalization comparison (docs/benchmarks.md#length-generalization-baselines): every
+method of ROWS on one model, through `lminf ppl`, `lminf passkey` and `lminf infinitebench`.
+
+  python scripts/compare_baselines.py CKPT --out DIR [--text-file F] [--tasks ppl,passkey,infinitebench]
+      [--rows dense,lambda,...] [--ppl-lengths 4096,...] [--passkey-length 16384] [--passkey-samples 5]
+      [--ib-lengths 16384,32768] [--ib-samples 2]
+
+Each (task, row) is one `lminf` command (its own process, timed) writing DIR/<task>-<row>.json; a
+rerun skips the ones already there, so the comparison can be filled in over several runs. Then it
+prints the markdown tables and draws DIR/ppl.png (NLL per position at the longest length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# A row: one method of the comparison, as the `lminf` flags that select it (defaults otherwise).
+ROWS = {
+    "dense": ["--attention", "dense"],
+    "lambda": ["--attention", "lambda"],
+    "streaming": ["--attention", "streaming"],
+    "infllm": ["--attention", "infllm"],
+    "selfextend": ["--attention", "selfextend"],
+    "dca": ["--attention", "dca"],
+    "dense+yarn": ["--attention", "dense", "--rope-scaling", "yarn:factor=4"],
+    "dense+dynamic": ["--attention", "dense", "--rope-scaling", "dynamic:factor=4"],
+}
+LMINF = [sys.executable, "-m", "lminf_jax.cli"]
+
+
+def run_task(task: str, row: str, ckpt: str, out: Path, args) -> None:
+  """One `lminf` command for (task, row), unless its JSON exists; its wall time goes into the JSON."""
+  path = out / f"{task}-{row}.json"
+  if path.exists():
+    return
+  if task == "ppl":
+    argv = ["ppl", ckpt, "--text-file", args.text_file, "--lengths", args.ppl_lengths]
+  elif task == "passkey":
+    argv = ["passkey", ckpt, "--lengths", str(args.passkey_length), "--samples", str(args.passkey_samples)]
+  else:
+    argv = ["infinitebench", ckpt, "--lengths", args.ib_lengths, "--samples", str(args.ib_samples), "--tasks",
+            "passkey,number_string,kv_retrieval"]
+  partial = out / f".{task}-{row}.json"
+  start = time.perf_counter()
+  print(f"[{time.strftime('%H:%M:%S')}] {task} {row}", flush=True)
+  result = subprocess.run(LMINF + argv + ROWS[row] + ["--json", str(partial)], capture_output=True, text=True)
+  if result.returncode:
+    print(f"  failed ({result.returncode}): {result.stderr.strip().splitlines()[-1:]}", flush=True)
+    return
+  report = json.loads(partial.read_text())
+  report["wall_seconds"] = time.perf_counter() - start
+  path.write_text(json.dumps(report, indent=2))
+  partial.unlink()
+
+
+def ppl_table(out: Path, rows: list[str]) -> str:
+  reports = {row: json.loads(p.read_text()) for row in rows if (p := out / f"ppl-{row}.json").exists()}
+  lengths = sorted({r["length"] for rep in reports.values() for r in rep["results"]})
+  lines = ["| method | " + " | ".join(f"{n // 1024}K NLL (s)" for n in lengths) + " |",
+           "| --- |" + " --- |" * len(lengths)]
+  for row, rep in reports.items():
+    by_length = {r["length"]: r for r in rep["results"]}
+    cells = [f"{by_length[n]['mean_nll']:.3f} ({by_length[n]['seconds']:.0f})" if n in by_length else "" for n in lengths]
+    lines.append(f"| {row} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def score_table(out: Path, task: str, rows: list[str], cell, key: str = "score") -> str:
+  """Mean `key` x 100 per row and `cell(result)` column (its sample count), with the command's wall time."""
+  reports = {row: json.loads(p.read_text()) for row in rows if (p := out / f"{task}-{row}.json").exists()}
+  columns = sorted({cell(r) for rep in reports.values() for r in rep["results"]})
+  lines = ["| method | " + " | ".join(map(str, columns)) + " | wall s |", "| --- |" + " --- |" * (len(columns) + 1)]
+  for row, rep in reports.items():
+    cells = []
+    for col in columns:
+      scores = [float(r[key]) for r in rep["results"] if cell(r) == col]
+      cells.append(f"{100 * sum(scores) / len(scores):.0f} ({len(scores)})" if scores else "")
+    lines.append(f"| {row} | " + " | ".join(cells) + f" | {rep['wall_seconds']:.0f} |")
+  return "\n".join(lines)
+
+
+def plot(out: Path, rows: list[str]) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  for row in rows:
+    path = out / f"ppl-{row}.json"
+    if path.exists():
+      rep = json.loads(path.read_text())
+      longest = max(rep["results"], key=lambda r: r["length"])
+      centers = [(i + 0.5) * rep["bucket"] for i in range(len(longest["bucket_nll"]))]
+      ax.plot(centers, longest["bucket_nll"], marker="o", markersize=2, label=f"{row} ({longest['mean_nll']:.2f})")
+  ax.set_xlabel("token position")
+  ax.set_ylabel("NLL (mean per bucket)")
+  ax.set_ylim(top=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "ppl.png", dpi=120)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("ckpt")
+  parser.add_argument("--out", type=Path, required=True)
+  parser.add_argument("--text-file", default=str(Path(__file__).resolve().parents[2] / "shared/data/jargon.txt"))
+  parser.add_argument("--tasks", default="ppl,passkey,infinitebench")
+  parser.add_argument("--rows", default=",".join(ROWS))
+  parser.add_argument("--ppl-lengths", default="4096,8192,16384,32768")
+  parser.add_argument("--passkey-length", type=int, default=16384)
+  parser.add_argument("--passkey-samples", type=int, default=5)
+  parser.add_argument("--ib-lengths", default="16384,32768")
+  parser.add_argument("--ib-samples", type=int, default=2)
+  args = parser.parse_args()
+  args.out.mkdir(parents=True, exist_ok=True)
+  rows = args.rows.split(",")
+  for task in args.tasks.split(","):
+    for row in rows:
+      run_task(task, row, args.ckpt, args.out, args)
+  print(ppl_table(args.out, rows))
+  print(score_table(args.out, "passkey", rows, lambda r: r["length"], key="correct"))
+  print(score_table(args.out, "infinitebench", rows, lambda r: (r.get("task"), r.get("length"))))
+  plot(args.out, rows)
+
+
+if __name__ == "__main__":
+  main()
