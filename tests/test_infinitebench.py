@@ -74,6 +74,30 @@ def test_needle_lines_sit_at_the_depths_of_their_script(tokenizer):
   assert [int(d * 2500) for d in depths("kv_retrieval", 500)] == [int(i * 2500 / 500) for i in range(500)]
 
 
+def test_a_tokenizer_that_adds_bos_and_marks_spaces(tmp_path):
+  """A Llama-like tokenizer (BOS added, spaces as U+2581, byte fallback), trained here: the BOS counts in the
+  length and the needle is found where stated."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  raw = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+  raw.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+  raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+  texts = [NOISE * 3, "The pass key is 0123456789. Remember it. What is the pass key?", 'JSON data:\n{"a-f": "b-9"}\n'
+           '\n\nKey: "c"\nThe value associated with the specified key is: abcdef0123456789']
+  raw.train_from_iterator(texts * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+  raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+  for task, needle in (("passkey", "The pass key is {}"), ("kv_retrieval", '"{}')):
+    for s in generate_samples(tokenizer, task, 700, 3, seed=0):
+      assert len(s.token_ids) == 700 and s.token_ids[0] == tokenizer.bos_token_id
+      text = tokenizer.decode(s.token_ids[s.needle_at:], skip_special_tokens=True)
+      key = s.label if task == "passkey" else re.search(r'Key: "([0-9a-f-]+)"', text).group(1)
+      assert text.lstrip("\n ,{").startswith(needle.format(key)) and s.label in text  # (its first token may
+      # begin at the newline or separator before it)
+
+
 def test_generated_samples_follow_the_seed(tokenizer):
   a, b = (generate_samples(tokenizer, "kv_retrieval", 600, 2, seed=7) for _ in range(2))
   c = generate_samples(tokenizer, "kv_retrieval", 600, 2, seed=8)

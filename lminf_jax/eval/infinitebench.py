@@ -178,7 +178,7 @@ class Sample:
   token_ids: list[int]
   label: Any  # what the scorer compares with (the answer; [text, letter] for Code.Debug and En.MC)
   depth: float | None  # the needle's place in the context, in [0, 1] (generated)
-  needle_at: int | None  # the token index of the needle's first token (generated)
+  needle_at: int | None  # the index of the first token reaching into the needle (generated)
 
 
 def generate_samples(tokenizer, task: str, length: int, count: int, seed: int) -> list[Sample]:

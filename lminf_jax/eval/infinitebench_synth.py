@@ -41,7 +41,7 @@ KV_QUESTION = "\nKey: \"{key}\"\nThe value associated with the specified key is:
 class Synthetic(NamedTuple):
   token_ids: list[int]  # the prompt, exactly the requested length
   answer: str
-  needle_at: int  # token index of the needle's first token (the needle line; the asked record)
+  needle_at: int  # index of the first token reaching into the needle (the needle line; the asked record)
   units: int  # noise lines or records in the context (a cut one included)
 
 
@@ -98,7 +98,7 @@ def _record_spans(unit: str) -> list[tuple[int, int]]:
 class Fitted(NamedTuple):
   token_ids: list[int]  # exactly the requested length
   context: Context  # its text (before any cut)
-  needle_at: int  # the token index of the needle's first token
+  needle_at: int  # the index of the first token reaching into the needle (it may begin before it)
 
 
 def _units_that_fit(tokenizer, what: str, length: int, build: Callable[[int], Context], least: int) -> int:
