@@ -5,8 +5,9 @@ method of ROWS on one model, through `lminf ppl`, `lminf passkey` and `lminf inf
       [--rows dense,lambda,...] [--ppl-lengths 4096,...] [--passkey-length 16384] [--passkey-samples 5]
       [--ib-lengths 16384,32768] [--ib-samples 2]
 
-Each (task, row) is one `lminf` command (its own process, timed) writing DIR/<task>-<row>.json; a
-rerun skips the ones already there, so the comparison can be filled in over several runs. Then it
+Each (task, row, lengths) is one `lminf` command (its own process, timed) writing
+DIR/<task>-<row>-<lengths>.json; a rerun skips the ones already there, so the comparison can be
+filled in over several runs (e.g. the short lengths first). Then it
 prints the markdown tables and draws DIR/ppl.png (NLL per position at the longest length).
 """
 
@@ -35,7 +36,8 @@ LMINF = [sys.executable, "-m", "lminf_jax.cli"]
 
 def run_task(task: str, row: str, ckpt: str, out: Path, args) -> None:
   """One `lminf` command for (task, row), unless its JSON exists; its wall time goes into the JSON."""
-  path = out / f"{task}-{row}.json"
+  lengths = {"ppl": args.ppl_lengths, "passkey": str(args.passkey_length), "infinitebench": args.ib_lengths}[task]
+  path = out / f"{task}-{row}-{lengths.replace(',', '_')}.json"
   if path.exists():
     return
   if task == "ppl":
@@ -45,7 +47,7 @@ def run_task(task: str, row: str, ckpt: str, out: Path, args) -> None:
   else:
     argv = ["infinitebench", ckpt, "--lengths", args.ib_lengths, "--samples", str(args.ib_samples), "--tasks",
             "passkey,number_string,kv_retrieval"]
-  partial = out / f".{task}-{row}.json"
+  partial = out / f".{path.name}"
   start = time.perf_counter()
   print(f"[{time.strftime('%H:%M:%S')}] {task} {row}", flush=True)
   result = subprocess.run(LMINF + argv + ROWS[row] + ["--json", str(partial)], capture_output=True, text=True)
@@ -58,13 +60,19 @@ def run_task(task: str, row: str, ckpt: str, out: Path, args) -> None:
   partial.unlink()
 
 
+def reports(out: Path, task: str, rows: list[str]) -> dict[str, list[dict]]:
+  """Each row's JSON reports of `task` (one per run: runs may cover different lengths)."""
+  found = {row: [json.loads(p.read_text()) for p in sorted(out.glob(f"{task}-{row}-*.json"))] for row in rows}
+  return {row: reps for row, reps in found.items() if reps}
+
+
 def ppl_table(out: Path, rows: list[str]) -> str:
-  reports = {row: json.loads(p.read_text()) for row in rows if (p := out / f"ppl-{row}.json").exists()}
-  lengths = sorted({r["length"] for rep in reports.values() for r in rep["results"]})
+  found = reports(out, "ppl", rows)
+  lengths = sorted({r["length"] for reps in found.values() for rep in reps for r in rep["results"]})
   lines = ["| method | " + " | ".join(f"{n // 1024}K NLL (s)" for n in lengths) + " |",
            "| --- |" + " --- |" * len(lengths)]
-  for row, rep in reports.items():
-    by_length = {r["length"]: r for r in rep["results"]}
+  for row, reps in found.items():
+    by_length = {r["length"]: r for rep in reps for r in rep["results"]}
     cells = [f"{by_length[n]['mean_nll']:.3f} ({by_length[n]['seconds']:.0f})" if n in by_length else "" for n in lengths]
     lines.append(f"| {row} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -72,15 +80,16 @@ def ppl_table(out: Path, rows: list[str]) -> str:
 
 def score_table(out: Path, task: str, rows: list[str], cell, key: str = "score") -> str:
   """Mean `key` x 100 per row and `cell(result)` column (its sample count), with the command's wall time."""
-  reports = {row: json.loads(p.read_text()) for row in rows if (p := out / f"{task}-{row}.json").exists()}
-  columns = sorted({cell(r) for rep in reports.values() for r in rep["results"]})
+  found = reports(out, task, rows)
+  columns = sorted({cell(r) for reps in found.values() for rep in reps for r in rep["results"]})
   lines = ["| method | " + " | ".join(map(str, columns)) + " | wall s |", "| --- |" + " --- |" * (len(columns) + 1)]
-  for row, rep in reports.items():
+  for row, reps in found.items():
+    results = [r for rep in reps for r in rep["results"]]
     cells = []
     for col in columns:
-      scores = [float(r[key]) for r in rep["results"] if cell(r) == col]
+      scores = [float(r[key]) for r in results if cell(r) == col]
       cells.append(f"{100 * sum(scores) / len(scores):.0f} ({len(scores)})" if scores else "")
-    lines.append(f"| {row} | " + " | ".join(cells) + f" | {rep['wall_seconds']:.0f} |")
+    lines.append(f"| {row} | " + " | ".join(cells) + f" | {sum(rep['wall_seconds'] for rep in reps):.0f} |")
   return "\n".join(lines)
 
 
@@ -91,13 +100,10 @@ def plot(out: Path, rows: list[str]) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(8, 4.5))
-  for row in rows:
-    path = out / f"ppl-{row}.json"
-    if path.exists():
-      rep = json.loads(path.read_text())
-      longest = max(rep["results"], key=lambda r: r["length"])
-      centers = [(i + 0.5) * rep["bucket"] for i in range(len(longest["bucket_nll"]))]
-      ax.plot(centers, longest["bucket_nll"], marker="o", markersize=2, label=f"{row} ({longest['mean_nll']:.2f})")
+  for row, reps in reports(out, "ppl", rows).items():
+    longest = max((r for rep in reps for r in rep["results"]), key=lambda r: r["length"])
+    centers = [(i + 0.5) * reps[0]["bucket"] for i in range(len(longest["bucket_nll"]))]
+    ax.plot(centers, longest["bucket_nll"], marker="o", markersize=2, label=f"{row} ({longest['mean_nll']:.2f})")
   ax.set_xlabel("token position")
   ax.set_ylabel("NLL (mean per bucket)")
   ax.set_ylim(top=8)

@@ -90,5 +90,5 @@ def test_a_task_outside_the_package_matches_direct_generation(tiny_model, tmp_pa
 
 
 def test_the_built_in_tasks_are_registered():
-  assert {"passkey", "ruler", "longbench"} <= set(EVAL_TASKS)
+  assert {"passkey", "ruler", "longbench", "infinitebench"} <= set(EVAL_TASKS)
   assert all(issubclass(cls, EvalTask) and cls.name == name for name, cls in EVAL_TASKS.items())

@@ -1,4 +1,4 @@
-"""Evaluation commands: ppl, demo, passkey, ruler, longbench."""
+"""Evaluation commands: ppl, demo, passkey, ruler, longbench, infinitebench."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from lminf_jax.cli.options import (CKPT_HELP, add_attention_args, add_mesh_args,
                                    mesh_context, mesh_from_args, methods_from_args, non_negative_int, parse_lengths,
                                    place_tokens, positive_int, seed_int)
 from lminf_jax.errors import UserError
+from lminf_jax.eval.infinitebench import GENERATED as IB_GENERATED
 from lminf_jax.eval.ruler import TASKS as RULER_TASKS
 from lminf_jax.eval.task import run
 from lminf_jax.eval.texts import builtin_text
@@ -176,6 +177,41 @@ def cmd_longbench(args: argparse.Namespace) -> None:
   _run(args, task, mesh, config, params, tokenizer, methods, max_length + spec.max_new_tokens + 64)
 
 
+def _infinitebench_parser(sub) -> None:
+  p = sub.add_parser("infinitebench", help="InfiniteBench's tasks: score per task, length and method")
+  p.add_argument("ckpt", help=CKPT_HELP)
+  p.add_argument("--lengths", type=parse_lengths, default=[16384, 32768],
+                 help="prompt lengths in tokens (generated prompts are that long; read ones are cut to it)")
+  p.add_argument("--tasks", default=",".join(IB_GENERATED), help="comma-separated InfiniteBench tasks, by their file "
+                 "names (default: the generated ones, passkey,number_string,kv_retrieval)")
+  p.add_argument("--data-dir", help="InfiniteBench's data directory (<task>.jsonl): every task is read from it "
+                 "(without it, passkey, number_string and kv_retrieval are generated, and the others refused)")
+  p.add_argument("--samples", type=positive_int,
+                 help="per task and length: generated samples (default 10), or the first N records (default all)")
+  p.add_argument("--seed", type=seed_int, default=0, help="the generated samples' seed")
+  p.add_argument("--batch", type=positive_int, default=1, help="samples decoded together (left-padded)")
+  p.add_argument("--json", help="write every sample's result as JSON")
+  p.add_argument("--plot", help="write a PNG heatmap: task x length, score, a panel per method")
+  add_attention_args(p, several=True, feeds=True)
+  add_mesh_args(p)
+  p.set_defaults(func=cmd_infinitebench, attention="lambda,dense")
+
+
+def cmd_infinitebench(args: argparse.Namespace) -> None:
+  from lminf_jax.eval import infinitebench as ib
+
+  methods = methods_from_args(args)
+  tasks = ib.task_names(args.tasks)
+  records = ib.read_records(tasks, args.data_dir, args.samples) if args.data_dir else {}
+  ib.check_sources(tasks, records)
+  mesh, config, params, tokenizer = _load_for_answers(args, [(args.json, None), (args.plot, ".png")])
+  task = ib.InfiniteBenchTask(tuple(tasks), tuple(args.lengths), args.samples, args.seed, records, args.data_dir)
+  most_new = max(ib.TASKS[t].max_new_tokens for t in tasks)
+  # (a read prompt, cut, decoded and encoded again, may come back a few tokens longer)
+  _run(args, task, mesh, config, params, tokenizer, methods, max(args.lengths) + most_new + (64 if records else 0),
+       args.plot, f"InfiniteBench: {Path(args.ckpt).name}")
+
+
 def _run(args: argparse.Namespace, task, mesh, config, params, tokenizer, methods: dict, longest: int,
          plot: str | None = None, title: str = "") -> None:
   """Runs an evaluation task on the --mesh (lminf_jax.eval.task.run), once every method's cache for
@@ -193,3 +229,4 @@ def register(sub) -> None:
   _passkey_parser(sub)
   _ruler_parser(sub)
   _longbench_parser(sub)
+  _infinitebench_parser(sub)
