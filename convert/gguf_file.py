@@ -98,6 +98,8 @@ def _llama_fields(fam: Family, get, tensors: dict, shared: dict, path: Path) -> 
   }
   if (kind := get("rope.scaling.type")) not in (None, "none"):
     hf["rope_scaling"] = {"rope_type": kind, "factor": get("rope.scaling.factor", 1.0)}
+    if kind == "yarn":
+      hf["rope_scaling"].update(_yarn_fields(get, path))
   hf.update(fam.gguf_fields(get, tensors, hf, path))
   optional = ("head_dim", "bos_token_id", "eos_token_id", "sliding_window", "attn_logit_softcapping",
               "final_logit_softcapping", "rope_scaling")
@@ -105,6 +107,18 @@ def _llama_fields(fam: Family, get, tensors: dict, shared: dict, path: Path) -> 
   if missing:
     raise UserError(f"{path} lacks metadata for {', '.join(missing)}")
   return hf
+
+
+def _yarn_fields(get, path: Path) -> dict:
+  """YaRN's config.json fields of llama.cpp's keys (absent: transformers' defaults); keys without a
+  transformers counterpart (attention and extrapolation factors, log multiplier) are refused."""
+  unread = [key for key in ("attn_factor", "yarn_ext_factor", "yarn_attn_factor", "yarn_log_multiplier")
+            if get(f"rope.scaling.{key}") is not None]
+  if unread:
+    raise UserError(f"{path}: YaRN's rope.scaling.{unread[0]} is not read (no transformers counterpart)")
+  fields = {"original_max_position_embeddings": get("rope.scaling.original_context_length"),
+            "beta_fast": get("rope.scaling.yarn_beta_fast"), "beta_slow": get("rope.scaling.yarn_beta_slow")}
+  return {name: value for name, value in fields.items() if value is not None}
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """lminf-jax: training-free long-context attention for Llama-family models in JAX.
 
 The top-level API, imported on first use so that `import lminf_jax` stays cheap (no jax):
-`load`, `convert_checkpoint`, `forward`, `token_nll`, `generate`. Each is the function itself,
-from its module (`lminf_jax.loading`, `lminf_jax.inference.forward`, `lminf_jax.inference.generation`).
+`load`, `convert_checkpoint`, `forward`, `token_nll`, `generate`, `with_rope_scaling`. Each is the
+function itself, from its module (`lminf_jax.loading`, `lminf_jax.inference.forward`,
+`lminf_jax.inference.generation`, `lminf_jax.models.rope_scaling`).
 
 Packages: `attention` (the method interface, the built-in methods and their shared ops),
 `inference` (forward, caches fed chunk by chunk, generation, streaming), `eval` (evaluation
@@ -14,7 +15,7 @@ import importlib
 
 _API = {"load": "lminf_jax.loading", "convert_checkpoint": "lminf_jax.loading",
         "forward": "lminf_jax.inference.forward", "token_nll": "lminf_jax.inference.forward",
-        "generate": "lminf_jax.inference.generation"}
+        "generate": "lminf_jax.inference.generation", "with_rope_scaling": "lminf_jax.models.rope_scaling"}
 
 __all__ = sorted(_API)
 

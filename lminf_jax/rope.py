@@ -20,8 +20,11 @@ import numpy as np
 
 def inv_frequencies(rotary_dim: int, theta: float, scaling, long: bool = False) -> np.ndarray:
   """Inverse frequencies [R/2], float32, for RoPE scaling kinds default / linear / llama3 /
-  longrope (its long factors with `long`, else its short ones). R, the rotated part of a head,
-  is H unless the model rotates only a part (Phi-3's partial_rotary_factor)."""
+  longrope (its long factors with `long`, else its short ones) / ntk / yarn, and dynamic within its
+  original length, where it is default (past it: `dynamic_inv_frequencies`). R, the rotated part of
+  a head, is H unless the model rotates only a part (Phi-3's partial_rotary_factor)."""
+  if scaling.kind == "ntk":  # (fixed NTK-aware scaling: the base times factor^(R/(R-2)))
+    theta = theta * scaling.factor ** (rotary_dim / (rotary_dim - 2))
   wavelength = theta ** (np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / rotary_dim)
   inv_freq = 1.0 / wavelength
   if scaling.kind == "longrope":
@@ -39,7 +42,39 @@ def inv_frequencies(rotary_dim: int, theta: float, scaling, long: bool = False) 
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     inv_freq = np.where(medium, smoothed, scaled)
+  elif scaling.kind == "yarn":
+    inv_freq = _yarn(inv_freq, rotary_dim, theta, scaling)
   return inv_freq.astype(np.float32)
+
+
+def _yarn(inv_freq_h: np.ndarray, rotary_dim: int, theta: float, scaling) -> np.ndarray:
+  """YaRN (Peng et al., 2023) as transformers computes it: frequency k keeps its value (extrapolation)
+  below dim `low`, is divided by `factor` (interpolation) above dim `high`, and blends linearly
+  between; `low` and `high` are the dims whose wavelengths fit beta_fast and beta_slow rotations
+  into the original length (rounded out to whole dims with `truncate`, clipped to [0, R - 1])."""
+
+  def dim_of(rotations: float) -> float:  # (the dim d at which original * theta^(-d/R) = 2 pi rotations)
+    return rotary_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+        2 * math.log(theta))
+
+  low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, rotary_dim - 1)
+  if low == high:
+    high += 0.001  # (transformers' guard against a zero-width ramp)
+  ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  return (inv_freq_h / scaling.factor) * ramp + inv_freq_h * (1 - ramp)
+
+
+def dynamic_inv_frequencies(rotary_dim: int, theta: float, scaling, length: jnp.ndarray) -> jnp.ndarray:
+  """Dynamic NTK's inverse frequencies [R/2] (float32, traced) for a call whose largest position + 1
+  is `length` (an int scalar): the base theta * (factor * L / original - (factor - 1))^(R/(R-2)),
+  L = max(length, original), computed in float32 as transformers computes it."""
+  original = scaling.original_max_position_embeddings
+  seq_len = jnp.maximum(length, original).astype(jnp.float32)
+  base = theta * (scaling.factor * seq_len / original - (scaling.factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+  return 1.0 / base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
 
 
 def apply_rope(x: jnp.ndarray, offsets: jnp.ndarray, inv_freq_h: jnp.ndarray) -> jnp.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import Any
 
@@ -11,9 +10,9 @@ from lminf_jax.errors import UserError
 from lminf_jax.models.families import DEFAULT, family
 from lminf_jax.models.families.record import layer_types
 from lminf_jax.models.fields import check_fields, hf_token_ids, token_ids
+from lminf_jax.models.rope_scaling import RopeScaling, hf_rope, read_rope_scaling
 from lminf_jax.util.limits import gib
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = ("float32", "bfloat16")
 MAX_PARAMS = 10**12  # far above any model this runs; a bigger config is a typo (or a hostile file)
 
@@ -24,20 +23,6 @@ _HF_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings
 _INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 _OPTIONAL_INTS = ("max_position_embeddings", "sliding_window")
 _FLOATS = ("rms_norm_eps", "rope_theta")
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-  """RoPE frequency scaling (Hugging Face `rope_type` names)."""
-
-  kind: str = "default"
-  factor: float = 1.0
-  low_freq_factor: float = 1.0  # llama3 only
-  high_freq_factor: float = 4.0  # llama3 only
-  original_max_position_embeddings: int = 8192  # llama3, longrope
-  short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors while max position + 1 <= original
-  long_factor: tuple[float, ...] = ()  # longrope: ... beyond it
-  attention_factor: float = 1.0  # longrope: cos and sin are multiplied by it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,17 +138,10 @@ class LlamaConfig:
     if not bias_ok:
       raise UserError(f"cannot export: transformers' {fam.model_type} has no form for q/k/v bias={self.qkv_bias} "
                       f"with o bias={self.o_bias}")
-    scaling = self.rope_scaling
-    rope: dict[str, Any] = {"rope_type": scaling.kind, "rope_theta": self.rope_theta}
-    if scaling.kind != "default":
-      rope["factor"] = scaling.factor
-    if scaling.kind == "llama3":
-      rope.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
-                  original_max_position_embeddings=scaling.original_max_position_embeddings)
-    if scaling.kind == "longrope":
-      rope.update(short_factor=list(scaling.short_factor), long_factor=list(scaling.long_factor),
-                  attention_factor=scaling.attention_factor,
-                  original_max_position_embeddings=scaling.original_max_position_embeddings)
+    theta, rope = hf_rope(self)
+    if fam.rope_types is not None and rope["rope_type"] not in fam.rope_types:
+      raise UserError(f"cannot export: transformers' {fam.model_type} takes no rope_type {rope['rope_type']} "
+                      f"(only {', '.join(fam.rope_types)})")
     hf = {
         "architectures": [fam.hf_architecture], "model_type": fam.model_type, "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
@@ -172,8 +150,9 @@ class LlamaConfig:
         "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
         "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
         "eos_token_id": hf_token_ids(self.eos_token_ids),
-        "rope_parameters": rope, "rope_theta": self.rope_theta,
-        "rope_scaling": None if scaling.kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_parameters": rope, "rope_theta": theta,
+        "rope_scaling": None if rope["rope_type"] == "default" else
+                        {k: v for k, v in rope.items() if k != "rope_theta"},
         "dtype": self.param_dtype,
     }
     if fam.bias == "attention_bias":
@@ -227,7 +206,7 @@ class LlamaConfig:
         or int(head_dim * partial) % 2:
       raise UserError(f"partial_rotary_factor must be in (0, 1] and rotate an even number of the {head_dim} "
                       f"head dims, got {partial!r}")
-    scaling = _rope_scaling(hf, rope, head_dim, int(head_dim * partial), fam.rope_aliases)
+    scaling = read_rope_scaling(hf, rope, head_dim, int(head_dim * partial), fam.rope_aliases, fam.rope_types)
     attention_bias = bool(hf.get("attention_bias", False))
     sliding_window, window_layers = fam.sliding_window(hf)
     check_fields({"sliding_window": sliding_window}, (), ("sliding_window",))
@@ -255,40 +234,6 @@ class LlamaConfig:
         eos_token_ids=token_ids(hf.get("eos_token_id")),
         **fam.config_fields(hf),
     )
-
-
-def _rope_scaling(hf: dict[str, Any], rope: dict[str, Any], head_dim: int, rotary_dim: int,
-                  aliases: tuple[tuple[str, str], ...] = ()) -> RopeScaling:
-  """The RopeScaling of `rope` (`_rope_dict`), as transformers computes it; `aliases`: (an older
-  rope_type name, ours) pairs (the family's). longrope (Phi-3): `factor` defaults to max_position_embeddings / original, and
-  `attention_factor` to sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1)."""
-  kind = rope.get("rope_type", "default")
-  kind = next((ours for older, ours in aliases if older == kind), kind)
-  if kind not in SUPPORTED_ROPE_TYPES:
-    raise UserError(f"unsupported rope scaling {kind!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-  try:
-    if kind != "longrope":
-      return RopeScaling(
-          kind=kind,
-          factor=float(rope.get("factor", 1.0)),
-          low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-          high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-          original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
-      )
-    original = int(rope.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
-    factor = float(rope.get("factor") or hf.get("max_position_embeddings", original) / original)
-    attention = rope.get("attention_factor")
-    if attention is None:
-      attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-    factors = {name: tuple(float(x) for x in rope[name]) for name in ("short_factor", "long_factor")}
-  except (TypeError, ValueError, KeyError) as e:
-    raise UserError(f"bad rope scaling {rope}: {type(e).__name__}: {e}") from None
-  for name, values in factors.items():
-    if len(values) != rotary_dim // 2 or not all(math.isfinite(x) and x > 0 for x in values):
-      raise UserError(f"longrope {name} must hold {rotary_dim // 2} positive numbers (rotary dim {rotary_dim} of "
-                      f"head_dim {head_dim}), got {len(values)}")
-  return RopeScaling(kind=kind, factor=factor, original_max_position_embeddings=original,
-                     attention_factor=float(attention), **factors)
 
 
 def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:

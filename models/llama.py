@@ -28,7 +28,7 @@ from lminf_jax.attention.per_layer import PerLayer
 from lminf_jax.cache import Cache, CachedInput, attend_cached, chunk_indices, split_host, write
 from lminf_jax.models.config import LlamaConfig, RopeScaling
 from lminf_jax.positional import ALiBi, Positional, Rotary, alibi_slopes, cap
-from lminf_jax.rope import inv_frequencies
+from lminf_jax.rope import dynamic_inv_frequencies, inv_frequencies
 from lminf_jax.sharding import constrain, mesh_axis_size, on_host
 
 
@@ -46,15 +46,33 @@ def _dtype(name: str):
 
 
 def rope_frequencies(config: LlamaConfig, positions_bt: jnp.ndarray) -> jnp.ndarray:
-  """RoPE's inverse frequencies [R/2] for a call at `positions_bt`. longrope picks its long
-  factors when the call's largest position + 1 exceeds the original training length, as
-  transformers does per forward call."""
+  """RoPE's inverse frequencies [R/2] for a call at `positions_bt`. longrope and dynamic depend on the
+  call, as transformers' do per forward call: longrope picks its long factors, and dynamic grows its
+  base with the call's length, when the call's largest position + 1 exceeds the original length
+  (docs/semantics.md#rope-scaling; through a cache: docs/caches.md#rope-scaling-through-a-cache)."""
   scaling, r = config.rope_scaling, config.rotary_dim
   short = jnp.asarray(inv_frequencies(r, config.rope_theta, scaling))
-  if scaling.kind != "longrope":
+  if scaling.kind not in ("longrope", "dynamic"):
     return short
-  long = jnp.asarray(inv_frequencies(r, config.rope_theta, scaling, long=True))
-  return jnp.where(jnp.max(positions_bt) + 1 > scaling.original_max_position_embeddings, long, short)
+  length = jnp.max(positions_bt) + 1
+  if scaling.kind == "dynamic":
+    long = dynamic_inv_frequencies(r, config.rope_theta, scaling, length)
+  else:
+    long = jnp.asarray(inv_frequencies(r, config.rope_theta, scaling, long=True))
+  return jnp.where(length > scaling.original_max_position_embeddings, long, short)
+
+
+def rope_attention_scale(config: LlamaConfig, layer: jnp.ndarray) -> jnp.ndarray | None:
+  """What layer `layer`'s rotated q.k is multiplied by: the square of the scaling's attention factor
+  (longrope, yarn: cos and sin times it), except on Gemma 3's windowed layers, whose own RoPE is
+  unscaled; None where it is 1."""
+  factor = config.rope_scaling.attention_factor
+  if factor == 1:
+    return None
+  if config.local_rope_theta is None:
+    return jnp.float32(factor**2)
+  windowed = jnp.asarray(config.window_layers or (True,) * config.num_layers)
+  return jnp.where(windowed[layer], jnp.float32(1), jnp.float32(factor**2))
 
 
 def positional(config: LlamaConfig, positions_bt: jnp.ndarray, layer: jnp.ndarray | None = None) -> Positional:
@@ -142,8 +160,8 @@ class Attention(nn.Module):
     pe = positional(cfg, positions_bt, layer)
     if cfg.query_pre_attn_scalar is not None:  # (logits scaled by it^-1/2; the attention scales by H^-1/2)
       q_btnh = q_btnh * jnp.asarray((h / cfg.query_pre_attn_scalar) ** 0.5, dt)
-    if cfg.rope_scaling.attention_factor != 1:  # (longrope: cos and sin times it, so rotated q.k times its square)
-      q_btnh = q_btnh * jnp.where(jnp.arange(h) < cfg.rotary_dim, cfg.rope_scaling.attention_factor**2, 1).astype(dt)
+    if (scale := rope_attention_scale(cfg, layer)) is not None:  # (on the rotated dims)
+      q_btnh = q_btnh * jnp.where(jnp.arange(h) < cfg.rotary_dim, scale, 1).astype(dt)
     if cached is None or cached.cache is None:  # (one-shot; with idx, into an empty cache: `Llama.cached_layers`)
       o_btnh = attend(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.attention, layer)
       new_kv = None if cached is None or cached.idx_bt is None else LayerWrite(k_btkh, v_btkh, None)

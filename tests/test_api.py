@@ -1,6 +1,6 @@
-"""The top-level API (`lminf_jax.load`, `convert_checkpoint`, `forward`, `token_nll`, `generate`) as a user
-calls it, each case in a fresh interpreter (what was imported before matters), against the
-functions imported from their modules in this process."""
+"""The top-level API (`lminf_jax.load`, `convert_checkpoint`, `forward`, `token_nll`, `generate`,
+`with_rope_scaling`) as a user calls it, each case in a fresh interpreter (what was imported before
+matters), against the functions imported from their modules in this process."""
 
 from __future__ import annotations
 
@@ -122,12 +122,15 @@ def test_top_level_names_are_the_functions_themselves():
       assert type(sys.modules["lminf_jax"]) is types.ModuleType
       import lminf_jax.convert.checkpoint  # the converters' package keeps its name
       assert isinstance(lminf_jax.convert, types.ModuleType)
+      from lminf_jax.models import rope_scaling
       for name, module in (("load", loading), ("convert_checkpoint", loading), ("forward", forward_module),
-                           ("token_nll", forward_module), ("generate", generation)):
+                           ("token_nll", forward_module), ("generate", generation),
+                           ("with_rope_scaling", rope_scaling)):
         function = getattr(lminf_jax, name)
         assert function is getattr(module, name) and not isinstance(function, types.ModuleType), name
         assert inspect.signature(function) == inspect.signature(getattr(module, name)), name
-      assert sorted(lminf_jax.__all__) == ["convert_checkpoint", "forward", "generate", "load", "token_nll"]
+      assert sorted(lminf_jax.__all__) == ["convert_checkpoint", "forward", "generate", "load", "token_nll",
+                                           "with_rope_scaling"]
       """)
   result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-2000:]

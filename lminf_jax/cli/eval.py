@@ -20,13 +20,14 @@ from lminf_jax.util.atomic import atomic_file, check_output_dir, check_output_fi
 from lminf_jax.util.files import read_text, readable_file
 
 def run_ppl(ckpt: Path, text: str, lengths: list[int], methods: dict, offset: int, bucket: int,
-            json_out: Path | None, plot_out: Path | None, title: str, mesh=None) -> None:
+            json_out: Path | None, plot_out: Path | None, title: str, mesh=None,
+            rope_scaling: str | None = None) -> None:
   from lminf_jax.eval import perplexity as evaluate
 
   for out, suffix in ((json_out, None), (plot_out, ".png")):
     if out is not None:
       check_output_file(out, suffix)
-  config, params, tokenizer = load_on_mesh(ckpt, mesh)
+  config, params, tokenizer = load_on_mesh(ckpt, mesh, rope_scaling)
   if tokenizer is None:
     raise UserError(f"{ckpt} has no tokenizer")
   for spec in methods.values():
@@ -66,7 +67,8 @@ def cmd_ppl(args: argparse.Namespace) -> None:
   text = read_text(args.text_file) if args.text_file else builtin_text()
   title = f"{Path(args.ckpt).name}: {Path(args.text_file).name if args.text_file else 'built-in text'}"
   run_ppl(Path(args.ckpt), text, args.lengths, methods, args.offset, args.bucket,
-          Path(args.json) if args.json else None, Path(args.plot) if args.plot else None, title, mesh_from_args(args))
+          Path(args.json) if args.json else None, Path(args.plot) if args.plot else None, title, mesh_from_args(args),
+          args.rope_scaling)
 
 
 def _demo_parser(sub) -> None:

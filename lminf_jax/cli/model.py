@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from lminf_jax.cli.options import CKPT_HELP
+from lminf_jax.cli.options import CKPT_HELP, add_rope_scaling_arg
 from lminf_jax.util.atomic import check_output_dir
 
 
@@ -33,16 +33,20 @@ def _export_parser(sub) -> None:
   p.add_argument("ckpt", help=CKPT_HELP)
   p.add_argument("out")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the checkpoint's")
+  add_rope_scaling_arg(p)
   p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
   from lminf_jax.convert.export import write_hf
   from lminf_jax.loading import load
+  from lminf_jax.models.rope_scaling import with_rope_scaling
 
   start = time.perf_counter()
   out = check_output_dir(Path(args.out))
   config, params, tokenizer = load(Path(args.ckpt))
+  if args.rope_scaling is not None:
+    config = with_rope_scaling(config, args.rope_scaling)
   write_hf(out, config, params, tokenizer, args.dtype)
   print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 

@@ -117,7 +117,7 @@ def _kind(method: str, option: str) -> type:
 
 def add_attention_args(p: argparse.ArgumentParser, several: bool = False, feeds: bool = False) -> None:
   """--attention, a flag per built-in method option (`_attention_flags`), --attn-opt for any
-  method's options, and, for commands that feed a cache (`feeds`), --prefill-chunk."""
+  method's options, --rope-scaling, and, for commands that feed a cache (`feeds`), --prefill-chunk."""
   from lminf_jax.attention import ATTENTION_METHODS
 
   p.add_argument("--attention", default="dense",
@@ -140,22 +140,44 @@ def add_attention_args(p: argparse.ArgumentParser, several: bool = False, feeds:
                      help="the old spelling of --lambda-top-k or --infllm-top-k, for whichever of the two is chosen")
   group.add_argument("--attn-opt", action="append", default=[], metavar="NAME=VALUE",
                      help="any option of the chosen methods, yours included (repeatable), e.g. --attn-opt stride=4")
+  add_rope_scaling_arg(p)
   if feeds:
     p.add_argument("--prefill-chunk", type=positive_int,
                    help="tokens fed through the cache at a time (default: the method's chunk; infllm: always its chunk)")
 
 
+def _rope_scaling_spec(text: str) -> str:
+  """An argparse type: a `with_rope_scaling` spec, checked as far as it can be before the model loads."""
+  from lminf_jax.models.rope_scaling import parse_rope_scaling
+
+  try:
+    parse_rope_scaling(text)
+  except UserError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+  return text
+
+
+def add_rope_scaling_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--rope-scaling", type=_rope_scaling_spec, metavar="KIND:NAME=VALUE,...",
+                 help="RoPE scaling put on the model zero-shot (replacing its own), KIND ntk, linear, dynamic or "
+                      "yarn, e.g. yarn:factor=4 or dynamic:factor=2 (lminf_jax.with_rope_scaling)")
+
+
 CKPT_HELP = "checkpoint dir, HF model dir, .gguf file or hub id ORG/NAME[@REVISION]"
 
 
-def load_on_mesh(ckpt: str | Path, mesh) -> tuple:
-  """(config, params, tokenizer) of `ckpt`, the params placed on `mesh` (None: one device), with a
-  one-line note when the mesh's tensor axis does not divide the model's heads (they are replicated over it)."""
+def load_on_mesh(ckpt: str | Path, mesh, rope_scaling: str | None = None) -> tuple:
+  """(config, params, tokenizer) of `ckpt`, the params placed on `mesh` (None: one device), the
+  config with `rope_scaling` if given (`with_rope_scaling`), with a one-line note when the mesh's
+  tensor axis does not divide the model's heads (they are replicated over it)."""
   import sys
 
   from lminf_jax.loading import load
+  from lminf_jax.models.rope_scaling import with_rope_scaling
 
   config, params, tokenizer = load(Path(ckpt), mesh=mesh)
+  if rope_scaling is not None:
+    config = with_rope_scaling(config, rope_scaling)
   tensor = 1 if mesh is None else dict(mesh.shape).get("tensor", 1)
   odd = [f"{n} {what}" for n, what in ((config.num_heads, "heads"), (config.num_kv_heads, "kv heads")) if n % tensor]
   if odd:
@@ -296,7 +318,7 @@ def load_model_and_tokens(args: argparse.Namespace) -> tuple:
   """(mesh, config, params placed on it, token ids, tokenizer); check the output paths first."""
 
   mesh = mesh_from_args(args)
-  config, params, tokenizer = load_on_mesh(args.ckpt, mesh)
+  config, params, tokenizer = load_on_mesh(args.ckpt, mesh, args.rope_scaling)
   return mesh, config, params, read_token_ids(args, tokenizer, config.vocab_size), tokenizer
 
 
@@ -331,7 +353,7 @@ def _load_for_answers(args: argparse.Namespace, outputs: list[tuple[str | None, 
     if path is not None:
       check_output_file(Path(path), suffix)
   mesh = mesh_from_args(args)
-  config, params, tokenizer = load_on_mesh(args.ckpt, mesh)
+  config, params, tokenizer = load_on_mesh(args.ckpt, mesh, args.rope_scaling)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   return mesh, config, params, tokenizer

@@ -87,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
   attention = attention_from_args(args, args.attention)
   sampling = Sampling(args.temperature, args.top_k_sample, args.top_p)
   mesh = mesh_from_args(args)
-  config, params, tokenizer = load_on_mesh(args.ckpt, mesh)
+  config, params, tokenizer = load_on_mesh(args.ckpt, mesh, args.rope_scaling)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -133,7 +133,7 @@ def cmd_stream_ppl(args: argparse.Namespace) -> None:
 
   attention = attention_from_args(args, args.attention)
   mesh = mesh_from_args(args)
-  config, params, tokenizer = load_on_mesh(args.ckpt, mesh)
+  config, params, tokenizer = load_on_mesh(args.ckpt, mesh, args.rope_scaling)
   if tokenizer is None:
     raise UserError(f"{args.ckpt} has no tokenizer")
   text = read_text(args.text_file) if args.text_file else builtin_text()

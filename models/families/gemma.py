@@ -36,7 +36,8 @@ def _normalize_3(hf: HF) -> HF:
   """As `_normalize`, and the RoPE settings in transformers 4.x's keys: the global layers' in
   `rope_theta` / `rope_parameters`, the windowed layers' theta in `rope_local_base_freq`.
   transformers 5 keeps them per layer type in `rope_parameters`. The windowed layers' RoPE must be
-  unscaled."""
+  unscaled. yarn's `truncate` is dropped: transformers reads it from the top of rope_parameters,
+  where Gemma 3's settings per layer type never put it (so it is always true)."""
   hf = _normalize(hf)
   params = hf.get("rope_parameters") or {}
   if not isinstance(params, dict):
@@ -49,6 +50,9 @@ def _normalize_3(hf: HF) -> HF:
   local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
   check_fields({"rope_local_base_freq": local_theta}, (), (), ("rope_local_base_freq",))
   full.setdefault("rope_theta", hf.get("rope_theta", 1000000.0))
+  full.pop("truncate", None)
+  if isinstance(scaling := hf.get("rope_scaling"), dict):  # (transformers 4.x's key: the global layers')
+    hf = {**hf, "rope_scaling": {k: v for k, v in scaling.items() if k != "truncate"}}
   return {**hf, "rope_parameters": full, "rope_local_base_freq": float(local_theta)}
 
 
@@ -84,7 +88,10 @@ def _hf_keys(config: LlamaConfig, hf: HF) -> HF:
 
 
 def _hf_keys_3(config: LlamaConfig, hf: HF) -> HF:
-  """As `_hf_keys`, with the RoPE per layer type (transformers 5's keys)."""
+  """As `_hf_keys`, with the RoPE per layer type (transformers 5's keys); yarn without truncation refused
+  (`_normalize_3`)."""
+  if config.rope_scaling.kind == "yarn" and not config.rope_scaling.truncate:
+    raise UserError("cannot export: transformers' gemma3_text always truncates yarn's ramp (truncate=false)")
   local = {"rope_type": "default", "rope_theta": config.local_rope_theta or config.rope_theta}
   hf = {**hf, "rope_parameters": {"full_attention": hf["rope_parameters"], "sliding_attention": local},
         "rope_scaling": None}

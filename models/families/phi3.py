@@ -55,7 +55,8 @@ def _gguf_fields(get: GGUFGet, tensors: Mapping[str, Any], hf: HF, path: Path) -
 
 
 PHI3 = Family(model_type="phi3", hf_architecture="Phi3ForCausalLM", bias="none", partial_rotary=True,
-              rope_aliases=(("su", "longrope"), ("yarn", "longrope")), sliding_window=_window, hf_keys=_hf_keys,
+              rope_aliases=(("su", "longrope"), ("yarn", "longrope")), rope_types=("default", "longrope"),
+              sliding_window=_window, hf_keys=_hf_keys,
               fused=True, gguf_arch="phi3", gguf_half_split_rope=True, gguf_fields=_gguf_fields,
               # (ffn_up holds gate and up, as gate_up_proj)
               gguf_tensors=(("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")))

@@ -62,6 +62,7 @@ class Family:
   tie_embeddings: bool = False  # tie_word_embeddings when config.json does not say
   partial_rotary: bool = False  # reads partial_rotary_factor (Phi-3); otherwise RoPE rotates whole heads
   rope_aliases: tuple[tuple[str, str], ...] = ()  # (an older rope_type name, ours) (Phi-3's su, yarn)
+  rope_types: tuple[str, ...] | None = None  # the rope_types its transformers class takes (None: all we read)
   sliding_window: Callable[[HF], Window] = no_window  # the window and its layers, from config.json
   config_fields: Callable[[HF], dict[str, Any]] = no_fields  # LlamaConfig fields beyond the Llama ones
   # --- LlamaConfig -> config.json (LlamaConfig.to_hf): the family's keys on the Llama ones, and its refusals
