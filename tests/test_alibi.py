@@ -31,15 +31,18 @@ def _attend(q, k, v, positions, pe, spec):
        groups=st.sampled_from([1, 2, 3]), h=st.sampled_from([4, 8]), offset=st.sampled_from([0, 37, 10**8]),
        softcap=st.sampled_from([None, 1.5]), seed=st.integers(0, 2**16))
 def test_alibi_matches_naive(case, t, n_start, window, chunk, key_block, kv, groups, h, offset, softcap, seed):
-  """Every band method with ALiBi (and soft-capping): the bias of the method's own distances,
-  the same at offset 10^8 as at 0."""
+  """Every masked method with ALiBi (and soft-capping): the bias of the method's own distances at the
+  row's positions (a band method's depend on differences only: the same at offset 10^8 as at 0;
+  selfextend's groups and dca's chunks are of the positions themselves)."""
   q, k, v = _inputs(seed, t, kv, groups, h)
   q, k = 3 * q, 3 * k  # (logits of several units, so the cap bites)
   slopes = alibi_slopes(kv * groups)
   sizes = Sizes(n_start, window, chunk, key_block)
   spec, (naive_method, params) = case.make(sizes), case.naive(sizes)
-  expected, _ = naive_attention(q, k, v, None, None, naive_method, alibi_slopes=slopes, softcap=softcap, **params)
-  ours = _attend(q, k, v, np.arange(t) + offset, ALiBi(jnp.asarray(slopes), softcap), spec)
+  positions = np.arange(t) + offset
+  expected, _ = naive_attention(q, k, v, positions, None, naive_method, alibi_slopes=slopes, softcap=softcap,
+                                **params)
+  ours = _attend(q, k, v, positions, ALiBi(jnp.asarray(slopes), softcap), spec)
   np.testing.assert_allclose(ours, expected, atol=2e-5)
 
 

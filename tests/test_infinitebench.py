@@ -285,6 +285,7 @@ def test_task_is_registered_and_refuses_unread_tasks(tokenizer):
 
 
 # --- the command ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # (the command's own code runs in CI through the data-dir test below; this adds SmolLM2's generate)
 def test_cli_generated_tasks(smollm2_ckpt, tmp_path, capsys):
   code, out, err = run_cli(capsys, "infinitebench", smollm2_ckpt, "--lengths", "300", "--tasks",
                            "passkey,kv_retrieval", "--samples", "2", "--attention", "lambda", "--n-local", "128",

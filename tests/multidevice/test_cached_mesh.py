@@ -45,12 +45,13 @@ def _mesh(text: str):
   return make_mesh(sizes, devices=jax.devices()[:int(np.prod(list(sizes.values())))])
 
 
-# lambda and infllm on every mesh (in CI: data and tensor parallel, and kv heads the tensor axis does not
-# divide); streaming, dense (the same shared cache code) and infllm with offload on one in CI (offload on every
-# mesh: slow)
-CI_MESHES = ("data=2,tensor=2", "tensor=4")
-CASES = ([pytest.param(m, n, marks=() if m in CI_MESHES else pytest.mark.slow) for m in MESHES
-          for n in ("lambda", "infllm")] + [("data=2,tensor=2", n) for n in ("streaming", "dense", "infllm_offload")]
+# lambda and infllm on every mesh (in CI: lambda on data and tensor parallel, and on kv heads the tensor axis
+# does not divide; infllm on the first); dense (the same shared cache code) and infllm with offload on one in CI;
+# streaming, selfextend, dca and offload on every mesh: slow
+CI_CASES = (("data=2,tensor=2", "lambda"), ("tensor=4", "lambda"), ("data=2,tensor=2", "infllm"))
+CASES = ([pytest.param(m, n, marks=() if (m, n) in CI_CASES else pytest.mark.slow) for m in MESHES
+          for n in ("lambda", "infllm")] + [("data=2,tensor=2", n) for n in ("dense", "infllm_offload")]
+         + [pytest.param("data=2,tensor=2", "streaming", marks=pytest.mark.slow)]
          + [pytest.param(m, "infllm_offload", marks=pytest.mark.slow) for m in MESHES if m != "data=2,tensor=2"]
          + [pytest.param("data=2,tensor=2", n, marks=pytest.mark.slow) for n in ("selfextend", "dca")])
 
@@ -74,7 +75,7 @@ def test_cached_paths_on_a_mesh_equal_one_device(hf, mesh_text, name):
       np.testing.assert_allclose(got, nll[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lambda", "infllm", pytest.param("infllm_offload", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["lambda", *(pytest.param(n, marks=pytest.mark.slow) for n in ("infllm", "infllm_offload"))])
 def test_a_cache_per_layer_kind_on_a_mesh_equals_one_device(tmp_path, name):
   """Gemma 2 (windows of 8 on layers 0 and 2, 2 kv heads): the windowed layers' own ring is split as
   the global layers' cache is, and generation and cached NLL on data=2,tensor=2 equal one device's."""

@@ -148,7 +148,8 @@ def test_cli_nll_with_mesh_equals_one_device(ckpt, tmp_path, capsys):
   assert code == 1 and "needs 3 devices" in err
 
 
-@pytest.mark.parametrize("mesh_text", ["data=8", "data=2,fsdp=2,tensor=2", "data=4,sequence=2"])
+@pytest.mark.parametrize("mesh_text", [pytest.param("data=8", marks=pytest.mark.slow), "data=2,fsdp=2,tensor=2",
+                                       pytest.param("data=4,sequence=2", marks=pytest.mark.slow)])  # (CI: one)
 def test_data_parallel_train_step_equals_single_device(ckpt, mesh_text):
   from flax import traverse_util
 
