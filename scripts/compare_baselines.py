@@ -127,8 +127,11 @@ def main() -> None:
   parser.add_argument("--ib-samples", type=int, default=2)
   args = parser.parse_args()
   args.out.mkdir(parents=True, exist_ok=True)
-  rows = args.rows.split(",")
-  for task in args.tasks.split(","):
+  rows, tasks = args.rows.split(","), [t for t in args.tasks.split(",") if t]  # (no task: the tables only)
+  unknown = [t for t in tasks if t not in ("ppl", "passkey", "infinitebench")] + [r for r in rows if r not in ROWS]
+  if unknown:
+    parser.error(f"unknown task or row: {', '.join(unknown)}")
+  for task in tasks:
     for row in rows:
       run_task(task, row, args.ckpt, args.out, args)
   print(ppl_table(args.out, rows))
