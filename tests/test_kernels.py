@@ -16,7 +16,7 @@ from helpers import run_cli
 from naive_attention import default_inv_freq, naive_attention
 from naive_infllm import naive_infllm
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, Streaming, attend, resolve
+from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, SelfExtend, Streaming, attend, resolve
 from lminf_jax.attention.infllm import infllm_attention
 from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band
 from lminf_jax.errors import UserError
@@ -113,8 +113,9 @@ def test_model_token_nll_with_splash_equals_xla(tiny_model):
     np.testing.assert_allclose(np.asarray(splash), np.asarray(xla), atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", [Lambda(n_global=4, n_local=32), Streaming(n_sink=2, n_recent=40), Dense()],
-                         ids=["lambda", "streaming", "dense"])
+@pytest.mark.parametrize("spec", [Lambda(n_global=4, n_local=32), Streaming(n_sink=2, n_recent=40), Dense(),
+                                  SelfExtend(group_size=3, window_size=20)],
+                         ids=["lambda", "streaming", "dense", "selfextend"])
 def test_prefill_through_the_kernel_equals_chunked_xla(tiny_model, spec):
   """With a kernel, a prompt enters an empty cache one-shot: the logits and the cache equal
   XLA's chunked prefill, and generation goes on the same."""
