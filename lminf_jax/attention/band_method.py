@@ -5,7 +5,6 @@ attention all follow from the spec's `band()`."""
 from __future__ import annotations
 
 import abc
-import functools
 
 import jax.numpy as jnp
 
@@ -14,7 +13,7 @@ from lminf_jax.attention import ring
 from lminf_jax.attention.banded import Band, add_starting_keys, attend_one, band_attention, sink_and_band, \
     starting_keys
 from lminf_jax.attention.blockwise import Keys
-from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, merge, on_mesh, xla_gradient
+from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, flash_or_xla, merge
 from lminf_jax.attention.method import CachedLayer, CacheLayout, Tiling
 from lminf_jax.attention.sequence_parallel import sequence_parallel_band
 from lminf_jax.sharding import mesh_axis_size
@@ -37,12 +36,7 @@ class BandMethod(Tiling):
     if mesh_axis_size("sequence") > 1:
       return sequence_parallel_band(q_btnh, k_btkh, v_btkh, positions_bt, pe, self.chunk, self.key_block,
                                     self.band()), None
-    kernel = flash_kernel(self.kernel, q_btnh.dtype, pe)
-    if kernel is None:
-      return self.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)
-    fast = functools.partial(self.kernel_attend, kernel)
-    return on_mesh(functools.partial(xla_gradient, fast, self.xla_attend), q_btnh, k_btkh, v_btkh, positions_bt,
-                   pe)
+    return flash_or_xla(self, q_btnh, k_btkh, v_btkh, positions_bt, pe)
 
   def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(out [B,T,N,H], lse [B,T,N]) on one device through XLA: the kernel path's reference and gradient."""

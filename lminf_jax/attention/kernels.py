@@ -239,6 +239,18 @@ def merge(o_a: jnp.ndarray, lse_a: jnp.ndarray, o_b: jnp.ndarray, lse_b: jnp.nda
   return (o_a.astype(jnp.float32) * w_a + o_b.astype(jnp.float32) * w_b).astype(dtype), lse
 
 
+def flash_or_xla(spec, q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
+                 pe: Positional) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(out [B,T,N,H], lse [B,T,N]) of a method with `kernel_attend(kernel, ...)` and `xla_attend(...)`:
+  through the flash kernel its `kernel` option picks on this platform (on each shard of the mesh,
+  differentiated as XLA), or through XLA."""
+  kernel = flash_kernel(spec.kernel, q_btnh.dtype, pe)
+  if kernel is None:
+    return spec.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)
+  fast = functools.partial(spec.kernel_attend, kernel)
+  return on_mesh(functools.partial(xla_gradient, fast, spec.xla_attend), q_btnh, k_btkh, v_btkh, positions_bt, pe)
+
+
 def on_mesh(attend, q_btnh, k_btkh, v_btkh, positions_bt, pe, with_lse: bool = True):
   """attend(q, k, v, positions, pe) -> (out, lse) (or out alone, `with_lse=False`) on each
   shard of rows and heads of the current mesh (XLA does not partition a Pallas or cuDNN kernel

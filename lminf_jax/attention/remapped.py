@@ -71,9 +71,11 @@ def remapped_attention(q_btnh: jnp.ndarray, pos_bt: jnp.ndarray, idx_bt: jnp.nda
         s_bkms = jnp.full(q_tiles[0].x.shape[:3] + (s,), -jnp.inf, jnp.float32)
         for p, q_tile in zip(placements, q_tiles):
           use_bcs = p.selects(pos_bc, idx_bc, pos_bs, idx_bs) & seen_bcs
-          k_tile = bw.key_tile(k_bksh, p.key_offsets(pos_bs, ref_b1), pe)
-          p_bkms = jax.lax.cond(jnp.any(use_bcs), lambda: bw.scores(q_tile, k_tile, pe),
-                                lambda: jnp.zeros_like(s_bkms))
+          # (the keys are rotated inside the branch: only for the blocks where the placement places a pair)
+          p_bkms = jax.lax.cond(
+              jnp.any(use_bcs),
+              lambda p=p, q_tile=q_tile: bw.scores(q_tile, bw.key_tile(k_bksh, p.key_offsets(pos_bs, ref_b1), pe), pe),
+              lambda: jnp.zeros_like(s_bkms))
           s_bkms = jnp.where(_rows(use_bcs, s_bkms.shape), p_bkms, s_bkms)
         return bw.update(state, s_bkms, v_bksh, seen_bcs)
 

@@ -11,11 +11,10 @@ The two agree when G divides W.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax.numpy as jnp
 
-from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, merge, on_mesh, xla_gradient
+from lminf_jax.attention.kernels import FlashKernel, flash_band, flash_kernel, flash_or_xla, merge
 from lminf_jax.attention.method import option
 from lminf_jax.attention.remapped import RemappedMethod
 
@@ -69,12 +68,7 @@ class SelfExtend(RemappedMethod):
     return Neighbours(self.window_size), Grouped(self.group_size, self.window_size)
 
   def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
-    kernel = flash_kernel(self.kernel, q_btnh.dtype, pe)
-    if kernel is None:
-      return super().attend(q_btnh, k_btkh, v_btkh, positions_bt, pe, layer)
-    fast = functools.partial(self.kernel_attend, kernel)
-    return on_mesh(functools.partial(xla_gradient, fast, self.xla_attend), q_btnh, k_btkh, v_btkh, positions_bt,
-                   pe)[0]
+    return flash_or_xla(self, q_btnh, k_btkh, v_btkh, positions_bt, pe)[0]
 
   def prefill_one_shot(self, dtype) -> bool:
     return flash_kernel(self.kernel, dtype) is not None
