@@ -106,6 +106,11 @@ def test_jsonl_checks(tmp_path):
   path.write_text("{not json\n")
   with pytest.raises(UserError, match="line 1: not JSON"):
     read_jsonl(path)
+  raw = dict(_record("c"), context="a\u2028b")  # (a raw U+2028 in a JSON string: still one line)
+  path.write_text(json.dumps(raw, ensure_ascii=False) + "\n", encoding="utf-8")
+  assert read_jsonl(path) == [raw]
+  with pytest.raises(UserError, match="cannot read"):
+    read_jsonl(tmp_path / "missing.jsonl")
 
 
 def _write(path, records):

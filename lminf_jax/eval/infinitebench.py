@@ -13,7 +13,6 @@ requested length as src/eval_yarn_mistral.py:26-45 does. Scores: `lminf_jax.eval
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lminf_jax.errors import UserError
+from lminf_jax.eval import jsonl
 from lminf_jax.eval import infinitebench_scores as scores
 from lminf_jax.eval.infinitebench_synth import depths, make_sample
 from lminf_jax.eval.task import Axes, EvalTask, register, score_grid
@@ -107,24 +107,14 @@ def _check_record(task: str, record: Any, where: str) -> None:
 def read_jsonl(path: Path, task: str, limit: int | None = None) -> list[dict]:
   """The first `limit` records (all if None) of an InfiniteBench JSONL file, read line by line, each checked
   for the fields `task`'s prompt and label use; blank lines skipped (src/compute_scores.py:108-119)."""
+  if not Path(path).exists():
+    raise UserError(f"no InfiniteBench data for {task}: {path} does not exist")
   records = []
-  try:
-    with open(path, encoding="utf-8") as lines:  # (a line ends at a newline only: a JSON string may hold U+2028)
-      for number, line in enumerate(lines, 1):
-        if limit is not None and len(records) == limit:
-          break
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise UserError(f"{path} line {number}: not JSON ({e.msg})") from None
-        _check_record(task, record, f"{path} line {number}")
-        records.append(record)
-  except FileNotFoundError:
-    raise UserError(f"no InfiniteBench data for {task}: {path} does not exist") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f"cannot read {path}: {e}") from None
+  for where, record in jsonl.read_jsonl(path):
+    if limit is not None and len(records) == limit:
+      break
+    _check_record(task, record, where)
+    records.append(record)
   if not records:
     raise UserError(f"{path} holds no records")
   return records

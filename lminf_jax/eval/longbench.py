@@ -14,7 +14,6 @@ the `[eval]` extra).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import string
 from collections import Counter
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lminf_jax.errors import UserError
+from lminf_jax.eval import jsonl
 from lminf_jax.eval.task import EvalTask, register, score_grid
 
 FIELDS = ("input", "context", "answers", "all_classes", "length", "_id")
@@ -103,30 +103,20 @@ def task(name: str) -> Task:
 
 def read_jsonl(path: Path) -> list[dict]:
   """LongBench records, each checked for the fields and types LongBench's files have."""
-  try:
-    lines = path.read_text(encoding="utf-8").splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f"cannot read {path}: {e}") from None
   records = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path} line {number}: not JSON ({e.msg})") from None
+  for where, record in jsonl.read_jsonl(path):
     if not isinstance(record, dict):
-      raise UserError(f"{path} line {number}: not a JSON object")
+      raise UserError(f"{where}: not a JSON object")
     missing = [f for f in FIELDS if f not in record]
     if missing:
-      raise UserError(f"{path} line {number}: missing field {', '.join(repr(f) for f in missing)}")
+      raise UserError(f"{where}: missing field {', '.join(repr(f) for f in missing)}")
     if not (isinstance(record["answers"], list) and record["answers"]
             and all(isinstance(a, str) for a in record["answers"])):
-      raise UserError(f"{path} line {number}: 'answers' must be a non-empty list of strings")
+      raise UserError(f"{where}: 'answers' must be a non-empty list of strings")
     if not (isinstance(record["input"], str) and isinstance(record["context"], str)):
-      raise UserError(f"{path} line {number}: 'input' and 'context' must be strings")
+      raise UserError(f"{where}: 'input' and 'context' must be strings")
     if record["all_classes"] is not None and not isinstance(record["all_classes"], list):
-      raise UserError(f"{path} line {number}: 'all_classes' must be a list or null")
+      raise UserError(f"{where}: 'all_classes' must be a list or null")
     records.append(record)
   if not records:
     raise UserError(f"{path} holds no records")
