@@ -142,3 +142,17 @@ def test_a_new_built_in_with_its_own_chunk_help_renames_no_flag(monkeypatch):
     assert attention_from_args(args, "lambda") == Lambda(chunk=32)
   finally:
     options._attention_flags.cache_clear()
+
+
+def test_docs_cli_md_holds_every_commands_current_help(monkeypatch):
+  """docs/cli.md's "Help of each command" is `lminf [command] --help` at 100 columns, for every command
+  (regenerate it with the loop the page gives)."""
+  from pathlib import Path
+
+  monkeypatch.setenv("COLUMNS", "100")
+  page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+  parser = build_parser()
+  commands = parser._subparsers._group_actions[0].choices
+  for name, sub in [("", parser), *commands.items()]:
+    block = f"### lminf{' ' + name if name else ''}\n\n```\n{sub.format_help().rstrip()}\n```\n"
+    assert block in page, f"docs/cli.md: the help of `lminf {name}` is stale"
