@@ -245,6 +245,60 @@ def test_dynamic_ring_keys_read_from_their_anchor_as_documented(tmp_path):
   assert np.abs(got - _hf_fed_in_chunks(_dynamic("mistral_window"), TOKENS, CHUNKS)).max() > 1e-3
 
 
+
+def _hf_lambda_token_by_token(model, tokens: np.ndarray, n_global: int, window: int, limit: int,
+                              starts_read_with_reader: bool = True) -> np.ndarray:
+  """transformers' logits of `tokens` fed one token per call under LM-Infinite's Lambda rule, each call's
+  keys picked and re-rotated as docs/caches.md states for a ring of `window` slots plus starting keys
+  kept before RoPE: a window key (distance < window) rotated further by (the call's frequencies - its
+  writer's) * its anchor; a starting key (< n_global, distance >= window) rotated entirely with the
+  call's frequencies at distance `limit` from the query (with `starts_read_with_reader=False`: its
+  writer's frequencies, as a cache of rotated keys would hold it)."""
+  import torch
+  from transformers import DynamicCache
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  rotary, original = model.model.rotary_emb, model.config.max_position_embeddings
+  n_layers = model.config.num_hidden_layers
+  keys, values, written = [[] for _ in range(n_layers)], [[] for _ in range(n_layers)], []  # per position
+  outs = []
+  for p in range(tokens.shape[1]):
+    freq = (rotary.original_inv_freq if p + 1 <= original else
+            ROPE_INIT_FUNCTIONS["dynamic"](model.config, seq_len=torch.tensor(p + 1))[0])
+    seen = [j for j in range(p) if p - j < window or j < n_global]
+    angle = torch.stack([
+        (freq - written[j]) * (j - j % window) if p - j < window else
+        (freq if starts_read_with_reader else written[j]) * (p - limit) - written[j] * j for j in seen]) \
+        if seen else None
+    cache = DynamicCache(config=model.config)
+    for layer in range(n_layers if seen else 0):
+      cache.update(_rotate(torch.cat([keys[layer][j] for j in seen], dim=2), angle),
+                   torch.cat([values[layer][j] for j in seen], dim=2), layer)
+    with torch.no_grad():
+      out = model(torch.as_tensor(tokens[:, p:p + 1]), position_ids=torch.full((tokens.shape[0], 1), p),
+                  past_key_values=cache, use_cache=True)
+    np.testing.assert_allclose(rotary.inv_freq.numpy(), freq.numpy())  # (transformers used those frequencies)
+    outs.append(out.logits.numpy())
+    for layer in range(n_layers):
+      keys[layer].append(cache.layers[layer].keys[:, :, -1:])
+      values[layer].append(cache.layers[layer].values[:, :, -1:])
+    written.append(freq)
+  return np.concatenate(outs, axis=1)
+
+
+def test_dynamic_starting_keys_take_the_reading_chunks_frequencies(dynamic_llama):
+  """Lambda (2 starting keys kept before RoPE, a ring of 8, limit 8) prefilled below the length, then
+  decoded one token per call past it: its starting keys are rotated entirely with each call's
+  frequencies and its ring keys as documented, i.e. transformers fed token by token with its cached
+  keys so picked and re-rotated."""
+  config, params = dynamic_llama
+  spec = config.resolve_attention(Lambda(n_global=2, n_local=8))
+  got = feed_cached(params, config, spec, TOKENS, POSITIONS, [20] + [1] * 20, max_len=40)
+  np.testing.assert_allclose(got, _hf_lambda_token_by_token(_dynamic(), TOKENS, 2, 8, 8), atol=1e-5, rtol=0)
+  assert np.abs(got - _hf_lambda_token_by_token(_dynamic(), TOKENS, 2, 8, 8, starts_read_with_reader=False)
+                ).max() > 1e-3  # (the rule is seen)
+
+
 # --- Export
 
 EXPORTS = {  # (tiny kind, config overrides, --rope-scaling or None)
