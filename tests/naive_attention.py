@@ -63,7 +63,7 @@ _DEFAULTS = {
         "top_k_from_layer": 4,
     },
     "streaming": {"n_sink": 4, "n_recent": None},  # n_recent required
-    "selfextend": {"group_size": None, "window_size": None},  # both required
+    "selfextend": {"group_size": None, "window_size": None, "scale_base": None},  # G, W required
     "dca": {"chunk_size": None, "local_window": None, "mscale_length": None},  # mscale_length: L, or None (off)
 }
 
@@ -188,7 +188,7 @@ def naive_attention(q, k, v, positions, inv_freq, method, alibi_slopes=None, sof
                    mask [True], top_k [None], insert_at [2048], layer [0],
                    top_k_from_layer [4].
       "streaming": n_sink [4], n_recent (required).
-      "selfextend": group_size, window_size (required).
+      "selfextend": group_size, window_size (required), scale_base [None: no log scaling].
       "dca":       chunk_size, local_window (required), mscale_length [None: no mscale].
 
     alibi_slopes [N] (docs/semantics.md#alibi-models): no RoPE (inv_freq is ignored); a key at
@@ -232,6 +232,9 @@ def naive_attention(q, k, v, positions, inv_freq, method, alibi_slopes=None, sof
             # ChunkLlama's mscale of a token at position p: 0.05 ln((p+1)/L) + 1 past L, on q and on k
             ms = lambda x: np.where(x + 1 > p["mscale_length"], 0.05 * np.log((x + 1) / p["mscale_length"]) + 1, 1.0)  # noqa: E731
             s = s * ms(float(pos[i])) * ms(pos[js].astype(np.float64))[None, :]
+        if method == "selfextend" and p["scale_base"] is not None:
+            # LongLM's log scaling of a query at position p: max(1, ln(p+1) / ln(scale_base))
+            s = s * max(1.0, np.log(float(pos[i]) + 1) / np.log(p["scale_base"]))
         if alibi_slopes is not None:
             s = s - np.asarray(alibi_slopes, np.float64)[:, None] * dist[i, js][None, :]
         if softcap is not None:

@@ -95,6 +95,7 @@ ADDED = {command: MESH_FLAGS for command in ("generate", "stream-ppl", "passkey"
 METHOD_OPTIONS_ADDED = ["--device-blocks", "--offload", "--released-prefill"]  # (issue 30: every command with infllm's options)
 # (issue 31: selfextend's and dca's options, with every method's)
 METHOD_OPTIONS_ADDED += ["--group-size", "--window-size", "--chunk-size", "--local-window", "--mscale", "--trained-length"]
+METHOD_OPTIONS_ADDED += ["--scale-base"]  # (selfextend: LongLM's log scaling of queries)
 # Commands added since: (the command whose flags they share, flags of their own, flags of it they lack).
 NEW_COMMANDS = {"infinitebench": ("ruler", ["--data-dir"], ["--haystack-file"])}  # (issue 31)
 ROPE_ADDED = ["--rope-scaling"]  # (issue 31: every command that runs a model, and export)
