@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from lminf_jax.attention import ATTENTION_METHODS, InfLLM, Lambda, Streaming
+from lminf_jax.attention import ATTENTION_METHODS, DCA, Dense, InfLLM, Lambda, SelfExtend, Streaming
 from lminf_jax.cli.app import build_parser
 from lminf_jax.cli.options import attention_from_args
 from lminf_jax.errors import UserError
@@ -51,6 +51,11 @@ def test_a_flag_sets_only_what_it_names():
   assert attention_from_args(args, "infllm") == InfLLM(top_k=7, chunk=64, n_local=100)
   assert attention_from_args(args, "streaming") == Streaming(chunk=64)
   assert attention_from_args(_parse("--attention", "infllm"), "infllm") == InfLLM()  # the spec's own defaults
+  args = _parse("--attention", "dense,selfextend,dca", "--group-size", "4", "--scale-base", "4096", "--chunk-size",
+                "600", "--mscale")
+  assert attention_from_args(args, "dense") == Dense()
+  assert attention_from_args(args, "selfextend") == SelfExtend(group_size=4, scale_base=4096)
+  assert attention_from_args(args, "dca") == DCA(chunk_size=600, mscale=True)
 
 
 def test_released_prefill_is_a_flag_and_an_attn_opt():
