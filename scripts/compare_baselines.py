@@ -32,6 +32,7 @@ ROWS = {
     "dense+dynamic": ["--attention", "dense", "--rope-scaling", "dynamic:factor=4"],
 }
 LMINF = [sys.executable, "-m", "lminf_jax.cli"]
+TASK_NAMES = {"passkey": "R.PK", "number_string": "R.Num", "kv_retrieval": "R.KV"}  # (InfiniteBench's names)
 
 
 def run_task(task: str, row: str, ckpt: str, out: Path, args) -> None:
@@ -78,11 +79,12 @@ def ppl_table(out: Path, rows: list[str]) -> str:
   return "\n".join(lines)
 
 
-def score_table(out: Path, task: str, rows: list[str], cell, key: str = "score") -> str:
-  """Mean `key` x 100 per row and `cell(result)` column (its sample count), with the command's wall time."""
+def score_table(out: Path, task: str, rows: list[str], cell, label=str, key: str = "score") -> str:
+  """Mean `key` x 100 per row and `cell(result)` column (headed `label(column)`; its sample count), with
+  the commands' wall time."""
   found = reports(out, task, rows)
   columns = sorted({cell(r) for reps in found.values() for rep in reps for r in rep["results"]})
-  lines = ["| method | " + " | ".join(map(str, columns)) + " | wall s |", "| --- |" + " --- |" * (len(columns) + 1)]
+  lines = ["| method | " + " | ".join(map(label, columns)) + " | wall s |", "| --- |" + " --- |" * (len(columns) + 1)]
   for row, reps in found.items():
     results = [r for rep in reps for r in rep["results"]]
     cells = []
@@ -135,8 +137,9 @@ def main() -> None:
     for row in rows:
       run_task(task, row, args.ckpt, args.out, args)
   print(ppl_table(args.out, rows))
-  print(score_table(args.out, "passkey", rows, lambda r: r["length"], key="correct"))
-  print(score_table(args.out, "infinitebench", rows, lambda r: (r.get("task"), r.get("length"))))
+  print(score_table(args.out, "passkey", rows, lambda r: r["length"], lambda n: f"{n // 1024}K", key="correct"))
+  print(score_table(args.out, "infinitebench", rows, lambda r: (r["length"], r["task"]),
+                    lambda c: f"{TASK_NAMES.get(c[1], c[1])} {c[0] // 1024}K"))
   plot(args.out, rows)
 
 
