@@ -138,8 +138,9 @@ def main() -> None:
       run_task(task, row, args.ckpt, args.out, args)
   print(ppl_table(args.out, rows))
   print(score_table(args.out, "passkey", rows, lambda r: r["length"], lambda n: f"{n // 1024}K", key="correct"))
-  print(score_table(args.out, "infinitebench", rows, lambda r: (r["length"], r["task"]),
-                    lambda c: f"{TASK_NAMES.get(c[1], c[1])} {c[0] // 1024}K"))
+  order = list(TASK_NAMES)
+  print(score_table(args.out, "infinitebench", rows, lambda r: (r["length"], order.index(r["task"])),
+                    lambda c: f"{TASK_NAMES[order[c[1]]]} {c[0] // 1024}K"))
   plot(args.out, rows)
 
 
