@@ -6,7 +6,7 @@ streaming throughput.
     python scripts/bench_device.py --small    # anywhere (CPU: splash in interpret mode), small shapes
 
 1. Correctness first, T=1024 (--small: 256), offset 10^6, one left-padded row: each method's
-   kernel path against its float32 XLA path. On a GPU (bf16 only) the bound is the error of one
+   kernel path (dense, lambda, streaming, selfextend) against its float32 XLA path. On a GPU (bf16 only) the bound is the error of one
    bf16 cuDNN dense call over the same keys (T <= n_local) against its float32 result; the
    lambda and streaming merges must be no further off.
 2. InfLLM with offload at 1M tokens (--offload-tokens; --small: 8K), SmolLM2's shapes with random
@@ -17,8 +17,9 @@ streaming throughput.
    passkey at that length: found or not. The long section (an estimated 1-3 minutes on an H200).
 3. One attention layer, bf16, SmolLM2 (9/3 heads, H=64) and a Llama-3-8B layer (32/8, H=128), at
    T = 32K and 128K: lambda (L=8192 and 4096) through XLA and through the kernel, dense through
-   the kernel; attended (query, key) pairs per second (per query head); lambda-kernel pairs/s
-   over dense-kernel pairs/s (goal: >= 0.8).
+   the kernel; at 32K also selfextend (G=8, W=2048) through both and dca (XLA, its only path);
+   attended (query, key) pairs per second (per query head); lambda-kernel pairs/s over
+   dense-kernel pairs/s (goal: >= 0.8).
 4. SmolLM2's shapes with random bf16 weights (no checkpoint needed; speed does not depend on
    the weights): token_nll tokens/s at 128K, kernel vs XLA path (lambda L=8192), the prefill of a
    32K prompt and decode tokens/s after it.
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, Streaming, attend, resolve
+from lminf_jax.attention import DCA, BandMethod, Dense, InfLLM, Lambda, SelfExtend, Streaming, attend, resolve
 from lminf_jax.cache import cache_bytes, check_memory, init_cache
 from lminf_jax.eval.passkey import NEW_TOKENS, first_integer, make_sample
 from lminf_jax.inference.forward import token_nll
@@ -58,12 +59,14 @@ SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 
 
 def attended_pairs(spec, t: int) -> int:
-  """(query, key) pairs one query head attends over a row of t tokens."""
+  """(query, key) pairs one query head attends over a row of t tokens: a band method's band and
+  starting keys, every causal pair for the others (selfextend, dca)."""
   i = np.arange(t, dtype=np.int64)
-  if isinstance(spec, Dense):
+  if not isinstance(spec, BandMethod):
     return int((i + 1).sum())
-  local = np.minimum(i + 1, spec.n_local)
-  return int((local + np.clip(i - spec.n_local + 1, 0, spec.n_global)).sum())
+  band = spec.band()
+  local = np.minimum(i + 1, band.window)
+  return int((local + np.clip(i - band.window + 1, 0, band.n_start)).sum())
 
 
 def inputs(t: int, n: int, kv: int, h: int, dtype, pad: int = 0, offset: int = 0, seed: int = 0):
@@ -100,7 +103,8 @@ def check(kernel: str, small: bool) -> None:
   real = np.asarray(f32[3][0] >= 0)
   errors = {}
   for name, spec in [("dense (T <= n_local)", Dense()), ("lambda", Lambda(n_global=10, n_local=window)),
-                     ("streaming", Streaming(n_sink=4, n_recent=window))]:
+                     ("streaming", Streaming(n_sink=4, n_recent=window)),
+                     ("selfextend", SelfExtend(group_size=4, window_size=window))]:
     reference = jax.jit(layer(dataclasses.replace(spec, kernel="xla"), h))(*f32)
     ours = jax.jit(layer(dataclasses.replace(spec, kernel=kernel), h))(*ours_in)
     errors[name] = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - reference)[0][real]))
@@ -163,6 +167,9 @@ def layers(kernel: str, small: bool, repeats: int) -> None:
       args = inputs(t, n, kv, h, dtype)
       rate = {}
       rows = [(f"lambda L={w}", Lambda(n_global=10, n_local=w), path) for w in locals_ for path in ("xla", kernel)]
+      if t <= lengths[0]:  # (O(T^2) on XLA: the shorter length only)
+        rows += [("selfextend G=8", SelfExtend(group_size=8), path) for path in ("xla", kernel)]
+        rows += [("dca", DCA(), "xla")]  # (no kernel path)
       for name, spec, path in rows + [("dense", Dense(), kernel)]:
         seconds = timed(layer(dataclasses.replace(spec, kernel=path), h), *args, repeats=repeats)
         rate[name, path] = attended_pairs(resolve(spec, 8192), t) * n / seconds
