@@ -6,9 +6,9 @@ streaming throughput.
     python scripts/bench_device.py --small    # anywhere (CPU: splash in interpret mode), small shapes
 
 1. Correctness first, T=1024 (--small: 256), offset 10^6, one left-padded row: each method's
-   kernel path (dense, lambda, streaming, selfextend) against its float32 XLA path. On a GPU (bf16 only) the bound is the error of one
-   bf16 cuDNN dense call over the same keys (T <= n_local) against its float32 result; the
-   lambda and streaming merges must be no further off.
+   kernel path (dense, lambda, streaming, selfextend; dca with splash) against its float32 XLA
+   path. On a GPU (bf16 only) the bound is the error of one bf16 cuDNN dense call over the same
+   keys (T <= n_local) against its float32 result; the merges must be no further off.
 2. InfLLM with offload at 1M tokens (--offload-tokens; --small: 8K), SmolLM2's shapes with random
    bf16 weights: a passkey-shaped input fed through the cache in chunks of 512 (n_local 8192, block
    128, top_k 16, 32 blocks on the device): tokens/s, the cache's device and host bytes, the
@@ -17,7 +17,7 @@ streaming throughput.
    passkey at that length: found or not. The long section (an estimated 1-3 minutes on an H200).
 3. One attention layer, bf16, SmolLM2 (9/3 heads, H=64) and a Llama-3-8B layer (32/8, H=128), at
    T = 32K and 128K: lambda (L=8192 and 4096) through XLA and through the kernel, dense through
-   the kernel; at 32K also selfextend (G=8, W=2048) through both and dca (XLA, its only path);
+   the kernel; at 32K also selfextend (G=8, W=2048) through both and dca (XLA, and splash on a TPU);
    attended (query, key) pairs per second (per query head); lambda-kernel pairs/s over
    dense-kernel pairs/s (goal: >= 0.8).
 4. SmolLM2's shapes with random bf16 weights (no checkpoint needed; speed does not depend on
@@ -88,6 +88,11 @@ def timed(fn, *args, repeats: int) -> float:
   return best
 
 
+def splash_only(kernel: str, items: list) -> list:
+  """`items` where `kernel` is splash (dca has no cuDNN path), else none."""
+  return items if kernel == "splash" or (kernel == "auto" and jax.default_backend() == "tpu") else []
+
+
 def layer(spec, h: int):
   pe = Rotary(jnp.asarray(inv_frequencies(h, 500000.0, RopeScaling())))
   return lambda q, k, v, pos: attend(q, k, v, pos, pe, resolve(spec, 8192))
@@ -104,7 +109,8 @@ def check(kernel: str, small: bool) -> None:
   errors = {}
   for name, spec in [("dense (T <= n_local)", Dense()), ("lambda", Lambda(n_global=10, n_local=window)),
                      ("streaming", Streaming(n_sink=4, n_recent=window)),
-                     ("selfextend", SelfExtend(group_size=4, window_size=window))]:
+                     ("selfextend", SelfExtend(group_size=4, window_size=window))] + splash_only(kernel, [
+                         ("dca", DCA(chunk_size=window, local_window=window // 8))]):
     reference = jax.jit(layer(dataclasses.replace(spec, kernel="xla"), h))(*f32)
     ours = jax.jit(layer(dataclasses.replace(spec, kernel=kernel), h))(*ours_in)
     errors[name] = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - reference)[0][real]))
@@ -169,7 +175,7 @@ def layers(kernel: str, small: bool, repeats: int) -> None:
       rows = [(f"lambda L={w}", Lambda(n_global=10, n_local=w), path) for w in locals_ for path in ("xla", kernel)]
       if t <= lengths[0]:  # (O(T^2) on XLA: the shorter length only)
         rows += [("selfextend G=8", SelfExtend(group_size=8), path) for path in ("xla", kernel)]
-        rows += [("dca", DCA(), "xla")]  # (no kernel path)
+        rows += [("dca", DCA(), path) for path in ("xla", *splash_only(kernel, [kernel]))]
       for name, spec, path in rows + [("dense", Dense(), kernel)]:
         seconds = timed(layer(dataclasses.replace(spec, kernel=path), h), *args, repeats=repeats)
         rate[name, path] = attended_pairs(resolve(spec, 8192), t) * n / seconds

@@ -16,7 +16,7 @@ from helpers import run_cli
 from naive_attention import default_inv_freq, naive_attention
 from naive_infllm import naive_infllm
 
-from lminf_jax.attention import Dense, InfLLM, Lambda, Rotary, SelfExtend, Streaming, attend, resolve
+from lminf_jax.attention import DCA, Dense, InfLLM, Lambda, Rotary, SelfExtend, Streaming, attend, resolve
 from lminf_jax.attention.infllm import infllm_attention
 from lminf_jax.attention.kernels import DotProductAttention, Segments, Splash, flash_band
 from lminf_jax.errors import UserError
@@ -87,7 +87,8 @@ def test_segment_plan():
     assert len(plan.begin) == 1 or np.all(offsets[1:] >= window - 1)  # (the first call starts at token 0)
 
 
-@pytest.mark.parametrize("spec", [Lambda(n_global=4, n_local=40), InfLLM(n_init=4, n_local=40, block_size=8, chunk=32)])
+@pytest.mark.parametrize("spec", [Lambda(n_global=4, n_local=40), InfLLM(n_init=4, n_local=40, block_size=8, chunk=32),
+                                  DCA(chunk_size=40, local_window=8)], ids=["lambda", "infllm", "dca"])
 def test_gradient_is_the_xla_paths(spec):
   spec = resolve(dataclasses.replace(spec, kernel="splash"), max_position_embeddings=1)
   q, k, v, positions = _rows(5, 130, 4, 2, 16, pads=[0, 9], offset=0)
@@ -114,8 +115,8 @@ def test_model_token_nll_with_splash_equals_xla(tiny_model):
 
 
 @pytest.mark.parametrize("spec", [Lambda(n_global=4, n_local=32), Streaming(n_sink=2, n_recent=40), Dense(),
-                                  SelfExtend(group_size=3, window_size=20)],
-                         ids=["lambda", "streaming", "dense", "selfextend"])
+                                  SelfExtend(group_size=3, window_size=20), DCA(chunk_size=40, local_window=8)],
+                         ids=["lambda", "streaming", "dense", "selfextend", "dca"])
 def test_prefill_through_the_kernel_equals_chunked_xla(tiny_model, spec):
   """With a kernel, a prompt enters an empty cache one-shot: the logits and the cache equal
   XLA's chunked prefill, and generation goes on the same."""
@@ -185,3 +186,20 @@ def test_cudnn_behind_a_version_check_falls_back_to_xla(monkeypatch):
       with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernels.flash_kernel("auto", jnp.float32) is None  # (float32 on a GPU: XLA anyway, no warning)
+
+
+def test_dca_through_splash_with_skipping_positions_equals_xla():
+  """DCA's chunks are of positions: rows whose positions skip (spanning more chunks than their
+  tokens could) equal the XLA path too (the inter-chunk call falls back to XLA; the others do not)."""
+  rng = np.random.default_rng(3)
+  t, n, kv, h = 120, 4, 2, 8
+  spec = resolve(DCA(chunk_size=20, local_window=3), max_position_embeddings=1)
+  positions = np.stack([np.sort(rng.choice(400, t, replace=False)),
+                        np.r_[np.full(30, -1), np.sort(rng.choice(1000, t - 30, replace=False)) + 77]])
+  q = rng.standard_normal((2, t, n, h)).astype(np.float32)
+  k, v = (rng.standard_normal((2, t, kv, h)).astype(np.float32) for _ in range(2))
+  args = [jnp.asarray(a) for a in (q, k, v, positions)] + [Rotary(jnp.asarray(default_inv_freq(h), jnp.float32))]
+  (o_kernel, lse_kernel), (o_xla, lse_xla) = spec.kernel_attend(KERNELS["splash"], *args), spec.xla_attend(*args)
+  real = positions >= 0
+  np.testing.assert_allclose(np.asarray(o_kernel), np.asarray(o_xla), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lse_kernel)[real], np.asarray(lse_xla)[real], atol=1e-5)

@@ -11,6 +11,8 @@ chunkllama_attn_replace.py builds its q, qc and k tables (lines 44-52) and picks
 the call that (re)built them, so its one-shot and token-by-token results differ. With `mscale`
 on, a query or key at position p is multiplied by that factor for T = p + 1, which is what
 ChunkLlama's token-by-token path computes, and the same in every path here.
+
+One-shot attention runs through XLA (RemappedMethod's scan) or Pallas splash (dca_splash.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import functools
 
 import jax.numpy as jnp
 
+from lminf_jax.attention.dca_splash import dca_splash
+from lminf_jax.attention.kernels import Splash, flash_kernel, flash_or_xla
 from lminf_jax.attention.method import option
 from lminf_jax.attention.remapped import RemappedMethod
 from lminf_jax.errors import UserError
@@ -90,9 +94,8 @@ class DCA(RemappedMethod):
     super().__post_init__()
     if self.chunk_size is not None and self.local_window is not None and self.local_window >= self.chunk_size:
       raise UserError(f"DCA.local_window ({self.local_window}) must be less than chunk_size ({self.chunk_size})")
-    if self.kernel not in ("auto", "xla"):
-      raise UserError(f"dca has no flash kernel path (its intra-chunk keys are no band): kernel={self.kernel} is not "
-                      f"available, use auto or xla")
+    if self.kernel == "cudnn":
+      raise UserError("dca has no cudnn path (its placements are no band): use --kernel auto, xla or splash")
 
   def resolve(self, max_position_embeddings: int, sliding_window: int | None = None) -> DCA:
     chunk_size = self.chunk_size or max(2, max_position_embeddings * 3 // 4)
@@ -109,6 +112,21 @@ class DCA(RemappedMethod):
 
   def scale(self):
     return functools.partial(chunkllama_mscale, trained=self.trained_length) if self.mscale else None
+
+  def attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, layer):
+    return flash_or_xla(self, q_btnh, k_btkh, v_btkh, positions_bt, pe, kinds=(Splash,))[0]
+
+  def prefill_one_shot(self, dtype) -> bool:
+    return isinstance(flash_kernel(self.kernel, dtype), Splash)
+
+  def xla_attend(self, q_btnh, k_btkh, v_btkh, positions_bt, pe) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(out [B,T,N,H], lse [B,T,N]) through XLA: the kernel path's reference and gradient."""
+    return self.one_shot(q_btnh, k_btkh, v_btkh, positions_bt, pe)
+
+  def kernel_attend(self, kernel: Splash, q_btnh, k_btkh, v_btkh, positions_bt, pe) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(out [B,T,N,H], lse [B,T,N]): each placement through splash (dca_splash.py)."""
+    xla_inter = functools.partial(self.one_shot, pe=pe, placements=self.placements()[2:])
+    return dca_splash(kernel, self.placements(), q_btnh, k_btkh, v_btkh, positions_bt, pe, self.scale(), xla_inter)
 
 
 __all__ = ["DCA", "Inter", "Intra", "Successive", "chunkllama_mscale"]

@@ -47,30 +47,49 @@ ALIGN = 128  # kernel block multiple: segment lengths are padded to it
 @dataclasses.dataclass(frozen=True)
 class Splash:
   """Pallas splash attention (TPU; `interpret` runs it anywhere, slowly): causal, left window,
-  logits soft-capped at `softcap` (None: not)."""
+  logits soft-capped at `softcap` (None: not); `masked` takes any splash mask."""
 
   interpret: bool
 
   def __call__(self, q_xlnh, k_xlkh, v_xlkh, window: int | None, softcap: float | None = None):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    shape = (q_xlnh.shape[1],) * 2
+    mask = masks.CausalMask(shape)
+    if window is not None:  # (the left window is inclusive: window - 1 keeps `window` keys)
+      mask = mask & masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    return self.masked(q_xlnh, k_xlkh, v_xlkh, mask, softcap=softcap)
+
+  def masked(self, q_xlnh, k_xlkh, v_xlkh, mask, segment_ids: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+             softcap: float | None = None, block: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(out [X,L,N,H], lse [X,L,N]) of q [X,L,N,H] over k/v [X,L,K,H] (pre-rotated, q pre-scaled)
+    under a splash `mask` [L, L], a query seeing a key only where their `segment_ids` (of the
+    queries and of the keys, [X, L] each) agree, in blocks of `block` (default: the largest of 512,
+    256, 128 dividing L). A query that sees no key gets an undefined row."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
     x, length, n, h = q_xlnh.shape
     kv = k_xlkh.shape[2]
-    kernel = _splash_kernel(length, n // kv, window, self.interpret, softcap)
+    kernel = _splash_kernel(mask, n // kv, self.interpret, softcap,
+                            block or next(b for b in (512, 256, 128) if length % b == 0))
     q_xkglh = q_xlnh.reshape(x, length, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
     k_xklh, v_xklh = (jnp.swapaxes(a, 1, 2) for a in (k_xlkh, v_xlkh))
-    o_xkglh, (lse_xkgl,) = jax.vmap(jax.vmap(kernel))(q_xkglh, k_xklh, v_xklh)
+    if segment_ids is None:
+      o_xkglh, (lse_xkgl,) = jax.vmap(jax.vmap(kernel))(q_xkglh, k_xklh, v_xklh)
+    else:
+      def row(q_kglh, k_klh, v_klh, q_ids_l, kv_ids_l):
+        ids = splash.SegmentIds(q_ids_l, kv_ids_l)
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_kglh, k_klh, v_klh)
+
+      o_xkglh, (lse_xkgl,) = jax.vmap(row)(q_xkglh, k_xklh, v_xklh, *segment_ids)
     return (o_xkglh.transpose(0, 3, 1, 2, 4).reshape(x, length, n, h),
             lse_xkgl.transpose(0, 3, 1, 2).reshape(x, length, n))
 
 
-def _splash_kernel(length: int, heads: int, window: int | None, interpret: bool, softcap: float | None):
+def _splash_kernel(mask, heads: int, interpret: bool, softcap: float | None, block: int):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-  shape = (length, length)
-  mask = masks.CausalMask(shape)
-  if window is not None:  # (the left window is inclusive: window - 1 keeps `window` keys)
-    mask = mask & masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
-  block = next(b for b in (512, 256, 128) if length % b == 0)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block)
   # (built per trace: splash caches the numpy processing of the mask itself)
   return splash.make_splash_mqa_single_device(masks.MultiHeadMask([mask] * heads), block_sizes=sizes,
@@ -240,12 +259,12 @@ def merge(o_a: jnp.ndarray, lse_a: jnp.ndarray, o_b: jnp.ndarray, lse_b: jnp.nda
 
 
 def flash_or_xla(spec, q_btnh: jnp.ndarray, k_btkh: jnp.ndarray, v_btkh: jnp.ndarray, positions_bt: jnp.ndarray,
-                 pe: Positional) -> tuple[jnp.ndarray, jnp.ndarray]:
+                 pe: Positional, kinds: tuple[type, ...] = (Splash, DotProductAttention)) -> tuple[jnp.ndarray, jnp.ndarray]:
   """(out [B,T,N,H], lse [B,T,N]) of a method with `kernel_attend(kernel, ...)` and `xla_attend(...)`:
-  through the flash kernel its `kernel` option picks on this platform (on each shard of the mesh,
-  differentiated as XLA), or through XLA."""
+  through the flash kernel its `kernel` option picks on this platform, if it is of `kinds` (on each
+  shard of the mesh, differentiated as XLA), or through XLA."""
   kernel = flash_kernel(spec.kernel, q_btnh.dtype, pe)
-  if kernel is None:
+  if not isinstance(kernel, kinds):  # (None: XLA)
     return spec.xla_attend(q_btnh, k_btkh, v_btkh, positions_bt, pe)
   fast = functools.partial(spec.kernel_attend, kernel)
   return on_mesh(functools.partial(xla_gradient, fast, spec.xla_attend), q_btnh, k_btkh, v_btkh, positions_bt, pe)

@@ -35,6 +35,7 @@ class Path:
   CACHED = "cached"  # through a cache in chunks of any length (its result does not depend on them)
   DECODE = "decode"  # one token at a time through a cache equals the one-shot forward
   KERNELS = "kernels"  # its band through the flash kernels (kernel_attend; xla_attend its XLA path)
+  SPLASH = "splash"  # through splash only (kernel_attend; xla_attend its XLA path): no cuDNN path
   OWN_CHUNKS = "own_chunks"  # through a cache only in its own query chunks (retrieval per chunk)
 
 
@@ -75,7 +76,7 @@ def _dca_sizes(z: Sizes) -> dict:
   return dict(chunk_size=chunk_size, local_window=min(z.n_start, chunk_size - 1))
 
 
-M, C, D, K, O = Path.MASKED, Path.CACHED, Path.DECODE, Path.KERNELS, Path.OWN_CHUNKS
+M, C, D, K, S, O = Path.MASKED, Path.CACHED, Path.DECODE, Path.KERNELS, Path.SPLASH, Path.OWN_CHUNKS
 CASES: tuple[MethodCase, ...] = (
     MethodCase("dense", lambda z: Dense(chunk=z.chunk, key_block=z.key_block), lambda z: ("dense", {}),
                frozenset({M, C, D, K})),
@@ -126,10 +127,10 @@ CASES: tuple[MethodCase, ...] = (
                lambda z: ("selfextend", dict(group_size=z.n_start % 5 + 1, window_size=z.window,
                                              scale_base=z.window // 2 + 2)), frozenset({C, D, K})),
     MethodCase("dca", lambda z: DCA(**_dca_sizes(z), chunk=z.chunk, key_block=z.key_block),
-               lambda z: ("dca", _dca_sizes(z)), frozenset({M, C, D})),
+               lambda z: ("dca", _dca_sizes(z)), frozenset({M, C, D, S})),
     MethodCase("dca_mscale", lambda z: DCA(**_dca_sizes(z), mscale=True, trained_length=z.window // 2 + 1,
                                            chunk=z.chunk, key_block=z.key_block),
-               lambda z: ("dca", dict(_dca_sizes(z), mscale_length=z.window // 2 + 1)), frozenset({C, D})),
+               lambda z: ("dca", dict(_dca_sizes(z), mscale_length=z.window // 2 + 1)), frozenset({C, D, S})),
     MethodCase("dilated", lambda z: Dilated(stride=z.n_start % 3 + 2, window=z.window),  # (the README's own method)
                lambda z: ("dilated", dict(stride=z.n_start % 3 + 2, window=z.window)), frozenset({C, D})),
 )

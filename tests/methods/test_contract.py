@@ -93,12 +93,15 @@ def test_gradients_match_the_reference(case):
 
 # --- the flash kernels (splash in interpret mode; cuDNN's masks and merge through jax.nn's "xla") ---
 
-# T = 200 (not a multiple of 128): windows below T, and lambda's above it too
-KERNEL_ROWS = [(case, 48) for case in with_path(Path.KERNELS)] + [(BY_NAME["lambda"], 300)]
+# T = 200 (not a multiple of 128): windows below T, and lambda's above it too; dca: chunks of 43,
+# the rows starting mid-chunk (10^8 mod 43 = 40), the padded one ending in another chunk
+KERNEL_ROWS = ([(kernel, case, 48) for case in with_path(Path.KERNELS) for kernel in sorted(KERNELS)]
+               + [(kernel, BY_NAME["lambda"], 300) for kernel in sorted(KERNELS)]
+               + [("splash", case, 48) for case in with_path(Path.SPLASH)])
 
 
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
-@pytest.mark.parametrize("case, window", KERNEL_ROWS, ids=lambda x: repr(x) if not isinstance(x, int) else f"w{x}")
+@pytest.mark.parametrize("kernel, case, window", KERNEL_ROWS,
+                         ids=lambda x: f"w{x}" if isinstance(x, int) else x if isinstance(x, str) else repr(x))
 def test_kernel_path_equals_xla_and_the_reference(kernel, case, window):
   sizes = Sizes(5, window, 512, 512)
   spec = resolve(case.make(sizes), max_position_embeddings=1)
