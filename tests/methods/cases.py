@@ -125,7 +125,7 @@ CASES: tuple[MethodCase, ...] = (
                                                            scale_base=z.window // 2 + 2, chunk=z.chunk,
                                                            key_block=z.key_block),
                lambda z: ("selfextend", dict(group_size=z.n_start % 5 + 1, window_size=z.window,
-                                             scale_base=z.window // 2 + 2)), frozenset({C, D, K})),
+                                             scale_base=z.window // 2 + 2)), frozenset({C, K})),  # (decode: chunks of 1)
     MethodCase("dca", lambda z: DCA(**_dca_sizes(z), chunk=z.chunk, key_block=z.key_block),
                lambda z: ("dca", _dca_sizes(z)), frozenset({M, C, D, S})),
     MethodCase("dca_mscale", lambda z: DCA(**_dca_sizes(z), mscale=True, trained_length=z.window // 2 + 1,
