@@ -52,7 +52,7 @@ def rope_frequencies(config: LlamaConfig, positions_bt: jnp.ndarray) -> jnp.ndar
   (docs/semantics.md#rope-scaling; through a cache: docs/caches.md#rope-scaling-through-a-cache)."""
   scaling, r = config.rope_scaling, config.rotary_dim
   short = jnp.asarray(inv_frequencies(r, config.rope_theta, scaling))
-  if scaling.kind not in ("longrope", "dynamic"):
+  if not scaling.per_call:
     return short
   length = jnp.max(positions_bt) + 1
   if scaling.kind == "dynamic":

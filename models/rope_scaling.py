@@ -46,6 +46,11 @@ class RopeScaling:
   beta_slow: float = 1.0  # yarn: ... below which it is divided by factor (a linear ramp between)
   truncate: bool = True  # yarn: the ramp's ends rounded out to whole dims
 
+  @property
+  def per_call(self) -> bool:
+    """Whether the frequencies depend on the call (its largest position), as transformers' per forward."""
+    return self.kind in ("longrope", "dynamic")
+
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   """YaRN's attention temperature term 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""

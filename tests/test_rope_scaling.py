@@ -222,6 +222,30 @@ def test_dynamic_cache_in_one_chunk_equals_one_shot_and_generation_equals_transf
   assert generate(params, config, [prompt], 12, attention=Dense(), eos_ids=(), chunk=64)[0] == expected[0, 20:].tolist()
 
 
+def test_generate_prefills_a_dynamic_prompt_in_one_call_as_transformers(dynamic_llama, monkeypatch):
+  """A prompt past the length and longer than the method's chunk is prefilled in one call, as
+  transformers' `generate` does (chunks would each take their own frequencies; an explicit chunk
+  is kept): its logits are transformers' one-shot ones, and the tokens its `generate`'s."""
+  import torch
+
+  from lminf_jax.inference import generation
+
+  config, params = dynamic_llama
+  prompt = TOKENS[1, :36].tolist()
+  calls = []
+  prefill = generation._prefill
+  monkeypatch.setattr(generation, "_prefill", lambda *a, **k: calls.append(a[6]) or prefill(*a, **k))
+  with torch.no_grad():
+    expected = _dynamic().generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+  got = generation.generate(params, config, [prompt], 4, attention=Dense(chunk=16), eos_ids=())
+  generation.generate(params, config, [prompt], 4, attention=Dense(chunk=16), eos_ids=(), chunk=16)
+  assert got == [expected[0, 36:].tolist()] and calls == [36, 16]
+  one_call = feed_cached(params, config, Dense(), TOKENS[1:, :36], POSITIONS[1:, :36], [36], max_len=40)
+  np.testing.assert_allclose(one_call, torch_logits(_dynamic(), TOKENS[1:, :36]), atol=1e-5, rtol=0)
+  chunked = feed_cached(params, config, Dense(), TOKENS[1:, :36], POSITIONS[1:, :36], [16, 16, 4], max_len=40)
+  assert np.abs(chunked[0, -1] - one_call[0, -1]).max() > 1e-4  # (chunks would give other logits)
+
+
 def test_dynamic_dense_cache_fed_in_chunks_equals_transformers_cache_fed_alike(dynamic_llama):
   """Fed chunk by chunk past the length, each chunk's queries and keys take the chunk's frequencies
   and cached keys keep those they were written with: transformers' KV cache fed the same chunks, not

@@ -220,14 +220,19 @@ def generate(params: dict, config: LlamaConfig, prompts: list[list[int]], max_ne
              stats: dict | None = None) -> list[list[int]]:
   """Generates up to `max_new_tokens` after each prompt (token id lists); returns the new tokens
   of each row, up to and including its EOS / stop. The prompt is fed `chunk` tokens at a time
-  (default: the method's `feed_chunk`). Dense attention gets a cache of prompt + new tokens.
+  (default: the method's `feed_chunk`; all at once where the RoPE frequencies depend on the call,
+  dynamic and longrope, as transformers' `generate` prefills, unless the method has its own chunk).
+  Dense attention gets a cache of prompt + new tokens.
   `stats`, if given, receives prefill/decode seconds and token counts (compile included)."""
   if max_new_tokens <= 0:
     raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
   if chunk is not None and chunk <= 0:
     raise UserError(f"chunk must be positive, got {chunk}")
   spec = config.resolve_attention(attention)
-  chunk = min(spec.feed_chunk(chunk), max(len(p) for p in prompts or [[0]]))
+  longest = max(len(p) for p in prompts or [[0]])
+  if chunk is None and config.rope_scaling.per_call:  # (a chunk's frequencies are its own: docs/caches.md)
+    chunk = longest
+  chunk = min(spec.feed_chunk(chunk), longest)
   tokens, positions = left_pad(prompts, chunk)
   cache = init_cache(config, spec, len(prompts), max_len=tokens.shape[1] + max_new_tokens)
   start = time.perf_counter()
