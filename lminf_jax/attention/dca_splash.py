@@ -65,6 +65,8 @@ def dca_splash(kernel: Splash, placements, q_btnh: jnp.ndarray, k_btkh: jnp.ndar
   `scale(pos) -> factor` (or None) multiplies queries and keys before rotation. Where positions
   skip so that a row spans more chunks than T tokens can, the inter-chunk pairs take
   `xla_inter(q, k, v, positions) -> (out, lse)` (a `lax.cond`)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
   intra, successive, inter = placements
   c, (b, t, _, h) = intra.chunk, q_btnh.shape
   pos_bt = positions_bt.astype(jnp.int32)
@@ -87,8 +89,6 @@ def dca_splash(kernel: Splash, placements, q_btnh: jnp.ndarray, k_btkh: jnp.ndar
     k_rot = pe.rotate(k_bl, placement.key_offsets(pos_bl, None)[:, :, None])
     return kernel.masked(q_rot.astype(q_btnh.dtype), k_rot.astype(k_btkh.dtype), v_bl, mask, ids, pe.softcap, block)
 
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-
   # Intra and successive: the row rolled, causal, segment ids its chunks.
   pads_b, length = jnp.sum(~real_bt, axis=1), -(-t // ALIGN) * ALIGN
   roll = lambda x: bw.pad_axis(bw.roll_padding(x, pads_b), 1, 0, length - t)  # noqa: E731
@@ -103,10 +103,10 @@ def dca_splash(kernel: Splash, placements, q_btnh: jnp.ndarray, k_btkh: jnp.ndar
   # Inter: segments of `width` columns, one per chunk, if T tokens can span three chunks and the rows fit.
   segments = -(-t // c) + 1 if t > c else 2
   spans = jnp.max(jnp.where(real_bt, chunk_bt - first_b1, 0)) + 1  # (chunks the longest row spans)
-  if t <= c:
-    branches.append(jax.lax.cond(spans <= segments, lambda: (jnp.zeros_like(q_btnh), jnp.full((b, t, q_btnh.shape[2]),
-                                                                                                 -jnp.inf)), xla_branch))
-  else:
+
+  def kernel_branch():
+    if t <= c:  # (no pairs: no call)
+      return jnp.zeros_like(q_btnh), jnp.full((b, t, q_btnh.shape[2]), -jnp.inf)
     width = -(-c // ALIGN) * ALIGN
     seg_bt = jnp.where(real_bt, chunk_bt - first_b1, segments)  # (padding: out of range, dropped)
     col_bt = seg_bt * width + pos_bt % c - jnp.where(seg_bt == 0, first_pos_b1 % c, 0)
@@ -115,16 +115,15 @@ def dca_splash(kernel: Splash, placements, q_btnh: jnp.ndarray, k_btkh: jnp.ndar
     def layout(a_bt: jnp.ndarray, fill=0) -> jnp.ndarray:  # [B, T, ...] -> [B, X, ...]
       return jnp.full((b, x) + a_bt.shape[2:], fill, a_bt.dtype).at[rows_b1, col_bt].set(a_bt, mode="drop")
 
-    def kernel_branch():
-      ids_bx = layout(jnp.zeros_like(pos_bt), fill=1)
-      o_bxnh, lse_bxn = call(inter, layout(q_btnh), layout(k_btkh), layout(v_btkh), layout(pos_bt),
-                             _segment_mask_class()((x, x), width), (ids_bx, ids_bx),
-                             next(s for s in (512, 256, 128) if width % s == 0))
-      at_bt = jnp.minimum(col_bt, x - 1)
-      return (jnp.take_along_axis(o_bxnh, at_bt[:, :, None, None], axis=1).astype(q_btnh.dtype),
-              jnp.take_along_axis(lse_bxn, at_bt[:, :, None], axis=1))
+    ids_bx = layout(jnp.zeros_like(pos_bt), fill=1)
+    o_bxnh, lse_bxn = call(inter, layout(q_btnh), layout(k_btkh), layout(v_btkh), layout(pos_bt),
+                           _segment_mask_class()((x, x), width), (ids_bx, ids_bx),
+                           next(s for s in (512, 256, 128) if width % s == 0))
+    at_bt = jnp.minimum(col_bt, x - 1)
+    return (jnp.take_along_axis(o_bxnh, at_bt[:, :, None, None], axis=1).astype(q_btnh.dtype),
+            jnp.take_along_axis(lse_bxn, at_bt[:, :, None], axis=1))
 
-    branches.append(jax.lax.cond(spans <= segments, kernel_branch, xla_branch))
+  branches.append(jax.lax.cond(spans <= segments, kernel_branch, xla_branch))
   o_btnh, lse_btn = None, None
   for (o, lse), sees_bt in zip(branches, sees):
     o, lse = jnp.where(sees_bt[:, :, None, None], o, 0), jnp.where(sees_bt[:, :, None], lse, -jnp.inf)
