@@ -97,15 +97,18 @@ def naive_infllm(q: np.ndarray, k: np.ndarray, v: np.ndarray, inv_freq: np.ndarr
                  block_size: int, repr_tokens: int, top_k: int, chunk: int,
                  released_prefill: bool = False) -> tuple[np.ndarray, list[list[int]]]:
   """q [T, N, H], k and v [T, K, H] (projections before RoPE, one sequence, positions 0..T-1),
-  inv_freq [H/2]. Returns (out [T, N, H] float64, selected block indices per query chunk).
+  inv_freq [H/2], or [ceil(T / chunk), H/2]: each query chunk's own (RoPE frequencies that
+  change with the call, as dynamic NTK's: the chunk rotates its queries and every key it reads
+  with its own). Returns (out [T, N, H] float64, selected block indices per query chunk).
   `released_prefill`: far keys by the released code's rule (`infllm_key_sets`)."""
   q = np.asarray(q, dtype=np.float64)
   k = np.asarray(k, dtype=np.float64)
   v = np.asarray(v, dtype=np.float64)
-  inv_freq = np.asarray(inv_freq, dtype=np.float64)
   t, n, h = q.shape
   kh = k.shape[1]
-  assert n % kh == 0 and k.shape == (t, kh, h) and v.shape == (t, kh, h) and inv_freq.shape == (h // 2,)
+  n_chunks = -(-t // chunk)
+  inv_freq = np.broadcast_to(np.asarray(inv_freq, dtype=np.float64), (n_chunks, h // 2))
+  assert n % kh == 0 and k.shape == (t, kh, h) and v.shape == (t, kh, h)
   group = n // kh
 
   def kv(hq: int) -> int:
@@ -113,10 +116,6 @@ def naive_infllm(q: np.ndarray, k: np.ndarray, v: np.ndarray, inv_freq: np.ndarr
     return hq // group
 
   scale = 1.0 / np.sqrt(h)  # every logit is divided by sqrt(H)
-  # Rotated copies: local query R_i q_i, local key R_j k_j, far/selection query R_{n_local-1} q_i.
-  q_loc = np.stack([np.stack([rope_vec(q[i, hq], i, inv_freq) for hq in range(n)]) for i in range(t)])
-  k_loc = np.stack([np.stack([rope_vec(k[j, g], j, inv_freq) for g in range(kh)]) for j in range(t)])
-  q_far = np.stack([np.stack([rope_vec(q[i, hq], n_local - 1, inv_freq) for hq in range(n)]) for i in range(t)])
 
   out = np.zeros((t, n, h), dtype=np.float64)
   # s_{j,h} = sum over queries i with 0 <= i-j < n_local of P_h(i, j), accumulated as queries are processed.
@@ -126,6 +125,14 @@ def naive_infllm(q: np.ndarray, k: np.ndarray, v: np.ndarray, inv_freq: np.ndarr
 
   for s in range(0, t, chunk):
     e = min(s + chunk, t)
+    # Rotated with chunk c's frequencies: local query R_i q_i, local key R_j k_j, far/selection query
+    # R_{n_local-1} q_i (rows [0, s) of the queries unused).
+    freq = inv_freq[s // chunk]
+    q_loc = np.stack([np.stack([rope_vec(q[i, hq], i, freq) for hq in range(n)]) if i >= s else np.zeros((n, h))
+                      for i in range(e)])
+    k_loc = np.stack([np.stack([rope_vec(k[j, g], j, freq) for g in range(kh)]) for j in range(e)])
+    q_far = np.stack([np.stack([rope_vec(q[i, hq], n_local - 1, freq) for hq in range(n)]) if i >= s
+                      else np.zeros((n, h)) for i in range(e)])
     # Chunk c covers queries [s, e) and sees the memory state left after tokens [0, s).
     _, formed = memory_state(s, n_init, n_local, block_size)
     for b in range(len(blocks), len(formed)):

@@ -129,6 +129,49 @@ def test_full_pool_is_a_clear_error():
     _ours(q, k, v, InfLLM(n_init=2, n_local=8, block_size=4, capacity_blocks=2, chunk=8))
 
 
+def _feed_layer(spec, q, k, v, inv_freq_ch: np.ndarray, max_len: int) -> np.ndarray:
+  """One layer's attention output [T, N, H] of q [T, N, H], k and v [T, K, H] fed through an
+  infllm cache in chunks of spec.chunk, chunk c rotating with its own frequencies inv_freq_ch[c]."""
+  import jax
+
+  from lminf_jax.cache import CachedInput, attend_cached, chunk_indices, write
+  from models.config import LlamaConfig
+
+  (t, n, h), kv = q.shape, k.shape[1]
+  config = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=n,
+                       num_kv_heads=kv, head_dim=h)
+  cache, outs = init_cache(config, spec, 1, max_len=max_len), []
+  for c, s in enumerate(range(0, t, spec.chunk)):
+    e = min(s + spec.chunk, t)
+    pos, pe = jnp.arange(s, e)[None], Rotary(jnp.asarray(inv_freq_ch[c]))
+    idx = chunk_indices(cache.next_idx, pos)
+    layer = CachedInput(jax.tree.map(lambda x: x[0], cache.kv), cache._replace(kv=None), idx)
+    out, aux = attend_cached(*(jnp.asarray(x[None, s:e]) for x in (q, k, v)), pos, layer, pe, spec, jnp.int32(0))
+    cache = write(cache, *(jnp.asarray(x[None, None, s:e]) for x in (k, v)), jax.tree.map(lambda x: x[None], aux),
+                  pos, idx, pe, spec)
+    outs.append(np.asarray(out[0]))
+  return np.concatenate(outs)
+
+
+def test_cached_chunks_read_every_key_with_their_own_frequencies():
+  """RoPE frequencies that change with the call (dynamic NTK past the training length): a chunk
+  fed through an infllm cache rotates its queries, its ring's keys and its blocks' (all kept before
+  RoPE) with its own frequencies, and the blocks' representative keys come from the probabilities
+  each earlier chunk computed with its own (docs/caches.md#rope-scaling-through-a-cache): the naive
+  reference with each chunk's frequencies, over 0, 1 and several selected blocks."""
+  t, chunk = 45, 6
+  q, k, v = _random(7, t, 2, 3, 8)
+  growth = 1.0 + np.arange(-(-t // chunk))[:, None] / 3  # (as dynamic NTK's base grows with the length)
+  inv_freq_ch = (_inv_freq(8)[None] / growth ** (np.arange(4)[None] / 3)).astype(np.float32)
+  spec = InfLLM(n_init=2, n_local=8, block_size=4, repr_tokens=2, top_k=2, chunk=chunk, key_block=5)
+  got = _feed_layer(spec, q, k, v, inv_freq_ch, max_len=t)
+  expected, selected = naive_infllm(q, k, v, inv_freq_ch, 2, 8, 4, 2, 2, chunk)
+  assert len({tuple(s) for s in selected}) > 2  # (selection is exercised)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  written, _ = naive_infllm(q, k, v, inv_freq_ch[0], 2, 8, 4, 2, 2, chunk)  # (with the first chunk's alone)
+  assert np.abs(got[chunk:] - written[chunk:]).max() > 1e-3  # (the frequencies are seen)
+
+
 def _double_counted(t, selected, n_init, n_local, block_size, chunk) -> int:
   """How many (query, key) pairs the released rule counts in both branches."""
   sets = infllm_key_sets(t, selected, n_init, n_local, block_size, chunk, released_prefill=True)
