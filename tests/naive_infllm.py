@@ -95,12 +95,15 @@ def infllm_key_sets(t: int, selected: list[list[int]], n_init: int, n_local: int
 
 def naive_infllm(q: np.ndarray, k: np.ndarray, v: np.ndarray, inv_freq: np.ndarray, n_init: int, n_local: int,
                  block_size: int, repr_tokens: int, top_k: int, chunk: int,
-                 released_prefill: bool = False) -> tuple[np.ndarray, list[list[int]]]:
+                 released_prefill: bool = False, decode_ring: int | None = None) -> tuple[np.ndarray, list[list[int]]]:
   """q [T, N, H], k and v [T, K, H] (projections before RoPE, one sequence, positions 0..T-1),
   inv_freq [H/2], or [ceil(T / chunk), H/2]: each query chunk's own (RoPE frequencies that
   change with the call, as dynamic NTK's: the chunk rotates its queries and every key it reads
   with its own). Returns (out [T, N, H] float64, selected block indices per query chunk).
-  `released_prefill`: far keys by the released code's rule (`infllm_key_sets`)."""
+  `released_prefill`: far keys by the released code's rule (`infllm_key_sets`). `decode_ring` (W):
+  a chunk of one token reads each earlier local key j from a ring of W keys rotated when written,
+  by j mod W with its writer's frequencies and by the rest, j - j mod W, with its own
+  (docs/caches.md#rope-scaling-through-a-cache)."""
   q = np.asarray(q, dtype=np.float64)
   k = np.asarray(k, dtype=np.float64)
   v = np.asarray(v, dtype=np.float64)
@@ -131,6 +134,10 @@ def naive_infllm(q: np.ndarray, k: np.ndarray, v: np.ndarray, inv_freq: np.ndarr
     q_loc = np.stack([np.stack([rope_vec(q[i, hq], i, freq) for hq in range(n)]) if i >= s else np.zeros((n, h))
                       for i in range(e)])
     k_loc = np.stack([np.stack([rope_vec(k[j, g], j, freq) for g in range(kh)]) for j in range(e)])
+    if decode_ring and e - s == 1:
+      for j in range(s):
+        angle = inv_freq[j // chunk] * (j % decode_ring) + freq * (j - j % decode_ring)
+        k_loc[j] = [rope_vec(k[j, g], 1, angle) for g in range(kh)]
     q_far = np.stack([np.stack([rope_vec(q[i, hq], n_local - 1, freq) for hq in range(n)]) if i >= s
                       else np.zeros((n, h)) for i in range(e)])
     # Chunk c covers queries [s, e) and sees the memory state left after tokens [0, s).

@@ -172,6 +172,23 @@ def test_cached_chunks_read_every_key_with_their_own_frequencies():
   assert np.abs(got[chunk:] - written[chunk:]).max() > 1e-3  # (the frequencies are seen)
 
 
+def test_decoded_tokens_read_their_ring_from_its_anchors():
+  """Decoding (a chunk of one token per call, each with its own frequencies, as dynamic NTK past the
+  length): the local keys come from the ring's copy rotated when written (by position mod W, W =
+  n_local + block_size, with the writer's frequencies; the rest with the reader's), the blocks and
+  pending keys before RoPE: the naive reference with that ring."""
+  t = 40
+  q, k, v = _random(8, t, 1, 3, 8)
+  inv_freq_t = (_inv_freq(8)[None] / (1.0 + np.arange(t)[:, None] / 10) ** (np.arange(4)[None] / 3)).astype(np.float32)
+  spec = InfLLM(n_init=2, n_local=8, block_size=4, repr_tokens=2, top_k=2, chunk=1, key_block=5)
+  got = _feed_layer(spec, q, k, v, inv_freq_t, max_len=t)
+  expected, selected = naive_infllm(q, k, v, inv_freq_t, 2, 8, 4, 2, 2, 1, decode_ring=12)
+  assert len({tuple(s) for s in selected}) > 2
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  fresh, _ = naive_infllm(q, k, v, inv_freq_t, 2, 8, 4, 2, 2, 1)  # (every key with the reader's frequencies)
+  assert np.abs(got - fresh).max() > 1e-3
+
+
 def _double_counted(t, selected, n_init, n_local, block_size, chunk) -> int:
   """How many (query, key) pairs the released rule counts in both branches."""
   sets = infllm_key_sets(t, selected, n_init, n_local, block_size, chunk, released_prefill=True)
