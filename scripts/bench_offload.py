@@ -57,7 +57,7 @@ def analysis() -> None:
     for n in (4096, 65536, 1 << 20):
       on, off = cache_bytes(config, InfLLM(), n), cache_bytes(config, InfLLM(offload=True), n)
       blocks = max(0, (n - 1 - 8192 - 128) // 128)
-      rk = config.num_layers * config.num_heads * blocks * config.head_dim * jnp.dtype(jnp.float32).itemsize
+      rk = config.num_layers * config.num_heads * blocks * config.head_dim * jnp.dtype(config.dtype).itemsize
       print(f"{name:<14} {n:>8} {gib(on.device):>15} {gib(off.device):>16} {gib(off.device - rk):>15} {gib(rk):>11} "
             f"{gib(off.host):>12}")
 

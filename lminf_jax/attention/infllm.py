@@ -123,8 +123,8 @@ class InfLLM(Tiling):
     d = self.device_blocks if self.offload else 0  # (whatever max_len: the device's bytes are fixed)
     never = jnp.full((layers, batch, d), -1, jnp.int32)
     held = Held(kv(d * bs), kv(d * bs), never, never, jnp.zeros((layers, batch), jnp.int32))
-    extra = InfLLMCache(jnp.zeros((layers, batch, heads, w)), *pool, jnp.zeros((layers, batch, heads, n_pool, h)),
-                        kv(w), held)
+    rk = jnp.zeros((layers, batch, heads, n_pool, h), dtype)
+    extra = InfLLMCache(jnp.zeros((layers, batch, heads, w)), *pool, rk, kv(w), held)
     return extra, jnp.zeros((batch,), jnp.int32)
 
   def memory_hint(self) -> str:
@@ -173,7 +173,7 @@ class InfLLMCache(NamedTuple):
   ring_colsum: jnp.ndarray  # [B, N, W] local attention probability each ring key received
   pool_k: jnp.ndarray  # [B, K, P*bs, H] raw keys of the formed blocks
   pool_v: jnp.ndarray
-  pool_rk: jnp.ndarray  # [B, N, P, H] their representative keys
+  pool_rk: jnp.ndarray  # [B, N, P, H] their representative keys (in the cache's dtype)
   ring_rk: jnp.ndarray  # [B, K, W, H] the ring keys also rotated by position % W (for decoding)
   held: Held  # with offload, the blocks on the device (pool_k and pool_v are then in host memory)
 
@@ -215,14 +215,15 @@ def pool_blocks(length: int, spec) -> int:
 
 def representative_keys(colsum_nx: jnp.ndarray, k_kxh: jnp.ndarray, repr_tokens: int, block_size: int) -> jnp.ndarray:
   """Per query head and block, the mean raw key of the repr_tokens tokens with the largest column
-  sums (ties: the earlier token). colsum [..., N, P*bs], keys [..., K, P*bs, H] -> [..., N, P, H]."""
+  sums (ties: the earlier token), averaged in float32 and kept in the keys' dtype. colsum [..., N, P*bs],
+  keys [..., K, P*bs, H] -> [..., N, P, H]."""
   *lead, n, x = colsum_nx.shape
   kv, h = k_kxh.shape[-3], k_kxh.shape[-1]
   p = x // block_size
   _, top_npr = jax.lax.top_k(colsum_nx.reshape(*lead, n, p, block_size), repr_tokens)
   at_kgx = (jnp.arange(p)[:, None] * block_size + top_npr).reshape(*lead, kv, n // kv, p * repr_tokens)
   raw_kgxh = jnp.take_along_axis(k_kxh[..., None, :, :], at_kgx[..., None], axis=-2)
-  return raw_kgxh.reshape(*lead, n, p, repr_tokens, h).astype(jnp.float32).mean(-2)
+  return raw_kgxh.reshape(*lead, n, p, repr_tokens, h).astype(jnp.float32).mean(-2).astype(k_kxh.dtype)
 
 
 def infllm_chunk(q_bcnh, pos_bc, idx_bc, context: Keys, starts: Keys, blocks: Keys | None, formed_b, pe, spec,
@@ -314,7 +315,7 @@ def select_blocks(q_bcnh, idx_bc, rk_bnph, formed_b, kv: int, pe, spec) -> jnp.n
   real_b1c = (idx_bc >= 0)[:, None, :].astype(jnp.float32)
   q_bkgh = jnp.einsum("bkgch,bxc->bkgh", q_far_bkmh.reshape(b, kv, n // kv, c, h).astype(jnp.float32), real_b1c)
   q_bkgh /= jnp.maximum(real_b1c.sum(-1), 1)[:, :, None, None]
-  score_bp = jnp.einsum("bkgh,bkgph->bp", q_bkgh, rk_bnph.reshape(b, kv, n // kv, n_pool, h))
+  score_bp = jnp.einsum("bkgh,bkgph->bp", q_bkgh, rk_bnph.reshape(b, kv, n // kv, n_pool, h).astype(jnp.float32))
   score_bp = jnp.where(jnp.arange(n_pool) < formed_b[:, None], score_bp, -jnp.inf)
   _, sel_bk = jax.lax.top_k(score_bp, min(spec.top_k, n_pool))  # ties: the lower block
   return jnp.where(sel_bk < formed_b[:, None], sel_bk, -1)
