@@ -81,7 +81,7 @@ def ppl_table(out: Path, rows: list[str]) -> str:
 
 def score_table(out: Path, task: str, rows: list[str], cell, label=str, key: str = "score") -> str:
   """Mean `key` x 100 per row and `cell(result)` column (headed `label(column)`; its sample count), with
-  the commands' wall time."""
+  the wall time of each of the row's commands (in file order: by lengths)."""
   found = reports(out, task, rows)
   columns = sorted({cell(r) for reps in found.values() for rep in reps for r in rep["results"]})
   lines = ["| method | " + " | ".join(map(label, columns)) + " | wall s |", "| --- |" + " --- |" * (len(columns) + 1)]
@@ -91,7 +91,8 @@ def score_table(out: Path, task: str, rows: list[str], cell, label=str, key: str
     for col in columns:
       scores = [float(r[key]) for r in results if cell(r) == col]
       cells.append(f"{100 * sum(scores) / len(scores):.0f} ({len(scores)})" if scores else "")
-    lines.append(f"| {row} | " + " | ".join(cells) + f" | {sum(rep['wall_seconds'] for rep in reps):.0f} |")
+    lines.append(f"| {row} | " + " | ".join(cells) + " | " + " + ".join(f"{rep['wall_seconds']:.0f}" for rep in reps)
+                 + " |")
   return "\n".join(lines)
 
 
