@@ -140,16 +140,19 @@ def _feed_layer(spec, q, k, v, inv_freq_ch: np.ndarray, max_len: int) -> np.ndar
   (t, n, h), kv = q.shape, k.shape[1]
   config = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=n,
                        num_kv_heads=kv, head_dim=h)
+  @jax.jit
+  def step(cache, q_bcnh, k_bckh, v_bckh, pos, inv_freq):
+    pe, idx = Rotary(inv_freq), chunk_indices(cache.next_idx, pos)
+    layer = CachedInput(jax.tree.map(lambda x: x[0], cache.kv), cache._replace(kv=None), idx)
+    out, aux = attend_cached(q_bcnh, k_bckh, v_bckh, pos, layer, pe, spec, jnp.int32(0))
+    return out[0], write(cache, k_bckh[None], v_bckh[None], jax.tree.map(lambda x: x[None], aux), pos, idx, pe, spec)
+
   cache, outs = init_cache(config, spec, 1, max_len=max_len), []
   for c, s in enumerate(range(0, t, spec.chunk)):
     e = min(s + spec.chunk, t)
-    pos, pe = jnp.arange(s, e)[None], Rotary(jnp.asarray(inv_freq_ch[c]))
-    idx = chunk_indices(cache.next_idx, pos)
-    layer = CachedInput(jax.tree.map(lambda x: x[0], cache.kv), cache._replace(kv=None), idx)
-    out, aux = attend_cached(*(jnp.asarray(x[None, s:e]) for x in (q, k, v)), pos, layer, pe, spec, jnp.int32(0))
-    cache = write(cache, *(jnp.asarray(x[None, None, s:e]) for x in (k, v)), jax.tree.map(lambda x: x[None], aux),
-                  pos, idx, pe, spec)
-    outs.append(np.asarray(out[0]))
+    out, cache = step(cache, *(jnp.asarray(x[None, s:e]) for x in (q, k, v)), jnp.arange(s, e)[None],
+                      jnp.asarray(inv_freq_ch[c]))
+    outs.append(np.asarray(out))
   return np.concatenate(outs)
 
 
