@@ -140,6 +140,7 @@ def _feed_layer(spec, q, k, v, inv_freq_ch: np.ndarray, max_len: int) -> np.ndar
   (t, n, h), kv = q.shape, k.shape[1]
   config = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=n,
                        num_kv_heads=kv, head_dim=h)
+
   @jax.jit
   def step(cache, q_bcnh, k_bckh, v_bckh, pos, inv_freq):
     pe, idx = Rotary(inv_freq), chunk_indices(cache.next_idx, pos)

@@ -221,7 +221,7 @@ def generate(params: dict, config: LlamaConfig, prompts: list[list[int]], max_ne
   """Generates up to `max_new_tokens` after each prompt (token id lists); returns the new tokens
   of each row, up to and including its EOS / stop. The prompt is fed `chunk` tokens at a time
   (default: the method's `feed_chunk`; all at once where the RoPE frequencies depend on the call,
-  dynamic and longrope, as transformers' `generate` prefills, unless the method has its own chunk).
+  dynamic and longrope, as transformers' `generate` prefills, unless the method feeds its own: infllm).
   Dense attention gets a cache of prompt + new tokens.
   `stats`, if given, receives prefill/decode seconds and token counts (compile included)."""
   if max_new_tokens <= 0:
