@@ -101,3 +101,37 @@ def test_only_what_conversion_reads_is_downloaded():
            "model.gguf": False, "README.md": False, "onnx/model.onnx": False, "flax_model.msgpack": False}
   allowed = {name: any(fnmatch.fnmatch(name, p) for p in ALLOW_PATTERNS) for name in files}
   assert allowed == files
+
+
+def test_a_conversion_another_process_committed_first_is_the_one_used(tmp_path, monkeypatch):
+  """Two processes filling one cache entry at once (two shells, parallel tests): the one that commits
+  second returns the first's checkpoint, not an error; an output that is not a checkpoint still is one."""
+  from lminf_jax import loading
+  from lminf_jax.convert.checkpoint import is_checkpoint
+  from lminf_jax.errors import UserError
+  from lminf_jax.util.fetch import cached_conversion
+
+  src, out = tmp_path / "hf", tmp_path / "cache" / "tiny"
+  model = tiny_hf_model("llama_gqa")
+  model.save_pretrained(src)
+  real = loading.convert_source
+
+  def racing(path, dtype=None, **kwargs):  # converts, then lets the other process commit first
+    converted = real(path, dtype, **kwargs)
+    monkeypatch.setattr(loading, "convert_source", real)
+    loading.convert_checkpoint(path, out)
+    return converted
+
+  monkeypatch.setattr(loading, "convert_source", racing)
+  assert cached_conversion(lambda: src, out) == out and is_checkpoint(out)
+  config, params, _ = loading.load(out)
+  np.testing.assert_allclose(_forward_logits(params, config), torch_logits(model, TOKENS[None])[0], atol=1e-4)
+  (tmp_path / "not_a_checkpoint").mkdir()
+  with pytest.raises(UserError, match="already exists"):
+    cached_conversion(lambda: src, tmp_path / "not_a_checkpoint")
+
+
+def _forward_logits(params, config) -> np.ndarray:
+  from lminf_jax.inference.forward import forward
+
+  return np.asarray(forward(params, config, TOKENS[None]))[0]

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from lminf_jax.util.atomic import atomic_file, check_output_file
 from lminf_jax.errors import UserError
@@ -45,10 +46,20 @@ def smollm2_gguf() -> Path:
 
 def fetch_smollm2(out: Path | None = None) -> Path:
   """Downloads and converts SmolLM2; returns the checkpoint dir (a no-op if it exists)."""
+  return cached_conversion(smollm2_gguf, Path(out) if out else cache_dir() / "smollm2-135m-instruct")
+
+
+def cached_conversion(source: Callable[[], Path], out: Path, dtype: str | None = None) -> Path:
+  """The checkpoint dir `out`, converted from `source()` unless it is there. Two processes may fill
+  the same cache at once (two shells, parallel tests): the one that finishes second uses the first's."""
   from lminf_jax.convert.checkpoint import is_checkpoint
   from lminf_jax.loading import convert_checkpoint
 
-  out = Path(out) if out else cache_dir() / "smollm2-135m-instruct"
   if is_checkpoint(out):
     return out
-  return convert_checkpoint(smollm2_gguf(), out)
+  try:
+    return convert_checkpoint(source(), out, dtype)
+  except UserError:
+    if is_checkpoint(out):  # another process committed it first
+      return out
+    raise

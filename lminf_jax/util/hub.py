@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lminf_jax.errors import UserError
-from lminf_jax.util.fetch import cache_dir
+from lminf_jax.util.fetch import cache_dir, cached_conversion
 
 # What conversion reads: the weights (safetensors and their index), the configs, the tokenizer.
 ALLOW_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
@@ -61,13 +61,9 @@ def snapshot(hub: HubId) -> Path:
 def cached_checkpoint(hub: HubId, dtype: str | None = None) -> Path:
   """The checkpoint dir of `hub` in `dtype` (default: its own, `saved_param_dtype`), converted once and
   kept in lminf's cache by repo and commit."""
-  from lminf_jax.convert.checkpoint import is_checkpoint
   from lminf_jax.convert.hf import saved_param_dtype
-  from lminf_jax.loading import convert_checkpoint
 
   source = snapshot(hub)  # snapshots/<commit>: a moving branch gets a new conversion, a fixed commit one only
   dtype = dtype or saved_param_dtype(source)
   out = cache_dir() / "hub" / hub.repo.replace("/", "--") / f"{source.name}-{dtype}"
-  if is_checkpoint(out):
-    return out
-  return convert_checkpoint(source, out, dtype)
+  return cached_conversion(lambda: source, out, dtype)
