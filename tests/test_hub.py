@@ -1,7 +1,7 @@
 """Checkpoints by their hub id, ORG/NAME[@REVISION]: resolved through huggingface_hub's own cache (HF_HOME,
-HF_HUB_OFFLINE), converted once into lminf's cache, and one line when the model can't be had. The hub is
-unreachable here, so each case lays out a hub cache as huggingface_hub writes it and runs offline, in a
-fresh process (huggingface_hub reads HF_HUB_OFFLINE at import)."""
+HF_HUB_OFFLINE), converted once into lminf's cache (also when two processes convert it at once), and one
+line when the model can't be had. The hub is unreachable here, so each hub case lays out a hub cache as
+huggingface_hub writes it and runs offline, in a fresh process (huggingface_hub reads HF_HUB_OFFLINE at import)."""
 
 from __future__ import annotations
 
