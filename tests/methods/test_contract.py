@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import SLOW
 from naive_attention import _mask_and_distance, _params, default_inv_freq, naive_attention
 from test_attention import _inputs, _ours
 from test_kernels import KERNELS, _rows
@@ -24,7 +25,7 @@ from methods.cases import BY_NAME, CASES, Path, Sizes, model_spec, reference, wi
 # --- one-shot ------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40 if SLOW else 20, deadline=None)  # (CI: 20 examples)
 @given(case=st.sampled_from(CASES), t=st.integers(1, 70), n_start=st.integers(0, 12), window=st.integers(1, 80),
        chunk=st.integers(1, 40), key_block=st.integers(1, 50), kv=st.integers(1, 3), groups=st.sampled_from([1, 2, 3]),
        h=st.sampled_from([2, 8, 16]), offset=st.integers(0, 1000), seed=st.integers(0, 2**16))
@@ -126,7 +127,9 @@ def test_kernel_path_equals_xla_and_the_reference(kernel, case, window):
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 97, size=(2, 90)), jnp.int32)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 16, 45, 90])
+# CI feeds chunks of 7 (crossing every block edge) and 45 (two calls); LMINF_SLOW=1 adds 1, 16 and 90
+# (token by token: the decode tests below; block-aligned; one call).
+@pytest.mark.parametrize("chunk", [7, 45, *(pytest.param(c, marks=pytest.mark.slow) for c in (1, 16, 90))])
 @pytest.mark.parametrize("case", with_path(Path.CACHED) + with_path(Path.OWN_CHUNKS), ids=repr)
 def test_cached_chunked_nll_equals_one_shot(tiny_model, case, chunk):
   """(A method that retrieves per query chunk is fed its own chunks: `chunk` is its option too.)"""
