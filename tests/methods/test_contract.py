@@ -25,7 +25,7 @@ from methods.cases import BY_NAME, CASES, Path, Sizes, model_spec, reference, wi
 # --- one-shot ------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40 if SLOW else 20, deadline=None)  # (CI: 20 examples)
+@settings(max_examples=40 if SLOW else 20, deadline=None)
 @given(case=st.sampled_from(CASES), t=st.integers(1, 70), n_start=st.integers(0, 12), window=st.integers(1, 80),
        chunk=st.integers(1, 40), key_block=st.integers(1, 50), kv=st.integers(1, 3), groups=st.sampled_from([1, 2, 3]),
        h=st.sampled_from([2, 8, 16]), offset=st.integers(0, 1000), seed=st.integers(0, 2**16))
